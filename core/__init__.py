@@ -1,0 +1,1 @@
+"""PoolProp core: everything that computes. Never imports streamlit."""

@@ -1,0 +1,51 @@
+"""The command line: `python -m core {train,evaluate,bench,fidelity,report,runs}`.
+
+Each command lives in its own module that exposes `register(subparsers)`; this file only
+dispatches. No streamlit/captum/plotly at import time: the GPU machine has none of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> module providing register(subparsers); register() sets `func` on its parser
+COMMANDS = {
+    "train": "core.train",
+    "evaluate": "core.evaluate",
+    "bench": "core.bench",
+    "fidelity": "core.fidelity_cli",
+    "report": "core.report",
+    "runs": "core.runs",
+}
+
+
+class UserError(Exception):
+    """Raised for bad input; printed as one line, no traceback."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m core", description="PoolProp: backprop with pooled activations")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:  # command not built yet
+                continue
+            raise
+        mod.register(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ValueError, FileNotFoundError, KeyboardInterrupt) as e:
+        if isinstance(e, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr)
+            return 130
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,453 @@
+"""Backpropagation with compressed activations (ARCHITECTURE.md §1).
+
+The forward pass is always exact. What changes is what each layer *keeps* for backward:
+  conv   -> its input pooled by K (avg or max); the weight gradient is estimated from it,
+            the input gradient stays exact (it needs the weight only);
+  ReLU   -> a bit-packed sign mask (exact, 1/32 of fp32) instead of its output;
+  BN     -> its normalised input in bfloat16 (`bn16`) or float8 (`bn8`) instead of fp32;
+  ckpt   -> whole residual blocks recomputed in backward (exact; the reference to beat).
+
+`compress_model` swaps module classes in place (weights and state_dict keys untouched), so
+one checkpoint loads into both forms and `decompress_model` gives the plain model back.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+POOLS = ("avg", "max")
+KS = (1, 2, 4, 8)
+MODES = ("upsample", "lowres")
+BN_STORAGE = {"full": None, "bn16": torch.bfloat16, "bn8": torch.float8_e4m3fn}
+
+_CONV_RE = re.compile(r"^(avg|max)(\d+)(-lowres)?$")
+_STAGES_RE = re.compile(r"^stages=(\d+(?:,\d+)*)$")
+POLICY_GRAMMAR = (
+    "parts joined by '+': none | avgK | maxK (K in 1,2,4,8) with optional -lowres | mask | "
+    "bn16 | bn8 | ckpt | nostem | stages=1,2 ; e.g. 'avg2+mask', 'avg4-lowres+mask+bn8'"
+)
+
+
+class PolicyError(ValueError):
+    """A policy string or setting that cannot be used."""
+
+
+@dataclass(frozen=True)
+class CompressionPolicy:
+    """What each layer keeps for backward. `str(policy)` is the canonical short form."""
+
+    pool: str | None = None  # None (conv keeps its full input), "avg" or "max"
+    k: int = 1
+    mode: str = "upsample"  # weight gradient from the upsampled copy, or at low resolution
+    relu_mask: bool = False
+    bn: str = "full"  # "full", "bn16" or "bn8"
+    checkpoint: bool = False
+    scope: str = "all"  # "all", "nostem", or "stages=1,2"
+
+    def __post_init__(self):
+        if self.pool is not None and self.pool not in POOLS:
+            raise PolicyError(f"unknown pooling {self.pool!r}; use avg or max")
+        if self.k not in KS:
+            raise PolicyError(f"K={self.k} is not supported; use one of {KS}")
+        if self.mode not in MODES:
+            raise PolicyError(f"unknown weight-gradient mode {self.mode!r}; use {' or '.join(MODES)}")
+        if self.bn not in BN_STORAGE:
+            raise PolicyError(f"unknown BatchNorm storage {self.bn!r}; use {', '.join(BN_STORAGE)}")
+        if self.scope not in ("all", "nostem") and not _STAGES_RE.match(self.scope):
+            raise PolicyError(f"unknown scope {self.scope!r}; use all, nostem or stages=1,2")
+
+    # -- string form -------------------------------------------------------------------
+    @classmethod
+    def parse(cls, text: str) -> CompressionPolicy:
+        if isinstance(text, CompressionPolicy):
+            return text
+        parts = [p.strip() for p in str(text).strip().lower().split("+")]
+        if parts == ["none"]:
+            return cls()
+        kw: dict = {}
+        for part in parts:
+            m = _CONV_RE.match(part)
+            key = None
+            if m:
+                key, val = "pool", dict(pool=m[1], k=int(m[2]), mode="lowres" if m[3] else "upsample")
+            elif part == "mask":
+                key, val = "relu_mask", dict(relu_mask=True)
+            elif part in ("bn16", "bn8"):
+                key, val = "bn", dict(bn=part)
+            elif part == "ckpt":
+                key, val = "checkpoint", dict(checkpoint=True)
+            elif part == "nostem" or _STAGES_RE.match(part):
+                key, val = "scope", dict(scope=part)
+            if key is None:
+                raise PolicyError(f"unknown policy part {part!r} in {text!r}; {POLICY_GRAMMAR}")
+            if key in kw:
+                raise PolicyError(f"policy {text!r} sets {key} twice")
+            kw[key] = val
+        merged = {k: v for val in kw.values() for k, v in val.items()}
+        policy = cls(**merged)
+        if policy.checkpoint and (policy.pool or policy.relu_mask or policy.bn != "full"):
+            raise PolicyError("ckpt recomputes whole blocks; it does not combine with pooling, mask or bn parts")
+        return policy
+
+    def __str__(self) -> str:
+        parts = []
+        if self.pool:
+            parts.append(f"{self.pool}{self.k}" + ("-lowres" if self.mode == "lowres" else ""))
+        if self.relu_mask:
+            parts.append("mask")
+        if self.bn != "full":
+            parts.append(self.bn)
+        if self.checkpoint:
+            parts.append("ckpt")
+        if not parts:
+            return "none"
+        if self.scope != "all":
+            parts.append(self.scope)
+        return "+".join(parts)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "name": str(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CompressionPolicy:
+        return cls(**{k: v for k, v in d.items() if k != "name"})
+
+    @property
+    def is_exact(self) -> bool:
+        """True when every gradient equals plain autograd (up to summation order)."""
+        return (self.pool is None or self.k == 1) and self.bn == "full"
+
+    def stages(self) -> set[int] | None:
+        m = _STAGES_RE.match(self.scope)
+        return {int(s) for s in m[1].split(",")} if m else None
+
+
+def parse_policy(text) -> CompressionPolicy:
+    return CompressionPolicy.parse(text)
+
+
+# ---------------------------------------------------------------------------------------
+# Pooled convolution
+# ---------------------------------------------------------------------------------------
+
+def _pool(x: torch.Tensor, pool: str, k: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, ceil(H/k), ceil(W/k)); partial edge blocks pool what they hold."""
+    if pool == "avg":
+        return F.avg_pool2d(x, k, k, ceil_mode=True, count_include_pad=False)
+    return F.max_pool2d(x, k, k, ceil_mode=True)
+
+
+def _upsample(xp: torch.Tensor, k: int, size: tuple[int, int]) -> torch.Tensor:
+    """Piecewise-constant reconstruction of the pooled copy, cropped to the original size."""
+    x = xp.repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)
+    return x[:, :, : size[0], : size[1]]
+
+
+def _lowres_taps(k: int, stride: int, offsets: list[int]):
+    """For each tap offset t, how the k output positions of a block split over input blocks.
+
+    Output p = kP + r (r < k) reads input u = stride*p + t, whose block is
+    stride*P + floor((stride*r + t) / k). A[t, d] counts the r landing on block offset d,
+    so for block-constant input and output gradient: dW[t] = sum_d A[t, d] * C[d] with
+    C[d] = sum_P G[P] X[stride*P + d] -- exact, for every tap, not just the centre one.
+    """
+    deltas = sorted({(stride * r + t) // k for t in offsets for r in range(k)})
+    a = torch.zeros(len(offsets), len(deltas))
+    for i, t in enumerate(offsets):
+        for r in range(k):
+            a[i, deltas.index((stride * r + t) // k)] += 1
+    return a, deltas[0], deltas[-1]
+
+
+def _lowres_weight_grad(xp, g, weight_shape, stride, padding, dilation, groups, k):
+    gp = F.avg_pool2d(g, k, k, ceil_mode=True, count_include_pad=False)  # (B, O, Hg, Wg)
+    dims = []
+    for axis in range(2):
+        offsets = [i * dilation[axis] - padding[axis] for i in range(weight_shape[2 + axis])]
+        dims.append(_lowres_taps(k, stride[axis], offsets))
+    (ay, lo_y, hi_y), (ax, lo_x, hi_x) = dims
+    # Pad (or crop) X so that a dense correlation over [lo, hi] at `stride` has Gp's size.
+    hg, wg = gp.shape[2:]
+    need_h = stride[0] * (hg - 1) + (hi_y - lo_y) + 1
+    need_w = stride[1] * (wg - 1) + (hi_x - lo_x) + 1
+    xpad = F.pad(xp, (-lo_x, need_w - xp.shape[3] + lo_x, -lo_y, need_h - xp.shape[2] + lo_y))
+    kernel = (weight_shape[0], weight_shape[1], hi_y - lo_y + 1, hi_x - lo_x + 1)
+    c = torch.ops.aten.convolution_backward(
+        gp, xpad, gp.new_empty(kernel), None, list(stride), [0, 0], [1, 1], False, [0, 0], groups,
+        [False, True, False])[1]  # (O, C/g, dy, dx)
+    ay, ax = ay.to(c), ax.to(c)
+    return torch.einsum("iy,jx,ocyx->ocij", ay, ax, c)
+
+
+class PooledConvFunction(torch.autograd.Function):
+    """conv2d whose backward sees only a K-pooled copy of its input."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, pool, k, mode):
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):  # cast like autocast would, then run plainly
+            dt = torch.get_autocast_dtype(dev)
+            ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+            x, weight = x.to(dt), weight.to(dt)
+            bias = None if bias is None else bias.to(dt)
+        else:
+            ctx.dtypes = None
+        with torch.autocast(dev, enabled=False):
+            y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        xp = x if k == 1 else _pool(x, pool, k)
+        ctx.save_for_backward(xp, weight)
+        ctx.conf = (tuple(x.shape), stride, padding, dilation, groups, k, mode, bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        xp, weight = ctx.saved_tensors
+        x_shape, stride, padding, dilation, groups, k, mode, has_bias = ctx.conf
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        g = g.to(weight.dtype)
+        if mode == "lowres" and k > 1:
+            gx = None
+            if need_x:  # exact: needs the weight and the input's shape only
+                gx = torch.ops.aten.convolution_backward(
+                    g, xp.new_empty(x_shape), weight, None, list(stride), list(padding), list(dilation),
+                    False, [0, 0], groups, [True, False, False])[0]
+            gw = _lowres_weight_grad(xp, g, weight.shape, stride, padding, dilation, groups, k) if need_w else None
+            gb = g.sum((0, 2, 3)) if need_b and has_bias else None
+        else:
+            x_rec = xp if k == 1 else _upsample(xp, k, x_shape[2:])
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                g, x_rec, weight, [weight.shape[0]] if has_bias else None, list(stride), list(padding),
+                list(dilation), False, [0, 0], groups, [need_x, need_w, need_b and has_bias])
+        if ctx.dtypes is not None:
+            dx, dw, db = ctx.dtypes
+            gx = None if gx is None else gx.to(dx)
+            gw = None if gw is None else gw.to(dw)
+            gb = None if gb is None else gb.to(db)
+        return gx, gw, gb, None, None, None, None, None, None, None
+
+
+class PooledConv2d(nn.Conv2d):
+    """A Conv2d (same parameters and state_dict) whose saved input is pooled by `k`."""
+
+    pp_pool: str = "avg"
+    pp_k: int = 1
+    pp_mode: str = "upsample"
+
+    def forward(self, x):
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return super().forward(x)
+        h, w = x.shape[-2:]
+        if self.pp_k > min(h, w):
+            raise PolicyError(
+                f"K={self.pp_k} is larger than the {h}x{w} feature map entering {getattr(self, 'pp_name', 'a conv')}; "
+                "use a smaller K or restrict the policy to earlier stages (stages=1,2)")
+        return PooledConvFunction.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                        self.groups, self.pp_pool, self.pp_k, self.pp_mode)
+
+
+# ---------------------------------------------------------------------------------------
+# ReLU with a 1-bit mask
+# ---------------------------------------------------------------------------------------
+
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """bool tensor -> uint8, 8 elements a byte (in the tensor's memory order)."""
+    flat = mask.reshape(-1) if mask.is_contiguous() else mask.permute(0, 2, 3, 1).reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = F.pad(flat, (0, pad))
+    return (flat.view(-1, 8).to(torch.uint8) * _BITS.to(flat.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape, channels_last: bool) -> torch.Tensor:
+    bits = (packed.unsqueeze(1) & _BITS.to(packed.device)).ne(0).view(-1)
+    n = 1
+    for s in shape:
+        n *= s
+    bits = bits[:n]
+    if channels_last:
+        b, c, h, w = shape
+        return bits.view(b, h, w, c).permute(0, 3, 1, 2)
+    return bits.view(shape)
+
+
+class MaskReLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.relu(x)
+        positive = y > 0
+        cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        ctx.conf = (tuple(x.shape), cl)
+        ctx.save_for_backward(pack_mask(positive))
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (packed,) = ctx.saved_tensors
+        shape, cl = ctx.conf
+        return g * unpack_mask(packed, shape, cl)
+
+
+class MaskReLU(nn.ReLU):
+    def forward(self, x):
+        if torch.is_grad_enabled() and x.requires_grad:
+            return MaskReLUFunction.apply(x)
+        return torch.relu(x)
+
+
+# ---------------------------------------------------------------------------------------
+# BatchNorm keeping a low-precision normalised input
+# ---------------------------------------------------------------------------------------
+
+class LowPrecisionBNFunction(torch.autograd.Function):
+    """Training-mode BN that keeps x_hat = (x - mean) * invstd in `store_dtype`.
+
+    x_hat has unit variance per channel, which suits bf16/float8 far better than raw x.
+    Exact: beta's gradient. Approximate (rounding of x_hat): gamma's and the input gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, store_dtype):
+        out, mean, invstd = torch.ops.aten.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, momentum, eps)
+        shape = (1, -1, 1, 1)
+        x_hat = (x - mean.view(shape).to(x.dtype)) * invstd.view(shape).to(x.dtype)
+        if store_dtype == torch.float8_e4m3fn:  # float8 casts are not saturating: keep in range
+            x_hat = x_hat.clamp(-448, 448)
+        x_hat = x_hat.to(store_dtype)
+        ctx.save_for_backward(x_hat, weight, mean, invstd)
+        ctx.conf = (x.dtype, eps)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x_hat, weight, mean, invstd = ctx.saved_tensors
+        dtype, eps = ctx.conf
+        shape = (1, -1, 1, 1)
+        x_rec = (x_hat.to(torch.float32) / invstd.view(shape) + mean.view(shape)).to(dtype)
+        need = ctx.needs_input_grad
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            g, x_rec, weight, None, None, mean, invstd, True, eps, [need[0], need[1], need[2]])
+        return gx, gw, gb, None, None, None, None, None
+
+
+class LowPrecisionBatchNorm2d(nn.BatchNorm2d):
+    pp_store: str = "bn16"
+
+    def forward(self, x):
+        if not (self.training and torch.is_grad_enabled() and x.requires_grad and self.track_running_stats):
+            return super().forward(x)
+        self.num_batches_tracked.add_(1)
+        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        return LowPrecisionBNFunction.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                            momentum, self.eps, BN_STORAGE[self.pp_store])
+
+
+# ---------------------------------------------------------------------------------------
+# Swapping layers
+# ---------------------------------------------------------------------------------------
+
+# Leaf modules that need no swap and keep nothing worth compressing.
+_PASS_THROUGH = (nn.Linear, nn.Identity, nn.Dropout, nn.Flatten, nn.MaxPool2d, nn.AvgPool2d,
+                 nn.AdaptiveAvgPool2d, nn.Softmax)
+_ORIGINAL = "_pp_original_class"
+
+
+def _in_scope(name: str, policy: CompressionPolicy, stem_conv: str | None) -> bool:
+    stages = policy.stages()
+    if stages is not None:
+        return any(name.startswith(f"layer{s}.") for s in stages)
+    if policy.scope == "nostem":
+        return name != stem_conv
+    return True
+
+
+def _swap(module: nn.Module, cls: type, **attrs) -> None:
+    if not hasattr(module, _ORIGINAL):
+        setattr(module, _ORIGINAL, type(module))
+    module.__class__ = cls
+    for k, v in attrs.items():
+        setattr(module, k, v)
+
+
+def compress_model(model: nn.Module, policy: CompressionPolicy | str) -> nn.Module:
+    """Swap layers in place to keep what `policy` says for backward; returns `model`.
+
+    Parameters, buffers and state_dict keys are untouched. Raises PolicyError naming every
+    module it cannot handle rather than skipping it.
+    """
+    policy = CompressionPolicy.parse(policy)
+    decompress_model(model)
+    unsupported = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            if m.padding_mode != "zeros" or isinstance(m.padding, str):
+                unsupported.append(f"{name} (Conv2d with padding={m.padding!r}, mode {m.padding_mode})")
+        elif isinstance(m, nn.ReLU):
+            if m.inplace:
+                unsupported.append(f"{name} (in-place ReLU)")
+        elif isinstance(m, nn.BatchNorm2d) or isinstance(m, _PASS_THROUGH):
+            pass
+        elif len(list(m.children())) == 0 and type(m).__module__.startswith("torch.nn"):
+            unsupported.append(f"{name} ({type(m).__name__})")
+    if unsupported:
+        raise PolicyError("compress_model cannot handle: " + "; ".join(unsupported))
+
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    stem_conv = convs[0] if convs else None
+    for name, m in model.named_modules():
+        if not _in_scope(name, policy, stem_conv):
+            continue
+        if isinstance(m, nn.Conv2d) and policy.pool and type(m) is nn.Conv2d:
+            _swap(m, PooledConv2d, pp_pool=policy.pool, pp_k=policy.k, pp_mode=policy.mode, pp_name=name)
+        elif isinstance(m, nn.ReLU) and policy.relu_mask and type(m) is nn.ReLU:
+            _swap(m, MaskReLU)
+        elif isinstance(m, nn.BatchNorm2d) and policy.bn != "full" and type(m) is nn.BatchNorm2d:
+            _swap(m, LowPrecisionBatchNorm2d, pp_store=policy.bn)
+        elif policy.checkpoint and hasattr(m, "checkpointed"):
+            m.checkpointed = True
+    model.pp_policy = policy
+    return model
+
+
+def decompress_model(model: nn.Module) -> nn.Module:
+    """Undo `compress_model`: every swapped module gets its original class back."""
+    for m in model.modules():
+        original = m.__dict__.pop(_ORIGINAL, None)
+        if original is not None:
+            m.__class__ = original
+            for attr in ("pp_pool", "pp_k", "pp_mode", "pp_name", "pp_store"):
+                m.__dict__.pop(attr, None)
+        if "checkpointed" in m.__dict__:
+            del m.checkpointed
+    model.__dict__.pop("pp_policy", None)
+    return model
+
+
+def model_policy(model: nn.Module) -> CompressionPolicy:
+    return getattr(model, "pp_policy", CompressionPolicy())
+
+
+class compressed:
+    """`with compressed(model, policy): ...` -- compressed inside, plain model afterwards."""
+
+    def __init__(self, model: nn.Module, policy):
+        self.model, self.policy = model, CompressionPolicy.parse(policy)
+
+    def __enter__(self):
+        self._before = model_policy(self.model)
+        return compress_model(self.model, self.policy)
+
+    def __exit__(self, *exc):
+        if self._before == CompressionPolicy():
+            decompress_model(self.model)
+        else:
+            compress_model(self.model, self._before)
+        return False
