@@ -89,7 +89,10 @@ class CompressionPolicy:
                 raise PolicyError(f"policy {text!r} sets {key} twice")
             kw[key] = val
         merged = {k: v for val in kw.values() for k, v in val.items()}
-        policy = cls(**merged)
+        try:
+            policy = cls(**merged)
+        except PolicyError as e:
+            raise PolicyError(f"policy {text!r}: {e}") from None
         if policy.checkpoint and (policy.pool or policy.relu_mask or policy.bn != "full"):
             raise PolicyError("ckpt recomputes whole blocks; it does not combine with pooling, mask or bn parts")
         return policy
@@ -144,7 +147,7 @@ def _pool(x: torch.Tensor, pool: str, k: int) -> torch.Tensor:
 
 def _upsample(xp: torch.Tensor, k: int, size: tuple[int, int]) -> torch.Tensor:
     """Piecewise-constant reconstruction of the pooled copy, cropped to the original size."""
-    x = xp.repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)
+    x = F.interpolate(xp, scale_factor=k, mode="nearest")  # one kernel, keeps channels_last
     return x[:, :, : size[0], : size[1]]
 
 

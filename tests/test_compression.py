@@ -1,0 +1,237 @@
+"""Pooled conv, mask ReLU, low-precision BN and compress_model against independent references."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.compression import (
+    CompressionPolicy,
+    PolicyError,
+    PooledConvFunction,
+    compress_model,
+    compressed,
+    decompress_model,
+    pack_mask,
+    unpack_mask,
+)
+from core.models import build_model
+
+
+def block_constant(shape, k, dtype=torch.float64, seed=0):
+    """A random tensor constant on k x k blocks (edge blocks cropped)."""
+    g = torch.Generator().manual_seed(seed)
+    b, c, h, w = shape
+    t = torch.randn(b, c, -(-h // k), -(-w // k), dtype=dtype, generator=g)
+    return t.repeat_interleave(k, 2).repeat_interleave(k, 3)[:, :, :h, :w].contiguous()
+
+
+# (kernel, stride, padding, dilation, groups) -- sizes divisible by k at the output
+CONV_CASES = [(3, 1, 1, 1, 1), (3, 2, 1, 1, 1), (1, 2, 0, 1, 1), (3, 1, 2, 2, 1), (5, 1, 2, 1, 2), (7, 2, 3, 1, 1)]
+
+
+def _pooled(x, w, b, case, pool, k, mode):
+    ks, s, p, d, gr = case
+    return PooledConvFunction.apply(x, w, b, (s, s), (p, p), (d, d), gr, pool, k, mode)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("k", [2, 4])
+def test_upsample_exact_for_block_constant_input(case, k):
+    ks, s, p, d, gr = case
+    x = block_constant((2, 4, 16, 16), k).requires_grad_()
+    w = torch.randn(6, 4 // gr, ks, ks, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    y = F.conv2d(x, w, b, s, p, d, gr)
+    g = torch.randn_like(y)  # any output gradient
+    ref = torch.autograd.grad((y * g).sum(), [x, w, b])
+    got = torch.autograd.grad((_pooled(x, w, b, case, "avg", k, "upsample") * g).sum(), [x, w, b])
+    for r, o in zip(ref, got):
+        torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("k", [2, 4])
+def test_lowres_exact_for_block_constant_input_and_gradient(case, k):
+    ks, s, p, d, gr = case
+    x = block_constant((2, 4, 16, 16), k).requires_grad_()
+    w = torch.randn(6, 4 // gr, ks, ks, dtype=torch.float64, requires_grad=True)
+    y = F.conv2d(x, w, None, s, p, d, gr)
+    g = block_constant(y.shape, k, seed=1)
+    ref = torch.autograd.grad((y * g).sum(), [x, w])
+    got = torch.autograd.grad((_pooled(x, w, None, case, "avg", k, "lowres") * g).sum(), [x, w])
+    for r, o in zip(ref, got):
+        torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-10)
+
+
+def test_naive_lowres_rescale_would_not_be_exact():
+    """Guard the test above: a 'same stride, times k^2' estimate is wrong off the centre tap."""
+    k = 2
+    x = block_constant((1, 2, 8, 8), k)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    y = F.conv2d(x, w, None, 1, 1)
+    g = block_constant(y.shape, k, seed=2)
+    (ref,) = torch.autograd.grad((y * g).sum(), [w])
+    xp, gp = F.avg_pool2d(x, k), F.avg_pool2d(g, k)
+    naive = torch.nn.grad.conv2d_weight(xp, w.shape, gp, 1, 1) * k * k
+    torch.testing.assert_close(naive[:, :, 1, 1], ref[:, :, 1, 1])
+    assert not torch.allclose(naive, ref)
+
+
+@pytest.mark.parametrize("pool", ["avg", "max"])
+@pytest.mark.parametrize("mode", ["upsample", "lowres"])
+def test_sizes_not_divisible_by_k_run_and_input_gradient_stays_exact(pool, mode):
+    x = torch.randn(2, 3, 13, 11, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    y = F.conv2d(x, w, None, 2, 1)
+    g = torch.randn_like(y)
+    (ref_x,) = torch.autograd.grad((y * g).sum(), [x])
+    out = _pooled(x, w, None, (3, 2, 1, 1, 1), pool, 4, mode)
+    torch.testing.assert_close(out, y)
+    gx, gw = torch.autograd.grad((out * g).sum(), [x, w])
+    torch.testing.assert_close(gx, ref_x)
+    assert gw.shape == w.shape and torch.isfinite(gw).all()
+
+
+POLICIES_K1 = ["avg1", "max1", "avg1-lowres", "avg1+mask", "max1-lowres+mask", "mask"]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("policy", POLICIES_K1)
+def test_k1_equals_autograd_on_resnet(policy, channels_last):
+    torch.manual_seed(0)
+    plain = build_model("resnet20")
+    x = torch.randn(4, 3, 32, 32)
+    if channels_last:
+        plain = plain.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    comp = compress_model(copy.deepcopy(plain), policy)
+    y = torch.randint(0, 10, (4,))
+    out_p, out_c = plain(x), comp(x)
+    F.cross_entropy(out_p, y).backward()
+    F.cross_entropy(out_c, y).backward()
+    assert torch.equal(out_p, out_c)  # the forward is exact, always
+    for (name, p), q in zip(plain.named_parameters(), comp.parameters()):
+        if channels_last:  # different kernels may sum in a different order
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(q.grad, p.grad), name
+
+
+def test_mask_relu_gradient_identical_and_bit_packed():
+    x = torch.randn(3, 5, 7, 9, requires_grad=True)  # 945 elements: not a multiple of 8
+    g = torch.randn_like(x)
+    (ref,) = torch.autograd.grad((torch.relu(x) * g).sum(), [x])
+    relu = compress_model(nn.Sequential(nn.ReLU()), "mask")
+    (got,) = torch.autograd.grad((relu(x) * g).sum(), [x])
+    assert torch.equal(got, ref)
+    packed = pack_mask(x > 0)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-x.numel() // 8)
+    assert torch.equal(unpack_mask(packed, x.shape, False), x > 0)
+    xc = x.detach().to(memory_format=torch.channels_last)
+    assert torch.equal(unpack_mask(pack_mask(xc > 0), xc.shape, True), xc > 0)
+
+
+@pytest.mark.parametrize("store", ["bn16", "bn8"])
+def test_low_precision_bn_close_and_beta_exact(store):
+    torch.manual_seed(0)
+    bn_ref = nn.BatchNorm2d(6)
+    bn = compress_model(nn.Sequential(copy.deepcopy(bn_ref)), store)[0]
+    x = (torch.randn(8, 6, 10, 10) * 3 + 5).requires_grad_()
+    g = torch.randn(8, 6, 10, 10)
+    out_ref, out = bn_ref(x), bn(x)
+    assert torch.equal(out, out_ref)  # forward exact
+    torch.testing.assert_close(bn.running_mean, bn_ref.running_mean)
+    torch.testing.assert_close(bn.running_var, bn_ref.running_var)
+    ref = torch.autograd.grad((out_ref * g).sum(), [x, bn_ref.weight, bn_ref.bias])
+    got = torch.autograd.grad((out * g).sum(), [x, bn.weight, bn.bias])
+    torch.testing.assert_close(got[2], ref[2])  # beta: exact
+    tol = 0.01 if store == "bn16" else 0.08
+    for r, o in zip(ref[:2], got[:2]):
+        assert (o - r).norm() / r.norm() < tol
+
+
+def test_autocast_bf16_and_channels_last_train_step():
+    model = compress_model(build_model("resnet20"), "avg2+mask+bn16").to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    F.cross_entropy(out.float(), torch.randint(0, 10, (4,))).backward()
+    for p in model.parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+
+
+def test_convert_back_is_bit_identical():
+    torch.manual_seed(0)
+    model = build_model("resnet20")
+    reference = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    compress_model(model, "avg4-lowres+mask+bn8")
+    assert list(model.state_dict()) == keys
+    assert type(model.conv1) is not nn.Conv2d
+    decompress_model(model)
+    assert all(type(m) is type(r) for m, r in zip(model.modules(), reference.modules()))
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    for m in (model, reference):
+        F.cross_entropy(m(x), y).backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p, q) and torch.equal(p.grad, q.grad)
+
+
+def test_context_manager_restores_plain_model():
+    model = build_model("resnet20")
+    with compressed(model, "avg2+mask") as m:
+        assert type(m.layer1[0].conv1).__name__ == "PooledConv2d"
+    assert type(model.layer1[0].conv1) is nn.Conv2d
+
+
+def test_scope_nostem_and_stages():
+    model = compress_model(build_model("resnet18"), "avg2+mask+nostem")
+    assert type(model.conv1) is nn.Conv2d and type(model.layer1[0].conv1) is not nn.Conv2d
+    model = compress_model(build_model("resnet18"), "avg2+stages=1,2")
+    assert type(model.layer2[1].conv2).__name__ == "PooledConv2d"
+    assert type(model.layer3[0].conv1) is nn.Conv2d and type(model.conv1) is nn.Conv2d
+
+
+@pytest.mark.parametrize("text", ["none", "avg2", "max4-lowres", "avg2+mask", "avg4+mask+bn8", "avg2+mask+bn16+nostem",
+                                  "max8+mask+stages=1,2", "mask", "bn16", "ckpt"])
+def test_policy_round_trip(text):
+    p = CompressionPolicy.parse(text)
+    assert str(p) == text
+    assert CompressionPolicy.parse(str(p)) == p
+    assert CompressionPolicy.from_dict(p.to_dict()) == p
+
+
+def test_policy_parse_is_order_insensitive():
+    assert str(CompressionPolicy.parse("mask+avg2")) == "avg2+mask"
+
+
+@pytest.mark.parametrize("bad", ["avg3", "foo", "avg2+avg4", "mask+mask", "avg2+ckpt", "stages=x", ""])
+def test_bad_policy_strings_are_clear_errors(bad):
+    with pytest.raises(PolicyError) as e:
+        CompressionPolicy.parse(bad)
+    assert bad.split("+")[0] in str(e.value) or "twice" in str(e.value) or "ckpt" in str(e.value)
+
+
+def test_k_larger_than_feature_map_is_a_clear_error():
+    model = compress_model(build_model("resnet18"), "avg8+mask")  # layer4 is 4x4 at 32x32 input
+    with pytest.raises(PolicyError, match="larger than the 4x4 feature map entering layer4"):
+        model(torch.randn(2, 3, 32, 32))
+
+
+def test_unsupported_modules_are_named():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Sequential(nn.LayerNorm(4)), nn.ReLU(inplace=True))
+    with pytest.raises(PolicyError) as e:
+        compress_model(model, "avg2+mask")
+    msg = str(e.value)
+    assert "1 (GELU)" in msg and "2.0 (LayerNorm)" in msg and "3 (in-place ReLU)" in msg
+
+
+def test_generic_module_of_conv_bn_relu():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    compress_model(model, "avg2+mask")
+    out = model(torch.randn(2, 3, 8, 8))
+    out.sum().backward()
+    assert model[3].weight.grad is not None
