@@ -1,0 +1,68 @@
+"""The saved-activation meter against sizes computed by hand, and the CPU step peak against it."""
+
+import torch
+from torch import nn
+
+from core.compression import compress_model
+from core.memory import SavedActivationMeter, cpu_step_peak_bytes, saved_activation_bytes, training_step_fn
+from core.models import build_model
+
+
+def test_meter_counts_exactly_what_a_conv_bn_relu_keeps():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+    x = torch.randn(4, 3, 16, 16, requires_grad=False)
+    act = 4 * 8 * 16 * 16 * 4  # one fp32 activation of the conv's output shape
+    rep = saved_activation_bytes(net, x)
+    # conv keeps x; BN keeps its input (+ two per-channel stats); ReLU keeps its output
+    assert rep.by_kind["conv input"] == x.numel() * 4
+    assert rep.by_kind["ReLU state"] == act
+    assert act <= rep.by_kind["BN input"] <= act + 2 * 8 * 4
+    # mask: 1 bit per element; avg2: the conv input pooled by 2
+    rep = saved_activation_bytes(compress_model(net, "avg2+mask"), x)
+    assert rep.by_kind["ReLU state"] == act // 32
+    assert rep.by_kind["conv input"] == x.numel() * 4 // 4
+
+
+def test_meter_ignores_parameters_and_dedups_shared_storage():
+    lin = nn.Linear(10, 10)
+    x = torch.randn(5, 10)
+    with SavedActivationMeter(lin) as meter:
+        y = lin(x)
+        z = y * y  # y saved twice by mul: one storage
+    rep = meter.report()
+    assert rep.total_bytes == x.numel() * 4 + y.numel() * 4
+    del z
+
+
+def test_meter_leaves_model_as_it_was():
+    model = build_model("resnet20")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_activation_bytes(model, torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_pooling_alone_costs_mask_alone_saves_little_together_they_save():
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    total = {p: saved_activation_bytes(compress_model(build_model("resnet20"), p), x, y).total_bytes
+             for p in ["none", "avg2", "mask", "avg2+mask", "avg4+mask", "avg2+mask+bn8", "ckpt"]}
+    assert total["avg2"] > total["none"]  # the pooled copy is extra: ReLU still keeps the full tensor
+    assert total["mask"] > 0.97 * total["none"]  # the conv still keeps the full tensor
+    assert total["avg2+mask"] < 0.7 * total["none"]
+    assert total["avg4+mask"] < total["avg2+mask"]
+    assert total["avg2+mask+bn8"] < 0.45 * total["none"]
+    assert total["ckpt"] < 0.4 * total["none"]
+
+
+def test_cpu_step_peak_is_at_least_the_saved_activations():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for policy in ["none", "avg2+mask"]:
+        model = compress_model(build_model("resnet20"), policy)
+        saved = saved_activation_bytes(model, x, y).total_bytes
+        step = training_step_fn(model, x, y)
+        step()
+        peak = cpu_step_peak_bytes(step)
+        assert saved <= peak["step_peak_bytes"] < 2 * saved + 4e6
+        assert abs(peak["net_bytes"]) < 1e6  # everything allocated in the step is freed again
