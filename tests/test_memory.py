@@ -175,16 +175,19 @@ def test_largest_batch_is_monotone_and_tight():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_planner_matches_cuda_peak():
+    """Fit the peak at 64-128, predict 512 (an H200 gave -7.5..+0.6% for these cases)."""
     from core.memory import cuda_training_peak
 
     for name, policy in (("resnet20", "none"), ("resnet20", "avg2+mask"), ("resnet18", "avg2+mask+bn8")):
         plan = plan_memory(name, policy, device="cuda")
-        assert plan.peak_fit is not None and plan.overhead_bytes is not None
+        assert plan.peak_fit is not None and plan.peak_fit_batches == [64, 96, 128]
         model = build_model(name).cuda()
         compress_model(model, policy)
-        measured = cuda_training_peak(model, 128, 32, 10, "sgd", "cuda")
-        assert plan.predict(128) == pytest.approx(measured, rel=0.10), (name, policy)
-        assert plan.model_state["total"] + plan.predict_saved(128) <= measured * 1.02  # a lower bound
+        measured = cuda_training_peak(model, 512, 32, 10, "sgd", "cuda")
+        assert plan.predict(512) == pytest.approx(measured, rel=0.10), (name, policy)
+        assert plan.model_state["total"] + plan.predict_saved(512) <= measured  # the meter's figure is a lower bound
+        del model
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------
