@@ -623,3 +623,110 @@ def planner_figure(plans, budget: float, max_batch: int | None = None, colors: M
     model = plans[0].get("model", "") if plans else ""
     base_layout(fig, title or f"Predicted training memory, {model}", "batch size", f"GiB ({measure})")
     return fig
+
+
+# =======================================================================================
+# [app builders] -- for the Streamlit pages (app.py, pages/); owned by the app issue.
+# Data in, go.Figure out, like everything above.
+# =======================================================================================
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def method_figure(image, activation, pooled, restored, k: int, pool: str = "avg", layer: str = "",
+                  channel: int = 0, sizes: Mapping[str, int | None] | None = None, title: str | None = None
+                  ) -> go.Figure:
+    """The method in one picture: the input image, then one channel of a conv's input as the
+    forward pass uses it (exact), the K x K pooled copy kept for backward, and what backward
+    rebuilds from it (nearest upsampling). The three maps share one colour scale; panel titles
+    carry the bytes each takes (`sizes`: {"full", "pooled", "mask"} per image, all channels)."""
+    sizes = dict(sizes or {})
+    act, pooled, restored = (np.asarray(a, dtype=np.float64) for a in (activation, pooled, restored))
+    full_b, pool_b, mask_b = sizes.get("full"), sizes.get("pooled"), sizes.get("mask")
+    heads = ["input image",
+             "forward pass uses" + (f"<br>{_fmt_bytes(full_b)}" if full_b else ""),
+             f"{pool} pool {k}×{k}: kept for backward" + (f"<br>{_fmt_bytes(pool_b)}" if pool_b else "")
+             + (f" + ReLU mask {_fmt_bytes(mask_b)}" if mask_b else ""),
+             "backward pass gets back" + ("<br>(upsampled)" if k > 1 else "<br>(the same: K=1)")]
+    fig = make_subplots(rows=1, cols=4, subplot_titles=heads, horizontal_spacing=0.03)
+    fig.add_trace(go.Image(z=_to_uint8(image), hoverinfo="skip", name="input"), row=1, col=1)
+    lo = float(min(act.min(), restored.min()))
+    hi = float(max(act.max(), restored.max()))
+    for col, (z, name) in enumerate(((act, "forward"), (pooled, "kept"), (restored, "backward")), start=2):
+        fig.add_trace(go.Heatmap(z=z, coloraxis="coloraxis", name=name,
+                                 hovertemplate=name + " (%{y}, %{x}): %{z:.3f}<extra></extra>"), row=1, col=col)
+        fig.update_yaxes(autorange="reversed", row=1, col=col)
+    fig.update_layout(coloraxis=dict(colorscale="Viridis", cmin=lo, cmax=hi if hi > lo else lo + 1,
+                                     colorbar=dict(title=dict(text="activation"), tickfont=dict(size=TICK_SIZE))))
+    _hide_axes(fig)
+    head = title if title is not None else (f"{layer}, channel {channel}" if layer else None)
+    base_layout(fig, head, height=420)
+    for ann in fig.layout.annotations:
+        ann.font = dict(size=TICK_SIZE)
+    return fig
+
+
+def bytes_bars(items: Mapping[str, float | None], title: str | None = None, x_title: str = "bytes per image"
+               ) -> go.Figure:
+    """Horizontal bars of sizes in bytes (e.g. full tensor vs pooled copy vs ReLU mask), each
+    labelled with its size; items with None are left out."""
+    names = [n for n, v in items.items() if v is not None]
+    vals = [float(items[n]) for n in names]
+    unit, div = ("MiB", 2 ** 20) if max(vals + [0]) >= 2 ** 20 else ("KiB", 2 ** 10)
+    fig = go.Figure(go.Bar(x=[v / div for v in vals], y=names, orientation="h", text=[_fmt_bytes(v) for v in vals],
+                           textposition="auto", textfont=dict(size=FONT_SIZE),
+                           marker_color=[PALETTE[i % len(PALETTE)] for i in range(len(names))],
+                           hovertemplate="%{y}: %{text}<extra></extra>"))
+    base_layout(fig, title, f"{x_title} ({unit})", None, height=140 + 60 * len(names))
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def run_memory_bars(rows: Sequence[Mapping], colors: Mapping[str, str] | None = None, title: str | None = None
+                    ) -> go.Figure:
+    """Recorded memory of runs: saved activations (in the run's colour) with model state stacked
+    on top (grey). rows: {"name", "saved_bytes", "state_bytes", "batch"}."""
+    names = [r["name"] for r in rows]
+    cmap = _colors(names, colors)
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=names, y=[(r.get("saved_bytes") or 0) / 2 ** 20 for r in rows], name="saved activations",
+                         marker_color=[cmap[n] for n in names],
+                         text=[f"batch {r.get('batch')}" if r.get("batch") else "" for r in rows],
+                         textposition="inside", textfont=dict(size=TICK_SIZE),
+                         hovertemplate="%{x}<br>saved activations %{y:.1f} MiB<extra></extra>"))
+    fig.add_trace(go.Bar(x=names, y=[(r.get("state_bytes") or 0) / 2 ** 20 for r in rows],
+                         name="model state (params, grads, optimiser)", marker_color="#B0B0B0",
+                         hovertemplate="%{x}<br>model state %{y:.1f} MiB<extra></extra>"))
+    base_layout(fig, title, None, "MiB (saved activations: meter, one step)")
+    fig.update_layout(barmode="stack", legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0))
+    return fig
+
+
+def cuda_memory_curves(runs_metrics: Mapping[str, Sequence[Mapping]], key: str = "cuda_peak",
+                       max_points: int = curves.MAX_POINTS, colors: Mapping[str, str] | None = None,
+                       title: str | None = None) -> go.Figure:
+    """CUDA memory recorded during training (`cuda_peak`: max_memory_allocated so far, or
+    `cuda_allocated`) against the step, one line per run; runs without it are named below."""
+    cmap = _colors(list(runs_metrics), colors)
+    fig = go.Figure()
+    missing = []
+    for name, records in runs_metrics.items():
+        pts = [(r["step"], r[key]) for r in records if r.get("type") == "step" and isinstance(r.get(key), (int, float))
+               and isinstance(r.get("step"), (int, float))]
+        if not pts:
+            missing.append(name)
+            continue
+        xs, ys = curves.downsample(np.array([p[0] for p in pts], dtype=np.float64),
+                                   np.array([p[1] for p in pts], dtype=np.float64) / 2 ** 30, max_points)
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=name, line=dict(color=cmap[name], width=3)))
+    label = {"cuda_peak": "CUDA peak (max_memory_allocated)", "cuda_allocated": "CUDA allocated"}.get(key, key)
+    base_layout(fig, title, "step", f"{label} (GiB)")
+    if missing:
+        fig.add_annotation(text=f"no CUDA records (trained on the CPU): {', '.join(missing)}", showarrow=False,
+                           xref="paper", yref="paper", x=0, y=-0.22, xanchor="left", font=dict(size=TICK_SIZE))
+    return fig

@@ -1,0 +1,153 @@
+"""Train: start a run (a separate process, via core.launcher), watch it live, stop it."""
+
+from pathlib import Path
+
+import streamlit as st
+
+from core import plots
+from core.compression import CompressionPolicy
+from core.launcher import check_config, device_key
+from core.memory import format_bytes
+from core.models import MODEL_NAMES
+from core.train import TrainConfig
+from ui import common as ui
+
+ui.page("Train", "Start a training run and watch it live. It runs in its own process, so closing the tab "
+                 "does not stop it. One run per device at a time; further starts wait in a queue.")
+
+PRESETS = ["none", "avg2+mask", "avg4+mask", "avg2+mask+bn8", "avg2-lowres+mask", "max2+mask", "avg2", "mask", "ckpt"]
+DATASETS = {"features10 (built-in, offline)": "features10", "CIFAR-10 (torchvision)": "cifar10",
+            "image folder…": "imagefolder"}
+JOB_KEY = "train_job_id"
+MSG_KEY = "train_message"
+
+
+def policy_text(preset: str, custom: str) -> str:
+    return custom.strip() or preset
+
+
+with st.form("train_form"):
+    c1, c2, c3 = st.columns(3)
+    model = c1.selectbox("Model", MODEL_NAMES, index=MODEL_NAMES.index("resnet20"))
+    dataset_label = c2.selectbox("Dataset", list(DATASETS))
+    folder = c3.text_input("Image folder (for 'image folder…')", placeholder="path/to/folder")
+    c4, c5 = st.columns(2)
+    preset = c4.selectbox("Policy", PRESETS, index=1, help="What each layer keeps for the backward pass")
+    custom = c5.text_input("…or a custom policy", placeholder="e.g. avg4-lowres+mask+bn8",
+                           help="Parts joined by '+': avgK/maxK (K = 1, 2, 4, 8, optional -lowres), mask, bn16, "
+                                "bn8, ckpt, nostem, stages=1,2")
+    c6, c7, c8, c9 = st.columns(4)
+    epochs = c6.number_input("Epochs", 1, 1000, 3)
+    batch = c7.number_input("Batch size", 1, 8192, 128)
+    lr = c8.number_input("Learning rate (0 = default)", 0.0, 10.0, 0.0, step=0.01, format="%.4f",
+                         help="Default: 0.1 × batch/128 (SGD, one-cycle schedule)")
+    seed = c9.number_input("Seed", 0, 2 ** 31 - 1, 0)
+    c10, c11, _ = st.columns([1, 1, 2])
+    steps = c10.number_input("Stop after steps (0 = no cap)", 0, 10 ** 7, 0)
+    subset = c11.number_input("Training images (0 = all)", 0, 10 ** 8, 0,
+                              help="A fixed subset makes a quick classroom run on a CPU")
+    submitted = st.form_submit_button("Start training", type="primary")
+
+if submitted:
+    text = policy_text(preset, custom)
+    dataset = DATASETS[dataset_label]
+    problems = []
+    if dataset == "imagefolder":
+        dataset = f"imagefolder:{folder.strip()}" if folder.strip() else ""
+        if not dataset:
+            problems.append("Give the image folder's path for 'image folder…'.")
+    try:
+        policy = str(CompressionPolicy.parse(text))
+    except ValueError as e:
+        problems.append(f"Policy {text!r}: {ui.one_line(e)}")
+        policy = None
+    if not problems:
+        cfg = TrainConfig(model=model, dataset=dataset, policy=policy, epochs=int(epochs), batch_size=int(batch),
+                          lr=float(lr) or None, seed=int(seed), steps=int(steps) or None,
+                          train_subset=int(subset) or None, log_every=10)
+        problems = check_config(cfg)
+    if problems:
+        for p in problems:
+            st.error(p)
+    else:
+        with ui.guard("Could not start"):
+            launcher = ui.launcher()
+            running = launcher.active(device_key(cfg.device))
+            job = launcher.submit(cfg, label=f"{model} {policy} · {dataset.split(':')[0]} · s{int(seed)}")
+            st.session_state[JOB_KEY] = job.id
+            if job.state == "running":
+                st.session_state[MSG_KEY] = ("success", f"Started: {job.label}")
+            else:
+                who = running.label if running is not None else "another run"
+                st.session_state[MSG_KEY] = ("info", f"Queued (number {job.position} in line): {who} is training "
+                                                     f"on {job.device}. Yours starts when it ends.")
+
+if MSG_KEY in st.session_state:
+    kind, text = st.session_state[MSG_KEY]
+    (st.success if kind == "success" else st.info)(text)
+
+
+@st.fragment(run_every=2)
+def live_view() -> None:
+    launcher = ui.launcher()
+    device = device_key("auto")
+    try:
+        jobs = launcher.jobs(device)
+    except OSError as e:
+        st.error(f"Cannot read the training queue: {e}")
+        return
+    running = [j for j in jobs if j.state == "running"]
+    queued = [j for j in jobs if j.state == "queued"]
+    mine = next((j for j in jobs if j.id == st.session_state.get(JOB_KEY)), None)
+    job = running[0] if running else (mine or next((j for j in reversed(jobs) if j.state == "done"), None))
+    st.header("Live")
+    if job is None:
+        st.info("Nothing is training. Fill in the form and press **Start training**.")
+        return
+    p = ui.live_progress(job.run_dir)
+    status = p["status"] or ("starting…" if job.state == "running" else job.state)
+    top, stop_col = st.columns([5, 1])
+    top.subheader(f"{job.label} — {status}")
+    top.progress(ui.progress_fraction(p), text=f"step {p['step']} of {p['total_steps'] or '?'} · "
+                                               f"epoch {p['epoch']} of {p['epochs'] or '?'}")
+    if job.state == "running":
+        if stop_col.button("Stop", type="primary", key="stop_training"):
+            launcher.stop(job.id)
+            st.info("Stopping: the run ends after this step and keeps its weights.")
+    if job.error:
+        st.error(f"The run failed: {job.error}")
+    records = ui.metrics_of(job.run_dir)
+    name = job.label
+    colors = {name: plots.run_color(Path(job.run_dir).name)}
+    left, right = st.columns(2)
+    with left:
+        ui.show(plots.loss_curves({name: records}, "train_loss", "step", smoothing=0.6, colors=colors,
+                                  title="Training loss"), "live-loss", key="live_loss")
+    with right:
+        has_eval = any(r.get("type") == "eval" for r in records)
+        y = "val_acc" if has_eval else "train_acc"
+        ui.show(plots.loss_curves({name: records}, y, "step", colors=colors,
+                                  title="Validation accuracy" if has_eval else "Training accuracy (no epoch done yet)"),
+                "live-accuracy", key="live_acc")
+    st.caption("Loss (smoothed) and accuracy of the run, redrawn every 2 seconds from its metrics file.")
+    saved = next((r["saved_bytes"] for r in records if r.get("saved_bytes")), None)
+    peak = next((r["cuda_peak"] for r in reversed(records) if r.get("cuda_peak")), None)
+    m1, m2, m3 = st.columns(3)
+    m1.metric("Saved activations (one step)", format_bytes(saved) if saved else "—")
+    m2.metric("CUDA peak", format_bytes(peak) if peak else "CPU run")
+    last = next((r for r in reversed(records) if r.get("type") == "step"), None)
+    m3.metric("Images per second", f"{last['samples_per_s']:.0f}" if last and last.get("samples_per_s") else "—")
+    if peak:
+        ui.show(plots.cuda_memory_curves({name: records}, colors=colors, title="GPU memory while training"),
+                "live-memory", "The most memory the GPU had allocated so far, step by step.", key="live_mem")
+    if queued:
+        st.subheader("Waiting")
+        for q in queued:
+            a, b = st.columns([5, 1])
+            a.write(f"{q.position}. {q.label}")
+            if b.button("Cancel", key=f"cancel-{q.id}"):
+                launcher.stop(q.id)
+                st.rerun(scope="fragment")
+
+
+live_view()

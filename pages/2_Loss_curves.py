@@ -1,0 +1,48 @@
+"""Loss curves: the selected runs overlaid, and how many epochs each needed to reach an accuracy."""
+
+import streamlit as st
+
+from core import curves, plots
+from ui import common as ui
+
+runs = ui.page("Loss curves", "Training loss, validation loss and validation accuracy of the selected runs.")
+
+if ui.need_runs(runs, 1, "loss curves"):
+    names = ui.names_of(runs)
+    colors = ui.colors_for(runs)
+    metrics = {n: ui.metrics_of(r) for n, r in zip(names, runs)}
+    c1, c2, c3 = st.columns([2, 2, 1])
+    x = c1.radio("Against", list(plots.X_TITLES), format_func=plots.X_TITLES.get, horizontal=True, key="lc_x")
+    smoothing = c2.slider("Smoothing", 0.0, 0.95, 0.6, 0.05, key="lc_smooth",
+                          help="Exponential moving average of the training loss (0 = raw)")
+    log_y = c3.checkbox("Log scale", key="lc_log")
+
+    ui.show(plots.loss_curves(metrics, "train_loss", x, smoothing=smoothing, log_y=log_y, show_raw=True,
+                              colors=colors, title="Training loss"), "train-loss",
+            "Loss on the training batches as the run learns; the faint line is the raw value.")
+    left, right = st.columns(2)
+    with left:
+        ui.show(plots.loss_curves(metrics, "val_loss", x, log_y=log_y, colors=colors, title="Validation loss"),
+                "val-loss", "Loss on held-out images, once per epoch.")
+    with right:
+        ui.show(plots.loss_curves(metrics, "val_acc", x, colors=colors, title="Validation accuracy"),
+                "val-accuracy", "Share of held-out images classified correctly, once per epoch.")
+
+    st.subheader("Epochs to reach an accuracy")
+    best = max([r.get("val_acc") or 0 for recs in metrics.values() for r in recs if r.get("type") == "eval"]
+               + [0.0])
+    default = round(max(0.1, min(0.95, 0.9 * best)) * 20) / 20
+    target = st.slider("Target validation accuracy", 0.05, 1.0, default, 0.05, key="lc_target", format="%.2f")
+    rows = curves.epochs_to_accuracy_table(metrics, [target])
+    key_e, key_w = f"epochs_to_{target:g}", f"wall_to_{target:g}"
+    table = [{"run": r["run"],
+              "best accuracy %": None if r["best_val_acc"] is None else round(100 * r["best_val_acc"], 1),
+              "at epoch": r["best_epoch"], f"epochs to {target:.0%}": r[key_e],
+              f"seconds to {target:.0%}": None if r[key_w] is None else round(r[key_w], 1)} for r in rows]
+    left, right = st.columns([3, 2])
+    with left:
+        st.dataframe(table, hide_index=True)
+        ui.download_csv(table, "epochs-to-accuracy.csv")
+    with right:
+        ui.show(plots.time_to_accuracy_bars(rows, target, colors=colors), "epochs-to-accuracy",
+                "Fewer epochs is better; compressed runs may need a longer schedule.")

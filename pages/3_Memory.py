@@ -1,0 +1,113 @@
+"""Memory: the saved-activation ladder per policy, what runs recorded, and the batch-size planner."""
+
+import streamlit as st
+import torch
+
+from core import memory, plots
+from core.compression import CompressionPolicy
+from core.models import MODEL_NAMES
+from ui import common as ui
+
+runs = ui.page("Memory", "What each policy keeps for the backward pass, measured, beside gradient checkpointing; "
+                         "what the runs recorded; and the largest batch a GPU budget fits.")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def ladder(model: str, batch: int, size: int, stem: str, policies: tuple, timed: bool) -> dict:
+    return memory.memory_ladder(model, batch, size, policies=policies, stem=stem, time_steps=timed,
+                                time_repeats=2, device=DEVICE).to_dict()
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def plan(model: str, policy: str, size: int, stem: str) -> memory.MemoryPlan:
+    return memory.plan_memory(model, policy, size=size, stem=stem, device=DEVICE,
+                              fit_batches=(8, 16) if DEVICE == "cuda" else (4, 8))
+
+
+# ---------------------------------------------------------------------------------------
+st.header("The ladder")
+c1, c2, c3, c4 = st.columns(4)
+model = c1.selectbox("Model", MODEL_NAMES, index=MODEL_NAMES.index("resnet20"), key="mem_model")
+batch = c2.number_input("Batch size", 1, 4096, 32, key="mem_batch")
+size = c3.select_slider("Image size", [32, 64, 96, 128, 224], 32, key="mem_size")
+stem = c4.radio("Stem", ["cifar", "imagenet"], horizontal=True, key="mem_stem",
+                disabled=model.startswith(("resnet20", "resnet32", "resnet56")),
+                help="ResNet-18/34/50 only: 3×3 CIFAR stem or 7×7 ImageNet stem with max-pool")
+if model in ("resnet20", "resnet32", "resnet56"):
+    stem = "cifar"
+c5, c6 = st.columns([3, 1])
+CHOICES = list(dict.fromkeys([*memory.LADDER_POLICIES, "avg4+mask", memory.STRONGEST_POLICY]))
+policies = c5.multiselect("Policies", CHOICES, default=list(memory.LADDER_POLICIES), key="mem_policies")
+extra = c5.text_input("Add a policy", placeholder="e.g. avg2-lowres+mask", key="mem_extra")
+timed = c6.checkbox("Time the steps", value=True, key="mem_timed", help="Median of interleaved training steps")
+if c6.button("Measure", type="primary", key="mem_measure"):
+    chosen = list(policies)
+    if extra.strip():
+        try:
+            chosen.append(str(CompressionPolicy.parse(extra)))
+        except ValueError as e:
+            st.error(f"Policy {extra!r}: {ui.one_line(e)}")
+    st.session_state["mem_ladder_args"] = (model, int(batch), int(size), stem, tuple(dict.fromkeys(chosen)), timed)
+
+args = st.session_state.get("mem_ladder_args")
+if args is None:
+    st.info("Pick a model and batch, then press **Measure** (a few seconds on a CPU).")
+else:
+    with ui.guard("Cannot measure this ladder"), st.spinner("Measuring what each policy keeps…"):
+        lad = ladder(*args)
+        for pol, why in lad["skipped"].items():
+            st.warning(f"{pol} left out: {why}")
+        ui.show(plots.memory_ladder_figure(lad), "memory-ladder",
+                f"Bytes kept for backward by one training step of {lad['model']} at batch {lad['batch']}, "
+                "split by what keeps them; labels give the change against 'none' and the step-time cost.")
+        rows = [{"policy": s["policy"], "saved MiB": round(s["total_bytes"] / 2 ** 20, 1),
+                 "change %": None if s["cut"] is None else round(-100 * s["cut"], 1),
+                 "step time ×": None if s.get("time_ratio") is None else round(s["time_ratio"], 2)}
+                for s in lad["steps"]]
+        st.dataframe(rows, hide_index=True)
+        ui.download_csv(rows, f"ladder-{lad['model']}-b{lad['batch']}.csv")
+
+# ---------------------------------------------------------------------------------------
+st.header("Recorded by the runs")
+if ui.need_runs(runs, 1, "recorded memory"):
+    names = ui.names_of(runs)
+    colors = ui.colors_for(runs)
+    ui.show(plots.run_memory_bars(ui.memory_rows(runs), colors=colors, title="Saved activations and model state"),
+            "run-memory",
+            "What each run kept for backward in one step (its own batch size), with the weights, gradients and "
+            "optimiser state on top.")
+    metrics = {n: ui.metrics_of(r) for n, r in zip(names, runs)}
+    if any(rec.get("cuda_peak") for recs in metrics.values() for rec in recs):
+        ui.show(plots.cuda_memory_curves(metrics, colors=colors, title="GPU memory over training"), "cuda-memory",
+                "The most GPU memory each run had allocated so far, step by step.")
+    else:
+        st.caption("Memory over training is recorded on a GPU (CUDA peak per step); these runs trained on a CPU.")
+
+# ---------------------------------------------------------------------------------------
+st.header("Planner: the largest batch a GPU fits")
+p1, p2 = st.columns([3, 1])
+budget = p1.slider("GPU memory budget (GiB)", 1, 80, 8, key="mem_budget")
+if p2.button("Fit the planner", key="mem_plan"):
+    st.session_state["mem_plan_args"] = (model, int(size), stem, tuple(policies) or ("none",))
+pargs = st.session_state.get("mem_plan_args")
+if pargs is None:
+    st.info("Press **Fit the planner**: it measures each policy at a few small batches and fits a line.")
+else:
+    with ui.guard("Cannot plan"), st.spinner("Measuring at small batches…"):
+        pmodel, psize, pstem, ppolicies = pargs
+        plans = []
+        for pol in ppolicies:
+            with ui.guard(f"{pol} left out", warn=True):
+                plans.append(plan(pmodel, pol, psize, pstem))
+        gib = budget * memory.GIB
+        ui.show(plots.planner_figure(plans, gib), "planner",
+                f"Predicted training memory of {pmodel} against the batch size; each diamond is the largest "
+                f"batch that fits {budget} GiB.")
+        rows = [{"policy": p.policy, "largest batch": memory.largest_batch(p, gib),
+                 "MiB per image": round(p.bytes_per_image / 2 ** 20, 2), "measure": p.measure} for p in plans]
+        st.dataframe(rows, hide_index=True)
+        ui.download_csv(rows, f"planner-{pmodel}-{budget}GiB.csv")
+if DEVICE == "cpu":
+    st.caption("Allocation timeline of one step: needs a GPU. On this CPU the planner predicts model state + saved "
+               "activations, a lower bound of the true peak.")

@@ -1,0 +1,81 @@
+"""Gradient fidelity: exact vs compressed weight gradients, per layer, for a run's weights."""
+
+import streamlit as st
+import torch
+
+from core import plots
+from core.fidelity import METRICS, FidelityResult, compare_gradients, fidelity_over_training, sweep_settings
+from core.runs import run_mtime_key
+from ui import common as ui
+
+runs = ui.page("Gradient fidelity", "How close each layer's compressed weight gradient is to the exact one, "
+                                    "for a run's weights and a batch of its validation images.")
+SETTINGS = sweep_settings(ks=(2, 4, 8), pools=("avg", "max"), modes=("upsample", "lowres")) + ["avg2+mask+bn8"]
+DEFAULT = ["avg2+mask", "avg4+mask", "avg8+mask", "max2+mask", "avg2-lowres+mask", "avg2+mask+bn8"]
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def fidelity(path: str, mtime: float, settings: tuple, batch: int, _run) -> tuple[dict, str | None]:
+    model = ui.model_of(_run, private=True)  # compare_gradients swaps layers: never on the shared copy
+    x, y, _, problem = ui.pick_images(_run, batch)
+    res = compare_gradients(model, ui.to_input(x, _run), torch.as_tensor(y), settings, fit_stages=True)
+    return res.to_dict(), problem
+
+
+if ui.need_runs(runs, 1, "gradient fidelity"):
+    names = ui.names_of(runs)
+    by_name = dict(zip(names, runs))
+    c1, c2 = st.columns([3, 1])
+    name = c1.selectbox("Run", names, key="fid_run")
+    run = by_name[name]
+    batch = c2.select_slider("Images", [8, 16, 32, 64, 128], 32, key="fid_batch")
+    own = str((run.config or {}).get("policy", ""))
+    choices = list(dict.fromkeys([*SETTINGS, *([own] if own and own != "none" else [])]))
+    settings = st.multiselect("Settings to compare", choices, default=[s for s in DEFAULT if s in choices],
+                              key="fid_settings")
+    c3, c4 = st.columns([3, 1])
+    metric = c3.radio("Measure", METRICS, format_func=lambda m: plots.FIDELITY_METRIC_LABELS.get(m, m),
+                      horizontal=True, key="fid_metric")
+    if c4.button("Compute", type="primary", key="fid_go"):
+        st.session_state["fid_args"] = (str(run.path), tuple(settings), int(batch))
+    args = st.session_state.get("fid_args")
+    if args is None or args[0] not in {str(r.path) for r in runs}:
+        st.info("Pick settings and press **Compute** (a few seconds on a CPU).")
+    elif not args[1]:
+        st.warning("Pick at least one setting.")
+    else:
+        target = next(r for r in runs if str(r.path) == args[0])
+        with ui.guard("Cannot compute the gradients"), st.spinner("Exact and compressed backward passes…"):
+            d, problem = fidelity(args[0], run_mtime_key(target), args[1], args[2], target)
+            if problem:
+                st.warning(problem)
+            for s, why in d["skipped"].items():
+                st.warning(f"{s} left out: {why}")
+            for s, note in d["notes"].items():
+                st.caption(f"{s}: {note}")
+            ui.show(plots.fidelity_heatmap(d, metric, title=f"{ui.label_of(target)} · {d['batch']} images"),
+                    "fidelity-heatmap",
+                    "Each cell compares one layer's weight gradient under one setting with the exact gradient "
+                    "(cosine 1 and error 0 mean identical); the input side is at the top.")
+            if d["settings"]:
+                one = st.selectbox("One setting, layer by layer", d["settings"], key="fid_one")
+                ui.show(plots.fidelity_bars(d, one), "fidelity-bars",
+                        "Cosine (direction) and relative error (size of the mistake) for every layer.")
+            rows = FidelityResult.from_dict(d).to_rows()
+            ui.download_csv(rows, "gradient-fidelity.csv")
+
+    st.header("Over training")
+    histories = {n: fidelity_over_training(ui.metrics_of(r)) for n, r in zip(names, runs)}
+    histories = {n: h for n, h in histories.items() if len(h)}
+    tmetric = st.radio("Measure", ["cosine", "rel_error"], format_func=plots.FIDELITY_METRIC_LABELS.get,
+                       horizontal=True, key="fid_hist_metric")
+    if not histories:
+        st.info("The selected runs recorded no fidelity during training (exact policies record none).")
+    else:
+        if name in histories:
+            ui.show(plots.fidelity_over_training_figure(histories[name], tmetric, title=name), "fidelity-training",
+                    "The run's own compressed gradient against the exact one, measured every few hundred steps; "
+                    "thin lines are layers, the thick line their mean.")
+        ui.show(plots.fidelity_over_training_figure(histories, tmetric, colors=ui.colors_for(runs),
+                                                    title="Mean over layers, all selected runs"),
+                "fidelity-training-runs", "One line per run: the layer mean of the measure above.")

@@ -1,0 +1,104 @@
+"""Attributions: which pixels each model's decision rests on (Captum), and how much the runs agree."""
+
+import numpy as np
+import streamlit as st
+
+from core import plots
+from core.runs import run_mtime_key
+from ui import common as ui
+
+runs = ui.page("Attributions", "Which pixels each model's decision rests on, for the same images, and how much "
+                               "the models agree.")
+# core.attribution.METHODS, with names for people (captum is imported only when needed: it is slow to load)
+METHODS = {"saliency": "Saliency", "integrated_gradients": "Integrated Gradients", "gradient_shap": "GradientShap",
+           "gradcam": "Grad-CAM", "occlusion": "Occlusion"}
+SOURCES = ["run's validation images", "built-in set", "upload an image"]
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def explain(keys: tuple, images: np.ndarray, targets: tuple | None, method: str, _runs):
+    """compare_models on the runs for one batch of pixels, as numpy for the figures."""
+    import torch
+
+    from core.attribution import agreement_matrix, compare_models
+
+    # every model gets its own normalisation (PixelInput); the baseline is the first run's mean colour
+    models = {k[0]: ui.pixel_model(r) for k, r in zip(keys, _runs)}
+    x = ui.to_pixels(images)
+    res = compare_models(models, x, method, targets=None if targets is None else torch.tensor(targets),
+                         baseline=ui.mean_image(_runs[0], x))
+    out = {"names": res["names"], "targets": res["targets"].numpy(),
+           "maps": {n: a.numpy() for n, a in res["attributions"].items()},
+           "predictions": {n: {"class": p["class"].numpy(), "confidence": p["confidence"].numpy()}
+                           for n, p in res["predictions"].items()},
+           "agreement": {}, "pairs": []}
+    if len(models) > 1:
+        for metric in ("spearman", "topk_iou"):
+            out["agreement"][metric] = agreement_matrix(res, metric)
+        out["pairs"] = [{"run A": a, "run B": b, "image": i, "spearman": float(v["spearman"][i]),
+                         "top-10% IoU": float(v["topk_iou"][i])}
+                        for (a, b), v in res["agreement"].items() for i in range(len(v["spearman"]))]
+    return out
+
+
+if ui.need_runs(runs, 1, "attributions"):
+    names = ui.names_of(runs)
+    first = runs[0]
+    # Only runs that know the same classes as the first one can explain the same targets.
+    same = [(n, r) for n, r in zip(names, runs)
+            if (r.config or {}).get("classes") == (first.config or {}).get("classes")][:4]
+    left_out = [n for n in names if n not in {s[0] for s in same}]
+    if left_out:
+        st.warning("Left out (other classes than the first run, or beyond four): " + ", ".join(left_out))
+
+    c1, c2, c3 = st.columns([3, 2, 1])
+    source = c1.radio("Images", SOURCES, horizontal=True, key="att_source")
+    method = c2.selectbox("Method", list(METHODS), format_func=METHODS.get, key="att_method")
+    n_img = c3.number_input("How many", 1, 4, 3, key="att_n", disabled=source == SOURCES[2])
+    images = targets = classes = None
+    if source == SOURCES[2]:
+        up = st.file_uploader("An image (it is cut to a square and resized to 32×32)", key="att_upload")
+        if up is not None:
+            try:
+                img, notes = ui.image_from_upload(up.getvalue())
+                images, classes = img.transpose(2, 0, 1)[None], (first.config or {}).get("classes")
+                for note in notes:
+                    st.caption(f"Note: {note}.")
+            except ui.UploadError as e:
+                st.error(f"{up.name}: {e}")
+    else:
+        x, y, classes, problem = ui.pick_images(first if source == SOURCES[0] else None, int(n_img),
+                                                seed=int(st.session_state.get("att_seed", 0)))
+        if problem:
+            st.warning(problem)
+        images, targets = x, tuple(int(v) for v in y)
+        if classes != (first.config or {}).get("classes"):
+            targets = None  # other classes than the models know: explain each model's own prediction
+            st.caption("These images are not from the runs' classes: the maps explain each model's prediction.")
+        st.number_input("Image set", 0, 999, 0, key="att_seed", help="Another number, other images")
+
+    if images is None:
+        st.info("Upload an image to explain it.")
+    elif st.button("Explain", type="primary", key="att_go") or st.session_state.get("att_done") == (
+            source, method, int(n_img), hash(images.tobytes())):
+        st.session_state["att_done"] = (source, method, int(n_img), hash(images.tobytes()))
+        keys = tuple((n, str(r.path), run_mtime_key(r)) for n, r in same)
+        with ui.guard("Cannot explain"), st.spinner(f"{METHODS[method]} for {len(same)} model(s)…"):
+            res = explain(keys, images, targets, method, [r for _, r in same])
+            colors = ui.colors_for([r for _, r in same])
+            ui.show(plots.attribution_grid(ui.to_display(images), res["maps"], res["predictions"], classes,
+                                           res["targets"], colors=colors, title=METHODS[method]),
+                    f"attributions-{method}",
+                    "Each row is an image, each column a model: bright (or red) pixels pushed the model towards "
+                    "the target class; titles give the model's prediction and confidence.")
+            if res["agreement"]:
+                left, right = st.columns(2)
+                for col, metric in zip((left, right), ("spearman", "topk_iou")):
+                    with col:
+                        ns, m = res["agreement"][metric]
+                        ui.show(plots.agreement_heatmap(ns, m, metric), f"agreement-{metric}",
+                                "Rank correlation of the maps (1 = same order of importance)." if metric == "spearman"
+                                else "Overlap of the 10% most important pixels (1 = the same pixels).")
+                ui.download_csv(res["pairs"], f"agreement-{method}.csv", "Download agreement (CSV)")
+            else:
+                st.caption("Select a second run trained on the same data to see how much they agree.")

@@ -1,0 +1,319 @@
+"""The Streamlit app: every page runs with runs selected (AppTest), key widgets are there,
+bad input gives a message, and the Train page goes through the launcher.
+
+Two tiny runs are trained once per session into a temporary folder, and the app is pointed
+at it with POOLPROP_RUN_DIRS / POOLPROP_RUNS_ROOT. AppTest renders no charts: figures are
+covered by tests/test_plots.py and the browser test; here we check text, widgets and state.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from core.launcher import Job, Launcher
+from core.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = {
+    "home": "app.py",
+    "train": "pages/1_Train.py",
+    "loss": "pages/2_Loss_curves.py",
+    "memory": "pages/3_Memory.py",
+    "fidelity": "pages/4_Gradient_fidelity.py",
+    "filters": "pages/5_Filters_and_features.py",
+    "attributions": "pages/6_Attributions.py",
+}
+TITLES = {"home": "PoolProp", "train": "Train", "loss": "Loss curves", "memory": "Memory",
+          "fidelity": "Gradient fidelity", "filters": "Filters & features", "attributions": "Attributions"}
+
+
+@pytest.fixture(scope="session")
+def runs_dir(tmp_path_factory) -> Path:
+    """Two finished tiny runs (baseline and avg2+mask), 2 epochs of 2 steps each."""
+    root = tmp_path_factory.mktemp("app_runs")
+    for policy in ("none", "avg2+mask"):
+        cfg = TrainConfig(model="resnet20", dataset="features10:train=64,val=32", policy=policy, epochs=2,
+                          batch_size=32, eval_batch_size=32, log_every=1, fidelity_every=1, num_threads=1,
+                          device="cpu", progress=False, out=str(root / f"tiny-{policy.replace('+', '_')}"))
+        assert train(cfg).status == "finished"
+    return root
+
+
+@pytest.fixture
+def app_env(runs_dir, monkeypatch):
+    monkeypatch.setenv("POOLPROP_RUN_DIRS", str(runs_dir))
+    monkeypatch.setenv("POOLPROP_RUNS_ROOT", str(runs_dir))
+    return runs_dir
+
+
+def page(name: str) -> AppTest:
+    at = AppTest.from_file(str(ROOT / PAGES[name]), default_timeout=300)
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def texts(elements) -> str:
+    return " | ".join(str(e.value) for e in elements)
+
+
+def no_errors(at: AppTest) -> None:
+    assert not at.exception, [e.message for e in at.exception]
+    assert not at.error, texts(at.error)
+
+
+@pytest.mark.parametrize("name", list(PAGES))
+def test_page_runs_with_runs_selected(app_env, name):
+    at = page(name)
+    no_errors(at)
+    assert at.title[0].value == TITLES[name]
+    assert len(at.session_state["selected_runs"]) == 2  # the default: both tiny runs
+    assert len(at.sidebar.multiselect) == 1  # the run picker, on every page
+
+
+def test_home_elements(app_env):
+    at = page("home")
+    assert at.selectbox(key="home_model").options[-1] == "untrained ResNet-20"
+    assert "baseline" not in texts(at.error)
+    table = at.dataframe[0].value
+    assert len(table) == 2 and {"model", "policy", "best accuracy %", "saved activations MiB", "status"} <= set(table)
+    at.select_slider(key="home_k").set_value(4).run()
+    at.selectbox(key="home_layer").set_value("layer3.0.conv1").run()
+    at.radio(key="home_source").set_value("run's dataset").run()
+    no_errors(at)
+    at.selectbox(key="home_model").set_value("untrained ResNet-20").run()
+    no_errors(at)
+
+
+def test_selection_persists_and_a_deleted_run_gives_a_message(app_env, tmp_path, monkeypatch):
+    extra = tmp_path / "more"
+    shutil.copytree(app_env / "tiny-none", extra / "copy-none")
+    monkeypatch.setenv("POOLPROP_RUN_DIRS", f"{app_env}:{extra}")
+    at = AppTest.from_file(str(ROOT / PAGES["filters"]), default_timeout=300)
+    at.session_state["selected_runs"] = [str(extra / "copy-none"), str(app_env / "tiny-avg2_mask")]
+    at.run()
+    no_errors(at)
+    shutil.rmtree(extra / "copy-none")
+    at.run()
+    assert not at.exception
+    assert "No longer available" in texts(at.sidebar.warning)
+    assert at.session_state["selected_runs"] == [str(app_env / "tiny-avg2_mask")]
+
+
+def test_model_of_a_vanished_run_raises_a_clear_error(app_env, tmp_path):
+    from core.runs import RunError, inspect_run
+    from ui import common as ui
+
+    shutil.copytree(app_env / "tiny-none", tmp_path / "gone")
+    run = inspect_run(tmp_path / "gone")
+    shutil.rmtree(tmp_path / "gone")
+    with pytest.raises(RunError, match="gone"):
+        ui.model_of(run)
+
+
+# ---------------------------------------------------------------------------------------
+# Train page
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_launcher(monkeypatch):
+    calls = {"submit": [], "running": None}
+
+    def submit(self, config, label=None):
+        calls["submit"].append(config)
+        state = "queued" if calls["running"] else "running"
+        return Job(id=f"job{len(calls['submit'])}", device="cpu", run_dir=str(self.root / "new"), argv=[],
+                   label=label or "x", state=state, position=1 if state == "queued" else 0)
+
+    monkeypatch.setattr(Launcher, "submit", submit)
+    monkeypatch.setattr(Launcher, "active", lambda self, device=None: calls["running"])
+    monkeypatch.setattr(Launcher, "jobs", lambda self, device=None: [calls["running"]] if calls["running"] else [])
+    return calls
+
+
+def _start(at: AppTest) -> AppTest:
+    return at.button(key="FormSubmitter:train_form-Start training").click().run()
+
+
+def test_train_start_calls_the_launcher(app_env, fake_launcher):
+    at = page("train")
+    assert any(b.label == "Start training" for b in at.button)
+    at.number_input[0].set_value(2)  # epochs
+    _start(at)
+    no_errors(at)
+    assert len(fake_launcher["submit"]) == 1
+    cfg = fake_launcher["submit"][0]
+    assert (cfg.model, cfg.policy, cfg.epochs) == ("resnet20", "avg2+mask", 2)
+    assert "Started" in texts(at.success)
+
+
+def test_train_queues_when_a_run_is_active(app_env, fake_launcher):
+    fake_launcher["running"] = Job(id="busy", device="cpu", run_dir=str(app_env / "tiny-none"), argv=[],
+                                   label="someone else's run", state="running")
+    at = page("train")
+    assert any(b.label == "Stop" for b in at.button)  # the live view of the active run
+    _start(at)
+    no_errors(at)
+    assert "Queued" in texts(at.info) and "someone else's run" in texts(at.info)
+
+
+def test_train_rejects_bad_settings(app_env, fake_launcher):
+    at = page("train")
+    at.text_input[1].set_value("avg3+mask")  # custom policy: K=3 is not a choice
+    _start(at)
+    assert "avg3" in texts(at.error)
+    at.text_input[1].set_value("avg8+mask")
+    at.selectbox[0].set_value("resnet18")
+    _start(at)
+    assert "K=8 is larger" in texts(at.error)
+    assert fake_launcher["submit"] == []
+
+
+# ---------------------------------------------------------------------------------------
+# Pages with buttons (small settings, real computations)
+# ---------------------------------------------------------------------------------------
+
+def test_loss_curves_table(app_env):
+    at = page("loss")
+    table = at.dataframe[0].value
+    assert len(table) == 2 and "run" in table
+    at.radio(key="lc_x").set_value("epoch").run()
+    at.checkbox(key="lc_log").check().run()
+    no_errors(at)
+
+
+def test_memory_ladder_and_planner(app_env):
+    at = page("memory")
+    at.number_input(key="mem_batch").set_value(2)
+    at.checkbox(key="mem_timed").uncheck()
+    at.multiselect(key="mem_policies").set_value(["none", "avg2+mask", "ckpt"])
+    at.button(key="mem_measure").click().run()
+    no_errors(at)
+    assert list(at.dataframe[0].value["policy"]) == ["none", "avg2+mask", "ckpt"]
+    at.button(key="mem_plan").click().run()
+    no_errors(at)
+    assert len(at.dataframe[-1].value) == 3 and "largest batch" in at.dataframe[-1].value
+
+
+def test_gradient_fidelity(app_env):
+    at = page("fidelity")
+    at.select_slider(key="fid_batch").set_value(8)
+    at.multiselect(key="fid_settings").set_value(["avg2+mask", "max4+mask"])
+    at.button(key="fid_go").click().run()
+    no_errors(at)
+    assert at.selectbox(key="fid_one").options == ["avg2+mask", "max4+mask"]
+
+
+def test_filters_activation_maximisation_and_cka(app_env, monkeypatch):
+    from core import features
+
+    calls = []
+
+    def fake_maximize(model, layer, channels, steps=128, **kw):  # the real one: tests/test_features.py
+        calls.append((layer, list(channels), steps))
+        return np.full((len(channels), 32, 32, 3), 0.5)
+
+    monkeypatch.setattr(features, "maximize_activations", fake_maximize)
+    at = page("filters")
+    at.multiselect(key="ff_am_ch").set_value([0])
+    at.select_slider(key="ff_am_steps").set_value(32)
+    at.button(key="ff_am_go").click().run()
+    no_errors(at)
+    assert calls == [("layer3.2", [0], 32)]
+    at.select_slider(key="ff_cka_n").set_value(64)
+    at.button(key="ff_cka_go").click().run()
+    no_errors(at)
+
+
+@pytest.mark.parametrize("method", ["saliency", "gradcam"])
+def test_attributions(app_env, method):
+    at = page("attributions")
+    at.number_input(key="att_n").set_value(2)
+    at.selectbox(key="att_method").set_value(method)
+    at.button(key="att_go").click().run()
+    no_errors(at)
+    at.radio(key="att_source").set_value("upload an image").run()
+    assert "Upload an image" in texts(at.info)
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers behind the pages
+# ---------------------------------------------------------------------------------------
+
+def _png(mode: str, size=(40, 30), color=None) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, size, color if color is not None else 128).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_upload_validation():
+    from ui.common import UploadError, image_from_upload
+
+    img, notes = image_from_upload(_png("RGB", (64, 64), (255, 0, 0)))
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8 and tuple(img[0, 0]) == (255, 0, 0)
+    assert any("resized from 64×64" in n for n in notes)
+    for mode, word in (("L", "grayscale"), ("RGBA", "transparent"), ("I;16", "16-bit"), ("P", "palette")):
+        img, notes = image_from_upload(_png(mode))
+        assert img.shape == (32, 32, 3), mode
+        assert any(word in n for n in notes), (mode, notes)
+        assert any("centre square" in n for n in notes)
+    with pytest.raises(UploadError, match="not an image"):
+        image_from_upload(b"%PDF-1.4 this is not a picture")
+    with pytest.raises(UploadError, match="empty"):
+        image_from_upload(b"")
+    with pytest.raises(UploadError, match="too large"):
+        image_from_upload(_png("L", (9000, 8)))
+    with pytest.raises(UploadError, match="damaged"):
+        image_from_upload(_png("RGB", (64, 64))[:60])
+
+
+def test_method_picture_and_bad_k():
+    from core.models import build_model
+    from ui.common import method_picture
+
+    model = build_model("resnet20").eval()
+    x = torch.randn(1, 3, 32, 32)
+    pic = method_picture(model, "layer1.0.conv2", x, 2)
+    assert pic["shape"] == (16, 32, 32) and pic["pooled"].shape == (16, 16)
+    assert pic["bytes"]["pooled"] * 4 == pic["bytes"]["full"]
+    assert pic["bytes"]["mask"] * 32 == pic["bytes"]["full"]  # a ReLU output: 1 bit instead of 32
+    assert method_picture(model, "conv1", x, 1)["bytes"]["mask"] is None  # the image is no ReLU output
+    with pytest.raises(ValueError, match="larger than the 4x4 feature map"):
+        method_picture(model, "layer3.0.conv2", torch.randn(1, 3, 16, 16), 8)
+
+
+def test_heldout_images_of_features10_are_its_validation_stream():
+    from core.data import load_dataset
+    from ui.common import _features10_heldout_name
+
+    assert _features10_heldout_name("features10:train=64,val=32,seed=3", 5) == "features10:train=1,val=5,seed=3"
+    a = load_dataset(_features10_heldout_name("features10:train=64,val=32", 8)).val_x
+    b = load_dataset("features10:train=2,val=8").val_x
+    assert torch.equal(a, b)
+
+
+def test_csv_and_default_selection(runs_dir):
+    from core.runs import list_runs
+    from ui.common import csv_bytes, default_selection
+
+    assert csv_bytes([{"a": 1, "b": None}, {"a": 2, "c": "x"}]).decode().splitlines() == ["a,b,c", "1,,", "2,,x"]
+    runs = list_runs([runs_dir], include_default=False)
+    sel = default_selection(runs)
+    assert len(sel) == 2 and sel[0].endswith("tiny-none")  # the baseline first
+
+
+def test_home_is_quick_once_warm(app_env):
+    page("home")
+    t0 = time.perf_counter()
+    page("home")
+    assert time.perf_counter() - t0 < 10  # generous: the test machine is shared

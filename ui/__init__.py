@@ -1,0 +1,1 @@
+"""Streamlit helpers shared by app.py and pages/ (the run picker, cached loaders, messages)."""
