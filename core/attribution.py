@@ -83,7 +83,7 @@ def attribute(model: nn.Module, x: torch.Tensor, target=None, method: str = "int
               reduce: str | None = None, baseline: torch.Tensor | None = None, n_steps: int = 32,
               internal_batch_size: int | None = 256, n_samples: int = 16, stdevs: float = 0.1, seed: int = 0,
               layer: str | None = None, relu_attributions: bool = True, interpolate_mode: str = "bilinear",
-              window: int = 4, stride: int = 2, perturbations_per_eval: int = 32, return_delta: bool = False):
+              window: int = 8, stride: int = 4, perturbations_per_eval: int = 64, return_delta: bool = False):
     """Attribution maps (B, H, W) of `target` (class per image; None = the model's own
     prediction) for a normalised batch x (B, 3, H, W), on x's device, detached.
 
@@ -91,7 +91,8 @@ def attribute(model: nn.Module, x: torch.Tensor, target=None, method: str = "int
     gradient_shap (n_samples, stdevs, baseline distribution: zeros + seeded noise, seed) |
     gradcam (layer name, default the last block; relu_attributions; upsampled to H x W by
     LayerAttribution.interpolate with interpolate_mode) | occlusion (window x window
-    patches over all channels at `stride`, replaced by the baseline 0).
+    patches over all channels at `stride`, replaced by the baseline 0; 8 and 4 by default:
+    49 patches for 32x32, about as fast as integrated gradients; 4 and 2 is finer, 4.5x slower).
     return_delta=True (integrated_gradients, gradient_shap) also returns Captum's
     convergence delta per image: sum of attributions - (F(x) - F(baseline)).
     """

@@ -35,14 +35,24 @@ LAYER_KINDS = ("conv", "block", "relu", "stage")
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
-    """Eval mode inside, every module's own train/eval flag restored afterwards."""
+    """Eval mode inside, every module's own train/eval flag restored afterwards.
+
+    Gradient checkpointing (the `ckpt` policy) is switched off inside as well: the forward
+    pass is the same, and a checkpointed block would re-run its forward during backward,
+    firing our hooks a second time.
+    """
     flags = [(m, m.training) for m in model.modules()]
+    ckpt = [(m, m.__dict__["checkpointed"]) for m in model.modules() if "checkpointed" in m.__dict__]
     model.eval()
+    for m, _ in ckpt:
+        m.checkpointed = False
     try:
         yield model
     finally:
         for m, flag in flags:
             m.training = flag
+        for m, value in ckpt:
+            m.checkpointed = value
 
 
 @contextlib.contextmanager
@@ -293,8 +303,8 @@ def high_frequency_share(weight, cutoff: float = 0.25, pad_to: int | None = None
     Default cutoff 0.25 = half the Nyquist frequency. Computed on the full 2-D spectrum (not
     the ring averages), so it is an energy share: 0 for a kernel with energy only at DC,
     1 for one with energy only at (0.5, 0.5). A 3x3 kernel padded to 16 leaks a little
-    (its response is a Dirichlet kernel): a constant 3x3 box scores about 0.1, a 3x3
-    checkerboard about 0.9.
+    (its response is a Dirichlet kernel): a constant 3x3 box scores about 0.19, a 3x3
+    checkerboard about 0.99.
     """
     power, radius, _ = _power_2d(weight, pad_to)
     total = float(power.sum())
@@ -343,7 +353,7 @@ class _FourierImage(nn.Module):
         fy = torch.fft.fftfreq(size).view(-1, 1)
         fx = torch.fft.rfftfreq(size).view(1, -1)
         freq = torch.sqrt(fx ** 2 + fy ** 2)
-        self.register_buffer("scale", (1.0 / torch.clamp(freq, min=1.0 / size) ** decay) )
+        self.register_buffer("scale", 1.0 / torch.clamp(freq, min=1.0 / size) ** decay)
         shape = (n, 3, size, size // 2 + 1, 2)
         self.spectrum = nn.Parameter(torch.randn(shape, generator=generator) * sd)
         self.size = size
@@ -362,7 +372,7 @@ def maximize_activations(model: nn.Module, layer_name: str, channels: Sequence[i
     mean activation at `layer_name` (a conv/block/ReLU output (B, C, h, w), or `fc` logits).
 
     All channels are optimised together as one batch (eval mode: images are independent),
-    so n channels cost little more than one. Each step shifts the images by a random
+    about 2.5x cheaper per channel than one call each. Each step shifts the images by a random
     offset of up to `jitter` pixels (robustness to translation) before the model sees them;
     `mean`/`std` normalise the [0, 1] image as the run's data were (None: fed as they are).
     Deterministic for a seed. Only the image parameters get gradients (torch.autograd.grad),
@@ -410,11 +420,14 @@ def maximize_activation(model: nn.Module, layer_name: str, channel: int, steps: 
 # Linear CKA (Kornblith et al. 2019)
 # ---------------------------------------------------------------------------------------
 
-def _gram(x: torch.Tensor) -> torch.Tensor:
-    """(n, ...) activations -> centred linear Gram matrix (n, n) in float64."""
-    x = x.reshape(x.shape[0], -1).to(torch.float64)
+def _gram(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """(n, ...) activations -> centred linear Gram matrix (n, n), returned in float64.
+
+    Columns are centred before the product (no large-mean cancellation), so a float32
+    product (`dtype`) is accurate to ~1e-6 and twice as fast for wide layers."""
+    x = x.reshape(x.shape[0], -1).to(dtype)
     x = x - x.mean(0, keepdim=True)
-    return x @ x.T
+    return (x @ x.T).to(torch.float64)
 
 
 def linear_cka(X, Y) -> float:
@@ -445,10 +458,11 @@ def _layer_grams(model: nn.Module, names: Sequence[str], x: torch.Tensor, batch_
         for start in range(0, x.shape[0], batch_size):
             model(x[start: start + batch_size])
             for n in names:  # keep flattened features; Gram needs all examples together
-                feats[n].append(out[n].reshape(out[n].shape[0], -1).float().cpu())
+                feats[n].append(out[n].reshape(out[n].shape[0], -1).float())
+            out.clear()
     grams = []
     for n in names:
-        K = _gram(torch.cat(feats.pop(n)))
+        K = _gram(torch.cat(feats.pop(n)), torch.float32).cpu()
         norm = torch.linalg.norm(K)
         grams.append(K / norm if norm > 0 else K)
     return grams

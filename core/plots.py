@@ -151,8 +151,8 @@ def loss_curves(runs_metrics: Mapping[str, Sequence[Mapping]], y: str = "train_l
     base_layout(fig, title, X_TITLES.get(x, x), y_title)
     if log_y:
         fig.update_yaxes(type="log")
-    if y.endswith("acc"):
-        fig.update_yaxes(tickformat=".0%")
+    if y.endswith("acc") and all(np.nanmax(t.y, initial=0) <= 1 for t in fig.data):
+        fig.update_yaxes(tickformat=".0%")  # fractions, as the trainer writes them
     if missing:
         fig.add_annotation(text=f"no {Y_TITLES.get(y, y)} yet: {', '.join(missing)}", showarrow=False,
                            xref="paper", yref="paper", x=0, y=-0.22, xanchor="left", font=dict(size=TICK_SIZE))
@@ -230,7 +230,8 @@ def filter_grid_figure(images: Mapping[str, np.ndarray], title: str | None = Non
     cmap = _colors(names, colors)
     cols = max(1, min(cols, len(names)))
     rows = -(-len(names) // cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.03, vertical_spacing=0.08)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.03,
+                        vertical_spacing=min(0.08, 0.5 / rows))
     for i, name in enumerate(names):
         fig.add_trace(go.Image(z=_to_uint8(images[name]), name=name, hoverinfo="skip"),
                       row=i // cols + 1, col=i % cols + 1)

@@ -12,6 +12,16 @@ FAST = {"integrated_gradients": {"n_steps": 16}, "gradient_shap": {"n_samples": 
         "occlusion": {"window": 8, "stride": 4}}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Batches of 1-8 tiny images: intra-op threads only add synchronisation, and on a busy
+    2-core machine OpenMP spin-waits made these tests 4-10x slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _hooks(model):
     return {name: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks),
                    len(m._backward_pre_hooks)) for name, m in model.named_modules()}

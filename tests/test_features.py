@@ -1,3 +1,4 @@
+import copy
 import math
 
 import numpy as np
@@ -5,7 +6,18 @@ import pytest
 import torch
 
 from core import features as F
+from core.compression import compress_model
 from core.models import build_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Batches of 1-8 tiny images: intra-op threads only add synchronisation, and on a busy
+    2-core machine OpenMP spin-waits made these tests 4-10x slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _all_hooks_empty(model):
@@ -210,3 +222,14 @@ def test_cka_matrix(model):
     fb = F.feature_maps(other, "layer3.2", x).reshape(24, -1)
     assert m2[na.index("layer1.1"), 1] == pytest.approx(F.linear_cka(fa, fb), rel=1e-5)
     assert _all_hooks_empty(model) and _all_hooks_empty(other)
+
+
+def test_checkpointed_and_compressed_models(model):
+    x = torch.randn(2, 3, 32, 32)
+    for policy in ("ckpt", "avg2+mask"):
+        m = compress_model(copy.deepcopy(model), policy)
+        assert torch.allclose(F.feature_maps(m, "layer2.1.conv1", x), F.feature_maps(model, "layer2.1.conv1", x))
+        img = F.maximize_activation(m, "layer2.1.conv1", 0, steps=2)
+        assert img.shape == (32, 32, 3) and _all_hooks_empty(m)
+        if policy == "ckpt":
+            assert m.layer2[1].checkpointed is True  # switched off only inside the call
