@@ -1,0 +1,153 @@
+"""Retrain the shipped checkpoints: one command, CPU or GPU.
+
+    python scripts/train_shipped.py --cifar PATH/train --out-root runs/shipped --jobs 1     # CPU
+    python scripts/train_shipped.py --cifar PATH/train --out-root runs/shipped --jobs 14    # one GPU
+
+PATH/train is the CIFAR-10 JPEG ImageFolder (../shared/data, unzipped); its validation split
+is the fixed one of core.data (images 4500-4999 of each class). Runs start in priority order
+(the issue's list), `--jobs` at a time; on a GPU several small ResNet-20 processes share the
+card well because each one is bound by kernel launches. `--deadline` stops (SIGTERM: status
+"stopped", last epoch kept) whatever has not finished, so a time-boxed machine still returns
+everything. Only the standard library is imported here: each run is `python -m core train`.
+Then: `python scripts/train_shipped.py --collect runs/shipped` copies finished runs into
+checkpoints/ without their resume state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# One recipe for every CIFAR run (README: "The shipped checkpoints").
+RECIPE = ["--model", "resnet20", "--batch-size", "256", "--optimizer", "sgd", "--lr", "0.2",
+          "--schedule", "onecycle", "--weight-decay", "5e-4", "--label-smoothing", "0.1",
+          "--log-every", "20", "--fidelity-every", "200", "--no-progress"]
+FEATURES_RECIPE = ["--model", "resnet20", "--dataset", "features10", "--batch-size", "128",
+                   "--log-every", "10", "--fidelity-every", "50", "--no-progress"]
+
+
+def plan(epochs: int, long_epochs: int, features_epochs: int) -> list[tuple[str, str, list[str]]]:
+    """(run name, priority, extra args) in the order to start them."""
+    runs = []
+
+    def cifar(policy, ep, seed=0, prio="1"):
+        runs.append((f"r20-cifar-{policy}-e{ep}-s{seed}", prio,
+                     ["--policy", policy, "--epochs", str(ep), "--seed", str(seed)]))
+
+    for p in ("none", "avg2+mask", "avg4+mask"):
+        cifar(p, epochs, prio="1")
+    for p in ("avg2+mask", "avg4+mask"):
+        cifar(p, long_epochs, prio="2 longer schedule")
+    for p in ("max2+mask", "avg2-lowres+mask", "avg8+mask", "avg2+mask+bn8"):
+        cifar(p, epochs, prio="3")
+    for p in ("none", "avg2+mask"):
+        cifar(p, epochs, seed=1, prio="4 second seed")
+    for p in ("none", "avg2+mask", "avg4+mask", "avg8+mask"):
+        runs.append((f"r20-features10-{p}-e{features_epochs}-s0", "features10",
+                     ["--dataset", "features10", "--policy", p, "--epochs", str(features_epochs), "--seed", "0"]))
+    return runs
+
+
+def launch(args) -> int:
+    out_root = Path(args.out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    py = [sys.executable, "-m", "core", "train"]
+    common = ["--device", args.device] + (["--steps", str(args.smoke_steps), "--train-subset", "512",
+                                          "--val-subset", "256"] if args.smoke_steps else [])
+    if args.cifar:  # decode the JPEGs once into the uint8 cache before the runs start in parallel
+        subprocess.run([sys.executable, "-c", "import sys; from core.data import load_dataset; "
+                        "d = load_dataset(sys.argv[1]); print('data', d.train_x.shape, d.val_x.shape)",
+                        f"imagefolder:{args.cifar}"], cwd=ROOT, env=env, check=True)
+    todo = [r for r in plan(args.epochs, args.long_epochs, args.features_epochs)
+            if (args.cifar or "features10" in r[0]) and (not args.only or any(o in r[0] for o in args.only))]
+    start, running, done = time.time(), {}, []
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            name, prio, extra = todo.pop(0)
+            data = [] if "features10" in name else ["--dataset", f"imagefolder:{args.cifar}"]
+            recipe = FEATURES_RECIPE if "features10" in name else RECIPE
+            cmd = py + recipe + data + extra + common + ["--out", str(out_root / name)]
+            log = open(out_root / f"{name}.log", "w")
+            running[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+            print(f"[{time.time() - start:6.0f}s] start {name} (priority {prio})", flush=True)
+        for name, (proc, log) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                done.append(name)
+                del running[name]
+                print(f"[{time.time() - start:6.0f}s] done  {name} rc={proc.returncode}", flush=True)
+        if args.deadline and time.time() - start > args.deadline:
+            print(f"deadline: stopping {len(running)} runs, not starting {len(todo)}", flush=True)
+            for proc, _ in running.values():
+                proc.send_signal(signal.SIGTERM)
+            for name, (proc, log) in running.items():
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                log.close()
+            break
+        time.sleep(1)
+    print_table(out_root)
+    return 0
+
+
+def print_table(out_root: Path) -> None:
+    print(f"{'run':42s} {'status':9s} {'epochs':>7s} {'best acc':>8s} {'last acc':>8s} {'wall':>7s}")
+    for summary_path in sorted(out_root.glob("*/summary.json")):
+        s = json.loads(summary_path.read_text())
+        best, last = s.get("best_val_acc"), s.get("last_val_acc")
+        print(f"{summary_path.parent.name:42s} {s.get('status', '?'):9s} "
+              f"{s.get('epochs_done', 0):>3}/{s.get('epochs', 0):<3} "
+              f"{best if best is None else f'{best:.4f}':>8} {last if last is None else f'{last:.4f}':>8} "
+              f"{s.get('wall_s', 0):6.0f}s")
+
+
+def collect(src: Path, dest: Path) -> int:
+    """Copy finished runs into checkpoints/ (weights, config, metrics, summary; no resume state)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for run in sorted(p.parent for p in src.glob("*/summary.json")):
+        status = json.loads((run / "summary.json").read_text()).get("status")
+        if status != "finished":
+            print(f"skip {run.name}: {status}")
+            continue
+        target = dest / run.name
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir()
+        for f in ("config.json", "metrics.jsonl", "model.safetensors", "summary.json"):
+            shutil.copy2(run / f, target / f)
+        print(f"shipped {run.name}")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cifar", help="ImageFolder root of the CIFAR-10 JPEG training split (omit: features10 only)")
+    p.add_argument("--out-root", default="runs/shipped")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--long-epochs", type=int, default=45, help="the 1.5x 'longer schedule' runs")
+    p.add_argument("--features-epochs", type=int, default=15)
+    p.add_argument("--deadline", type=float, default=0, help="seconds; then stop what still runs")
+    p.add_argument("--only", nargs="*", help="substrings of run names to train")
+    p.add_argument("--smoke-steps", type=int, default=0, help="tiny runs to test this script")
+    p.add_argument("--collect", metavar="SRC", help="copy finished runs from SRC into checkpoints/")
+    args = p.parse_args()
+    if args.collect:
+        return collect(Path(args.collect), ROOT / "checkpoints")
+    return launch(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
