@@ -209,6 +209,12 @@ class PooledConvFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        # Autocast must not re-type our ops (it runs interpolate in fp32): dtypes are set here.
+        with torch.autocast(g.device.type, enabled=False):
+            return PooledConvFunction._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
         xp, weight = ctx.saved_tensors
         x_shape, stride, padding, dilation, groups, k, mode, has_bias = ctx.conf
         need_x, need_w, need_b = ctx.needs_input_grad[:3]

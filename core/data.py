@@ -757,11 +757,27 @@ def _worker_init():
     torch.set_num_threads(1)  # a forked worker must not use the parent's thread pool
 
 
+class _NoBar:
+    """Stands in for tqdm where it is not installed."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
 def _pool_map(fn, jobs, desc: str):
     """Map fn over jobs in order, in parallel when it pays, with a tqdm progress bar.
     Processes (fork) when this process is single-threaded on Linux; threads otherwise (Pillow
     releases the GIL while decoding), since forking a multi-threaded process (Streamlit) is unsafe."""
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the GPU machine's Python may lack it: no bar then
+        tqdm = _NoBar
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = min(8, cores)

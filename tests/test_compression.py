@@ -235,3 +235,17 @@ def test_generic_module_of_conv_bn_relu():
     out = model(torch.randn(2, 3, 8, 8))
     out.sum().backward()
     assert model[3].weight.grad is not None
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA autocast re-types interpolate to fp32; needs a GPU"))])
+@pytest.mark.parametrize("policy", ["avg2+mask", "avg2-lowres+mask+bn16"])
+def test_backward_inside_an_autocast_region(policy, device):
+    """Callers may run backward under autocast too (found on an H200: CUDA autocast runs the
+    upsampling in fp32, which broke the weight-gradient convolution); our backward sets dtypes."""
+    model = compress_model(build_model("resnet20"), policy).to(device)
+    x = torch.randn(2, 3, 32, 32, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = model(x)
+        F.cross_entropy(out.float(), torch.randint(0, 10, (2,), device=device)).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
