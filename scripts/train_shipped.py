@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ["--model", "resnet20", "--batch-size", "256", "--optimizer", "sgd", "--lr", "0.2",
           "--schedule", "onecycle", "--weight-decay", "5e-4", "--label-smoothing", "0.1",
           "--log-every", "20", "--fidelity-every", "200", "--no-progress"]
-FEATURES_RECIPE = ["--model", "resnet20", "--dataset", "features10", "--batch-size", "128",
+FEATURES_RECIPE = ["--model", "resnet20", "--dataset", "features10", "--batch-size", "128", "--num-threads", "1",
                    "--log-every", "10", "--fidelity-every", "50", "--no-progress"]
 
 
@@ -90,7 +90,7 @@ def launch(args) -> int:
             print(f"deadline: stopping {len(running)} runs, not starting {len(todo)}", flush=True)
             for proc, _ in running.values():
                 proc.send_signal(signal.SIGTERM)
-            for name, (proc, log) in running.items():
+            for proc, log in running.values():
                 try:
                     proc.wait(timeout=60)
                 except subprocess.TimeoutExpired:
@@ -138,7 +138,7 @@ def main() -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--long-epochs", type=int, default=45, help="the 1.5x 'longer schedule' runs")
-    p.add_argument("--features-epochs", type=int, default=15)
+    p.add_argument("--features-epochs", type=int, default=4)
     p.add_argument("--deadline", type=float, default=0, help="seconds; then stop what still runs")
     p.add_argument("--only", nargs="*", help="substrings of run names to train")
     p.add_argument("--smoke-steps", type=int, default=0, help="tiny runs to test this script")

@@ -1,0 +1,30 @@
+"""`python -m core report`: standalone offline HTML figures and CSV tables."""
+
+import csv
+import re
+
+from core.__main__ import main
+
+
+def test_report_writes_offline_html_and_csv(tiny_runs, tmp_path, capsys):
+    runs = sorted(str(p) for p in tiny_runs.iterdir() if p.is_dir())
+    out = tmp_path / "report"
+    assert main(["report", "--runs", *runs, "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    html_files = sorted(p.name for p in out.glob("*.html"))
+    assert {"index.html", "train_loss.html", "val_accuracy.html", "filters.html"} <= set(html_files)
+    for name in html_files:
+        text = (out / name).read_text()
+        # offline: no script or stylesheet is fetched from anywhere
+        assert not re.search(r"<(script|link)[^>]+(src|href)=[\"']https?://", text), name
+    assert "Plotly.newPlot" in (out / "train_loss.html").read_text()
+    rows = list(csv.DictReader(open(out / "runs.csv")))
+    assert {r["policy"] for r in rows} == {"none", "avg2+mask"}
+    assert all(0 <= float(r["best_val_acc"]) <= 1 for r in rows)
+
+
+def test_report_on_a_missing_run_is_a_one_line_error(tmp_path, capsys):
+    assert main(["report", "--runs", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
