@@ -703,8 +703,9 @@ def run_memory_bars(rows: Sequence[Mapping], colors: Mapping[str, str] | None = 
     fig.add_trace(go.Bar(x=names, y=[(r.get("state_bytes") or 0) / 2 ** 20 for r in rows],
                          name="model state (params, grads, optimiser)", marker_color="#B0B0B0",
                          hovertemplate="%{x}<br>model state %{y:.1f} MiB<extra></extra>"))
-    base_layout(fig, title, None, "MiB (saved activations: meter, one step)")
-    fig.update_layout(barmode="stack", legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0))
+    base_layout(fig, title, None, "MiB", height=480)
+    fig.update_layout(barmode="stack", legend=dict(orientation="h", y=1.0, yanchor="bottom", x=0),
+                      margin=dict(t=130 if title else 70))
     return fig
 
 

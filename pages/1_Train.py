@@ -82,8 +82,8 @@ if submitted:
                 st.session_state[MSG_KEY] = ("info", f"Queued (number {job.position} in line): {who} is training "
                                                      f"on {job.device}. Yours starts when it ends.")
 
-if MSG_KEY in st.session_state:
-    kind, text = st.session_state[MSG_KEY]
+if MSG_KEY in st.session_state:  # once: the live view below says what happens next
+    kind, text = st.session_state.pop(MSG_KEY)
     (st.success if kind == "success" else st.info)(text)
 
 
@@ -116,7 +116,16 @@ def live_view() -> None:
             st.info("Stopping: the run ends after this step and keeps its weights.")
     if job.error:
         st.error(f"The run failed: {job.error}")
+    earlier = next((j for j in reversed(jobs) if j.state == "done" and j.id != job.id), None)
+    if earlier is not None:
+        how = ui.live_progress(earlier.run_dir)["status"] or "ended"
+        st.caption(f"Before: {earlier.label} — {how}" + (" (weights kept)" if how in ("stopped", "finished") else "")
+                   + (f": {earlier.error}" if earlier.error and how not in ("stopped", "finished") else ""))
     records = ui.metrics_of(job.run_dir)
+    if not any(r.get("type") == "step" for r in records):
+        if job.state == "running":
+            st.info("Starting: loading the data and measuring memory. The first numbers appear in a few seconds.")
+        return
     name = job.label
     colors = {name: plots.run_color(Path(job.run_dir).name)}
     left, right = st.columns(2)
@@ -124,10 +133,10 @@ def live_view() -> None:
         ui.show(plots.loss_curves({name: records}, "train_loss", "step", smoothing=0.6, colors=colors,
                                   title="Training loss"), "live-loss", key="live_loss")
     with right:
-        has_eval = any(r.get("type") == "eval" for r in records)
+        has_eval = sum(r.get("type") == "eval" for r in records) >= 2  # one point alone says little
         y = "val_acc" if has_eval else "train_acc"
         ui.show(plots.loss_curves({name: records}, y, "step", colors=colors,
-                                  title="Validation accuracy" if has_eval else "Training accuracy (no epoch done yet)"),
+                                  title="Validation accuracy" if has_eval else "Training accuracy"),
                 "live-accuracy", key="live_acc")
     st.caption("Loss (smoothed) and accuracy of the run, redrawn every 2 seconds from its metrics file.")
     saved = next((r["saved_bytes"] for r in records if r.get("saved_bytes")), None)

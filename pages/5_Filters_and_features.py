@@ -20,8 +20,9 @@ def spectra(path: str, mtime: float, _run) -> list[dict]:
 @st.cache_data(show_spinner=False, max_entries=32)
 def dream(path: str, mtime: float, layer: str, channels: tuple, steps: int, _run):
     cfg = _run.config or {}
+    size = cfg.get("image_size") if isinstance(cfg.get("image_size"), int) else 32
     return features.maximize_activations(ui.model_of(_run), layer, list(channels), steps=steps,
-                                         mean=cfg.get("mean"), std=cfg.get("std"))
+                                         mean=cfg.get("mean"), std=cfg.get("std"), size=size)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -66,16 +67,18 @@ if ui.need_runs(runs, 1, "filters"):
                         f"Rows: the first 8 filters of {deep}; columns: their kernels for the first 16 input channels.")
 
         st.header("Filter spectra")
-        with ui.guard("Cannot compute the spectra"):
-            specs = {n: spectra(str(by_name[n].path), run_mtime_key(by_name[n]), by_name[n]) for n in models}
-            layers = [e["name"] for e in next(iter(specs.values()))]
-            layer = st.selectbox("Layer", layers, key="ff_spec_layer")
-            left, right = st.columns(2)
-            with left:
+        if st.button("Compute spectra", key="ff_spec_go", help="A few seconds per run on a CPU; kept afterwards"):
+            st.session_state["ff_spectra"] = True
+        if not st.session_state.get("ff_spectra"):
+            st.caption("How much fine detail each layer's filters hold: press **Compute spectra**.")
+        else:
+            with ui.guard("Cannot compute the spectra"), st.spinner("Fourier transforms of every filter…"):
+                specs = {n: spectra(str(by_name[n].path), run_mtime_key(by_name[n]), by_name[n]) for n in models}
+                layers = [e["name"] for e in next(iter(specs.values()))]
+                layer = st.selectbox("Layer", layers, key="ff_spec_layer")
                 ui.show(plots.spectra_figure(specs, layer, colors=colors, title=f"Spectrum · {layer}"), "spectra",
                         "How the layer's filter energy spreads over spatial frequency; right of ½ Nyquist is "
                         "fine detail that pooling hides from the gradient.")
-            with right:
                 ui.show(plots.hf_share_bars(specs, colors=colors, title="Share of fine detail per layer"),
                         "hf-share", "Filter energy above half the Nyquist frequency, layer by layer.")
 
@@ -85,8 +88,8 @@ if ui.need_runs(runs, 1, "filters"):
         blocks = [*features.layer_names(models[who], "block"), "fc"]
         am_layer = c2.selectbox("Layer", blocks, index=len(blocks) - 2, key="ff_am_layer")
         with ui.guard("Cannot read that layer"):
-            n_ch = (models[who].fc.out_features if am_layer == "fc"
-                    else features.feature_maps(models[who], am_layer, torch.zeros(1, 3, 32, 32)).shape[1])
+            n_ch = (models[who].fc.out_features if am_layer == "fc"  # channels: one forward of a small blank image
+                    else features.feature_maps(models[who], am_layer, torch.zeros(1, 3, 16, 16)).shape[1])
             chans = c3.multiselect("Channels", list(range(n_ch)), default=list(range(min(4, n_ch))), key="ff_am_ch",
                                    max_selections=16)
             steps = st.select_slider("Optimisation steps", [32, 64, 128, 256], 64, key="ff_am_steps")

@@ -51,10 +51,12 @@ if ui.need_runs(runs, 1, "attributions"):
     if left_out:
         st.warning("Left out (other classes than the first run, or beyond four): " + ", ".join(left_out))
 
-    c1, c2, c3 = st.columns([3, 2, 1])
+    c1, c2, c3, c4 = st.columns([3, 2, 1, 1])
     source = c1.radio("Images", SOURCES, horizontal=True, key="att_source")
     method = c2.selectbox("Method", list(METHODS), format_func=METHODS.get, key="att_method")
     n_img = c3.number_input("How many", 1, 4, 3, key="att_n", disabled=source == SOURCES[2])
+    c4.number_input("Image set", 0, 999, 0, key="att_seed", help="Another number, other images",
+                    disabled=source == SOURCES[2])
     images = targets = classes = None
     if source == SOURCES[2]:
         up = st.file_uploader("An image (it is cut to a square and resized to 32×32)", key="att_upload")
@@ -68,14 +70,13 @@ if ui.need_runs(runs, 1, "attributions"):
                 st.error(f"{up.name}: {e}")
     else:
         x, y, classes, problem = ui.pick_images(first if source == SOURCES[0] else None, int(n_img),
-                                                seed=int(st.session_state.get("att_seed", 0)))
+                                                seed=int(st.session_state["att_seed"]))
         if problem:
             st.warning(problem)
         images, targets = x, tuple(int(v) for v in y)
         if classes != (first.config or {}).get("classes"):
             targets = None  # other classes than the models know: explain each model's own prediction
             st.caption("These images are not from the runs' classes: the maps explain each model's prediction.")
-        st.number_input("Image set", 0, 999, 0, key="att_seed", help="Another number, other images")
 
     if images is None:
         st.info("Upload an image to explain it.")
@@ -92,13 +93,12 @@ if ui.need_runs(runs, 1, "attributions"):
                     "Each row is an image, each column a model: bright (or red) pixels pushed the model towards "
                     "the target class; titles give the model's prediction and confidence.")
             if res["agreement"]:
-                left, right = st.columns(2)
-                for col, metric in zip((left, right), ("spearman", "topk_iou")):
-                    with col:
-                        ns, m = res["agreement"][metric]
-                        ui.show(plots.agreement_heatmap(ns, m, metric), f"agreement-{metric}",
-                                "Rank correlation of the maps (1 = same order of importance)." if metric == "spearman"
-                                else "Overlap of the 10% most important pixels (1 = the same pixels).")
+                for metric in ("spearman", "topk_iou"):
+                    ns, m = res["agreement"][metric]
+                    ui.show(plots.agreement_heatmap(ns, m, metric), f"agreement-{metric}",
+                            "Rank correlation of the maps, mean over the images (1 = same order of importance)."
+                            if metric == "spearman" else
+                            "Overlap of the 10% most important pixels, mean over the images (1 = the same pixels).")
                 ui.download_csv(res["pairs"], f"agreement-{method}.csv", "Download agreement (CSV)")
             else:
                 st.caption("Select a second run trained on the same data to see how much they agree.")

@@ -228,6 +228,9 @@ def test_filters_activation_maximisation_and_cka(app_env, monkeypatch):
     at.button(key="ff_am_go").click().run()
     no_errors(at)
     assert calls == [("layer3.2", [0], 32)]
+    at.button(key="ff_spec_go").click().run()
+    no_errors(at)
+    assert at.selectbox(key="ff_spec_layer").value == "conv1"
     at.select_slider(key="ff_cka_n").set_value(64)
     at.button(key="ff_cka_go").click().run()
     no_errors(at)

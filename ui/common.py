@@ -31,7 +31,7 @@ import torch
 
 from core import plots
 from core.launcher import Launcher, device_key
-from core.runs import LOCAL_DIR, Run, RunError, list_runs, load_model, read_metrics, run_label, run_mtime_key
+from core.runs import LOCAL_DIR, Run, RunError, list_runs, load_model, read_metrics, run_mtime_key
 
 ENV_RUN_DIRS = "POOLPROP_RUN_DIRS"
 ENV_RUNS_ROOT = "POOLPROP_RUNS_ROOT"
@@ -98,13 +98,45 @@ def usable_runs() -> list[Run]:
     return [r for r in all_runs() if r.ok]
 
 
+def dataset_label(name) -> str:
+    """'features10', 'cifar10', or an image folder by its last meaningful parts ('cifar/train')."""
+    name = str(name or "?")
+    if not name.startswith("imagefolder:"):
+        return name
+    parts = Path(name.split(":", 1)[1].rstrip("/\\")).parts
+    keep = parts[-2:] if parts and parts[-1].lower() in ("train", "val", "test", "images", "data") else parts[-1:]
+    return "/".join(keep) or "imagefolder"
+
+
 def labels(runs: list[Run]) -> dict[str, str]:
-    """Run folder -> a short unique display name ('resnet20 avg2+mask · features10 · s0')."""
-    base = {str(r.path): run_label(r).replace(" [shipped]", "") for r in runs}
-    seen: dict[str, int] = {}
-    for v in base.values():
-        seen[v] = seen.get(v, 0) + 1
-    return {p: (v if seen[v] == 1 else f"{v} ({Path(p).name})") for p, v in base.items()}
+    """Run folder -> a short unique display name: 'avg2+mask · features10', with the model and
+    the seed only when the runs differ in them, the start time when two are alike."""
+    cfgs = {str(r.path): (r.config or {}) for r in runs}
+    models = {c.get("model") for c in cfgs.values() if c}
+    seeds = {c.get("seed", 0) for c in cfgs.values() if c}
+
+    def short(r: Run) -> str:
+        c = cfgs[str(r.path)]
+        if not c.get("model"):
+            return r.name
+        text = (f"{c['model']} " if len(models) > 1 else "") + f"{c.get('policy', 'none')} · "
+        text += dataset_label(c.get("dataset"))
+        return text + (f" · s{c.get('seed', 0)}" if len(seeds) > 1 else "")
+
+    base = {str(r.path): short(r) for r in runs}
+    for extra in ("time", "folder"):  # alike: add the start time; still alike: the folder name
+        count: dict[str, int] = {}
+        for v in base.values():
+            count[v] = count.get(v, 0) + 1
+        for r in runs:
+            key = str(r.path)
+            if count[base[key]] > 1:
+                when = str(cfgs[key].get("created", ""))[11:19]
+                if extra == "time" and when:
+                    base[key] += f" · {when}"
+                elif extra == "folder":
+                    base[key] += f" ({r.name})"
+    return base
 
 
 def _all_labels(extra: list[Run] = ()) -> dict[str, str]:
@@ -139,7 +171,7 @@ def default_selection(runs: list[Run], n: int = 3) -> list[str]:
     for r in ok:
         cfg = r.config or {}
         groups.setdefault((cfg.get("model"), cfg.get("dataset")), []).append(r)
-    best = max(groups.values(), key=lambda g: (any(r.is_shipped for r in g), len(g)))
+    best = max(groups.values(), key=lambda g: (len(g) >= 2, any(r.is_shipped for r in g), len(g)))
     preference = ["none", "avg2+mask", "avg4+mask", "avg2+mask+bn8"]
 
     def rank(r: Run):
