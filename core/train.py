@@ -562,6 +562,69 @@ def load_resume(run_dir: Path) -> tuple[dict, dict]:
 
 
 # ---------------------------------------------------------------------------------------
+# Several processes (torchrun): DistributedDataParallel
+# ---------------------------------------------------------------------------------------
+
+def dist_env() -> tuple[int, int, int]:
+    """(world size, rank, local rank) from torchrun's WORLD_SIZE / RANK / LOCAL_RANK; (1, 0, 0) alone."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise _user_error("WORLD_SIZE, RANK and LOCAL_RANK must be integers (set by torchrun)") from None
+    return max(world, 1), rank, local
+
+
+class _ShardLoader:
+    """Rank r's share of every global batch of a BatchLoader: rows [r*b, (r+1)*b) with
+    b = batch_size / world. The global loader draws order and augmentation from (seed, epoch)
+    on every rank alike, so the union of the shards is exactly the single-process batch."""
+
+    def __init__(self, loader, rank: int, world: int):
+        self.loader, self.rank, self.world = loader, rank, world
+        self.local_batch = loader.batch_size // world
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
+        for x, y in self.loader:
+            yield x[lo:hi], y[lo:hi]
+
+
+class _NullAppender:
+    """metrics.jsonl stand-in on ranks other than 0 (only rank 0 writes the run directory)."""
+
+    def append(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _broadcast_text(text: str | None, device: torch.device) -> str:
+    """Rank 0's string on every rank (a tensor of bytes: no pickle)."""
+    import torch.distributed as dist
+
+    data = (text or "").encode("utf-8")
+    n = torch.tensor([len(data)], dtype=torch.long, device=device)
+    dist.broadcast(n, 0)
+    buf = torch.zeros(int(n.item()), dtype=torch.uint8, device=device)
+    if dist.get_rank() == 0:
+        buf.copy_(torch.tensor(list(data), dtype=torch.uint8))
+    dist.broadcast(buf, 0)
+    return bytes(buf.cpu().tolist()).decode("utf-8")
+
+
+_STOP_CODES = {None: 0, "time budget": 1}  # anything else: 2 (a signal, a callback, another rank)
+
+
+# ---------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------
 
@@ -617,13 +680,21 @@ class Trainer:
 
         self._stop_reason = None
         self.start_time = time.perf_counter()
-        if self.resume_dir is not None:
+        self.resume_tensors = self.resume_meta = None
+        if self.resume_dir is not None and (Path(self.resume_dir) / "resume.safetensors").exists():
             self.resume_tensors, self.resume_meta = load_resume(self.resume_dir)
+        # else: killed before its first epoch ended: start again from step 0 in the same folder
         cfg = self.config = self.config.resolved()
-        if self.resume_dir is None and cfg.out:
+        self.world, self.rank, self.local_rank = dist_env()
+        self.is_main = self.rank == 0
+        self._owns_pg = False
+        if self.resume_dir is None and cfg.out and self.is_main:
             _check_out_free(Path(cfg.out))  # fail before the (possibly slow) dataset load
         self.policy = CompressionPolicy.parse(cfg.policy)
-        self.device = pick_device(cfg.device)
+        if self.world > 1:
+            self._init_distributed(cfg)
+        else:
+            self.device = pick_device(cfg.device)
         # process-wide switches, set both ways so that runs in one process do not leak into each other
         self._threads_before = torch.get_num_threads()
         if cfg.deterministic:
@@ -651,6 +722,8 @@ class Trainer:
         self.train_loader = data_mod.BatchLoader(
             tx.to(dev), ty.to(dev), d.mean, d.std, cfg.batch_size, train=True, device=dev, seed=cfg.seed,
             augment=cfg.augment, channels_last=cfg.channels_last)
+        if self.world > 1:
+            self.train_loader = _ShardLoader(self.train_loader, self.rank, self.world)
         self.val_loader = data_mod.BatchLoader(
             vx.to(dev), vy.to(dev), d.mean, d.std, cfg.eval_batch_size, train=False, device=dev, seed=cfg.seed,
             augment=False, channels_last=cfg.channels_last) if len(vy) else None
@@ -691,7 +764,7 @@ class Trainer:
         self.epoch, self.step = 0, 0
         self.best_val_acc, self.best_epoch, self.last_eval = None, None, None
         self.wall_before, self.train_before = 0.0, 0.0
-        if self.resume_dir is not None:
+        if self.resume_meta is not None:
             self._restore()
 
         # dry run on one real batch: a policy that does not fit (K larger than a feature map)
@@ -702,8 +775,62 @@ class Trainer:
             self.saved_report = saved_activation_bytes(_Autocast(self.model, self._autocast), xb, yb)
         except PolicyError as e:
             raise PolicyError(f"policy {cfg.policy!r} does not fit {cfg.model} on {cfg.dataset}: {e}") from None
+        self.measured_batch = int(yb.shape[0])
         self.state_bytes = model_state_bytes(self.model, cfg.optimizer)
         self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.net = self.model  # what the training step runs: the model, or its DDP wrapper
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # per-rank BatchNorm (docs/reliability.md); buffers broadcast from rank 0 each step
+            self.net = DDP(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    def _init_distributed(self, cfg: TrainConfig) -> None:
+        """torchrun: one process per device; NCCL on CUDA, gloo on the CPU."""
+        import torch.distributed as dist
+
+        if cfg.batch_size % self.world:
+            raise _user_error(f"--batch-size {cfg.batch_size} is the global batch: it must be a multiple "
+                              f"of the {self.world} processes")
+        name = cfg.device
+        if name in ("auto", "cuda") and torch.cuda.is_available():
+            name = f"cuda:{self.local_rank}"
+        elif name == "auto":
+            name = "cpu"
+        self.device = pick_device(name)
+        if self.device.type == "mps":
+            raise _user_error("several processes on MPS are not supported; use --device cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self._owns_pg = True
+        if dist.get_world_size() != self.world:  # pragma: no cover
+            raise _user_error(f"WORLD_SIZE {self.world} but the process group has {dist.get_world_size()}")
+
+    def _sync_stop(self) -> None:
+        """All ranks agree on stopping (and why, as far as the loop cares) and on the wall clock
+        the schedule follows (rank 0's may differ): one tiny all-reduce, only with several processes."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        code = _STOP_CODES.get(self._stop_reason, 2)
+        t = torch.tensor([float(code), self._wall()], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        agreed, self._synced_wall = int(t[0].item()), float(t[1].item())
+        if agreed != code:
+            self._stop_reason = "time budget" if agreed == 1 else "stopped on another rank"
+
+    def _all_sum(self, *values: torch.Tensor) -> list[torch.Tensor]:
+        """Sums over the ranks (the values unchanged with one process)."""
+        if self.world == 1:
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.stack([v.to(self.device, torch.float64) for v in values])
+        dist.all_reduce(t)
+        return list(t.unbind())
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -757,15 +884,22 @@ class Trainer:
             "amp_dtype_used": None if self.amp_dtype is None else str(self.amp_dtype).replace("torch.", ""),
             "threads": torch.get_num_threads(),
             "memory": {"saved_activation_bytes": rep.total_bytes, "saved_activation_by_kind": rep.by_kind,
-                       "measured_batch": cfg.batch_size, "model_state_bytes": self.state_bytes},
+                       "measured_batch": self.measured_batch, "model_state_bytes": self.state_bytes},
+            "world_size": self.world,
             "versions": versions(),
             "created": _now_iso(),
         }
 
     def _prepare_dir(self) -> None:
         cfg = self.config
+        if not self.is_main:  # only rank 0 writes; the others learn the folder's name
+            self.run_dir = Path(_broadcast_text(None, self.device))
+            cfg.out = str(self.run_dir)
+            self.metrics = _NullAppender()
+            return
         if self.resume_dir is not None:
-            self.run_dir = self.resume_dir
+            self.run_dir = Path(self.resume_dir)
+            _remove_stale_temp_files(self.run_dir)
             self._trim_metrics()
         else:
             self.run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
@@ -773,6 +907,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.out = str(self.run_dir)
             atomic.write_json(self.run_dir / "config.json", self._config_record())
+        if self.world > 1:
+            _broadcast_text(str(self.run_dir), self.device)
         self.metrics = atomic.JsonlAppender(self.run_dir / "metrics.jsonl")
         if self.resume_dir is not None:
             self.metrics.append({"type": "resume", "step": self.step, "epoch": self.epoch,
@@ -819,15 +955,22 @@ class Trainer:
         s = self._summary(status, **extra)
         if status == "running":
             s["pid"] = os.getpid()
-        atomic.write_json(self.run_dir / "summary.json", s)
+        if self.world > 1:
+            s["world_size"] = self.world
+        if self.is_main:
+            atomic.write_json(self.run_dir / "summary.json", s)
         return s
 
     def _save_weights(self) -> None:
+        if not self.is_main:
+            return
         atomic.write_safetensors(self.run_dir / "model.safetensors", self.model.state_dict(),
                                  metadata={"format": "pt", "model": self.config.model, "policy": self.config.policy,
                                            "step": str(self.step), "epoch": str(self.epoch)})
 
     def _checkpoint(self) -> None:
+        if not self.is_main:
+            return
         save_resume(self.run_dir, self.model, self.opt, {
             "epoch": self.epoch, "step": self.step, "schedule": self.schedule.state_dict(),
             "best_val_acc": self.best_val_acc, "best_epoch": self.best_epoch, "last_eval": self.last_eval,
@@ -840,7 +983,7 @@ class Trainer:
     def _train_step(self, x: torch.Tensor, y: torch.Tensor):
         """Forward, backward, update. Returns (loss, correct) as device tensors (no sync)."""
         with self._autocast():
-            out = self.model(x)
+            out = self.net(x)
             loss = self.criterion(out, y)
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -859,7 +1002,8 @@ class Trainer:
     def _progress_at(self, step: int) -> float:
         p = step / self.total_steps
         if self.config.time_budget:
-            p = max(p, self._wall() / self.config.time_budget)
+            wall = self._synced_wall if self.world > 1 else self._wall()
+            p = max(p, wall / self.config.time_budget)
         return p
 
     def evaluate(self) -> dict:
@@ -876,10 +1020,11 @@ class Trainer:
         self.session_start = time.perf_counter()
         self.session_first_step = self.step
         self.train_time = 0.0
+        self._synced_wall = self.wall_before
         self._prepare_dir()
         self._write_summary("running")
         old_handlers = self._install_signal_handlers()
-        bar = _progress(self.total_steps, self.step, cfg.progress)
+        bar = _progress(self.total_steps, self.step, cfg.progress and self.is_main)
         status, extra, code = "finished", {}, 0
         try:
             self._loop(bar)
@@ -902,7 +1047,7 @@ class Trainer:
                 self._finish(bar, old_handlers, status, extra)
                 raise
         self._finish(bar, old_handlers, status, extra)
-        if status == "failed":
+        if status == "failed" and self.is_main:
             print(f"error: {extra['error']}", file=sys.stderr)
         return TrainResult(self.run_dir, status, self.summary, code)
 
@@ -912,6 +1057,12 @@ class Trainer:
         self._restore_signal_handlers(old_handlers)
         self.summary = self._write_summary(status, finished=_now_iso(), **extra)
         self.metrics.close()
+        if self._owns_pg:
+            import torch.distributed as dist
+
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+            self._owns_pg = False
         torch.set_num_threads(self._threads_before)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -935,6 +1086,7 @@ class Trainer:
             win_seen, win_steps = 0, 0
             t_win = time.perf_counter()
             for x, y in self.train_loader:
+                self._sync_stop()
                 if self.step >= self.total_steps or self._stop_reason:
                     break
                 t0 = time.perf_counter()
@@ -952,7 +1104,8 @@ class Trainer:
                 seen += b
                 win_seen += b
                 win_steps += 1
-                if cfg.fidelity_every and self.step % cfg.fidelity_every == 0 and not self.policy.is_exact:
+                if (cfg.fidelity_every and self.step % cfg.fidelity_every == 0 and not self.policy.is_exact
+                        and self.is_main):
                     layers = layer_gradient_fidelity(self.model, self.policy, x, y, self.criterion)
                     self.metrics.append({"type": "fidelity", "step": self.step, "epoch": epoch, "layers": layers})
                 if self.step % cfg.log_every == 0 or self.step == 1 or self.step == self.total_steps:
@@ -961,11 +1114,13 @@ class Trainer:
                     now = time.perf_counter()
                     self.train_time += now - t0
                     dt = now - t_win
+                    w_loss, w_correct, w_seen = self._all_sum(win_loss, win_correct, torch.tensor(float(win_seen)))
+                    w_seen = int(w_seen.item())
                     rec = {"type": "step", "step": self.step, "epoch": epoch,
-                           "loss": round((win_loss / win_seen).item(), 6),
-                           "acc": round(win_correct.item() / win_seen, 6), "lr": lr,
+                           "loss": round((w_loss / w_seen).item(), 6),
+                           "acc": round(w_correct.item() / w_seen, 6), "lr": lr,
                            "step_time": round(dt / win_steps, 6),
-                           "samples_per_s": round(win_seen / dt, 1) if dt > 0 else None}
+                           "samples_per_s": round(w_seen / dt, 1) if dt > 0 else None}
                     if first_record:
                         rec["saved_bytes"] = self.saved_report.total_bytes
                         first_record = False
@@ -987,6 +1142,10 @@ class Trainer:
                 self.trigger_callbacks("on_step")
                 if cfg.time_budget and self._wall() >= cfg.time_budget:
                     self.request_stop("time budget")
+            self._sync_stop()
+            if self.world > 1:
+                loss_sum, correct, g_seen = self._all_sum(loss_sum, correct, torch.tensor(float(seen)))
+                seen = int(g_seen.item())
             if seen == 0:
                 break
             interrupted = self._stop_reason not in (None, "time budget")
@@ -996,7 +1155,7 @@ class Trainer:
             last = self.epoch >= cfg.epochs or self.step >= self.total_steps or self._stop_reason is not None
             if self.step >= self.total_steps and self.epoch < cfg.epochs:
                 self.request_stop("step cap")
-            if (last or self.epoch % cfg.eval_every == 0) and not interrupted:
+            if (last or self.epoch % cfg.eval_every == 0) and not interrupted and self.is_main:
                 ev = self.evaluate()
                 train_loss, train_acc = (loss_sum / seen).item(), correct.item() / seen
                 rec = {"type": "eval", "epoch": self.epoch, "step": self.step,
@@ -1056,12 +1215,35 @@ def train(config: TrainConfig, callbacks: dict | None = None) -> TrainResult:
     return t.run()
 
 
+def _refuse_live_run(run_dir: Path) -> None:
+    """Two trainers in one folder would interleave their files: refuse while its process lives."""
+    from .runs import _pid_alive, load_summary
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun rank 0 decides (and its own pid is the one recorded)
+    try:
+        s = load_summary(run_dir) or {}
+    except ValueError:
+        return
+    pid = s.get("pid")
+    if s.get("status") == "running" and pid and int(pid) != os.getpid() and _pid_alive(pid):
+        raise _user_error(f"run {Path(run_dir).name} is still training (pid {pid}); stop it before resuming")
+
+
+def _remove_stale_temp_files(run_dir: Path) -> None:
+    """Temp files of atomic writes cut by a kill -9 (`.<name>.<random>.tmp`): never read, removed on resume."""
+    for p in run_dir.glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
 def resume(run_dir, overrides: dict | None = None, callbacks: dict | None = None) -> TrainResult:
     """Continue a run from its last completed epoch. `overrides` may only extend `epochs`
     (and change settings in RESUME_MAY_CHANGE that do not alter what is trained)."""
     from .runs import load_config, resolve_run
 
     run_dir = resolve_run(run_dir)
+    _refuse_live_run(run_dir)
     stored = TrainConfig.from_dict(load_config(run_dir))
     stored_d = stored.to_dict()
     overrides = dict(overrides or {})
@@ -1162,8 +1344,8 @@ def cmd_train(args) -> int:
         print(f"error: {msg} (while checking the first batch; nothing was written)", file=sys.stderr)
         return 1
     s = result.summary
-    if result.status == "failed":
-        return result.exit_code  # the one-line error is printed already
+    if result.status == "failed" or dist_env()[1] != 0:
+        return result.exit_code  # the one-line error is printed already; rank 0 speaks for all
     acc = s.get("last_val_acc")
     print(f"{result.status}: {result.run_dir}  epochs {s['epochs_done']}/{s['epochs']}  steps {s['steps']}"
           + (f"  val_acc {acc:.4f}" if isinstance(acc, float) else "")
