@@ -24,7 +24,7 @@ source = c_src.radio("Image", ["built-in set", "run's dataset"], key="home_sourc
 index = c_img.number_input("Image no.", 0, 9, 0, key="home_image")
 
 with ui.guard("Cannot show the picture"):
-    model = ui.model_of(run) if run is not None else ui.untrained_model("resnet20")
+    model = ui.model_of(run, private=True) if run is not None else ui.untrained_model("resnet20")
     images, labels_, classes, problem = ui.pick_images(run if source == "run's dataset" else None, 10)
     if problem:
         st.warning(problem)

@@ -21,7 +21,7 @@ def spectra(path: str, mtime: float, _run) -> list[dict]:
 def dream(path: str, mtime: float, layer: str, channels: tuple, steps: int, _run):
     cfg = _run.config or {}
     size = cfg.get("image_size") if isinstance(cfg.get("image_size"), int) else 32
-    return features.maximize_activations(ui.model_of(_run), layer, list(channels), steps=steps,
+    return features.maximize_activations(ui.model_of(_run, private=True), layer, list(channels), steps=steps,
                                          mean=cfg.get("mean"), std=cfg.get("std"), size=size)
 
 

@@ -1,9 +1,10 @@
 """The Streamlit app: every page runs with runs selected (AppTest), key widgets are there,
 bad input gives a message, and the Train page goes through the launcher.
 
-Two tiny runs are trained once per session into a temporary folder, and the app is pointed
-at it with POOLPROP_RUN_DIRS / POOLPROP_RUNS_ROOT. AppTest renders no charts: figures are
-covered by tests/test_plots.py and the browser test; here we check text, widgets and state.
+Two tiny runs are trained once per session (conftest's tiny_runs), and the app is pointed at
+them with POOLPROP_RUN_DIRS (new runs and the launcher's queue: POOLPROP_RUNS_ROOT, per test).
+AppTest renders no charts: figures are covered by tests/test_plots.py and the browser test;
+here we check text, widgets and state.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from core.launcher import Job, Launcher
-from core.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = {
@@ -36,21 +36,15 @@ TITLES = {"home": "PoolProp", "train": "Train", "loss": "Loss curves", "memory":
 
 
 @pytest.fixture(scope="session")
-def runs_dir(tmp_path_factory) -> Path:
-    """Two finished tiny runs (baseline and avg2+mask), 2 epochs of 2 steps each."""
-    root = tmp_path_factory.mktemp("app_runs")
-    for policy in ("none", "avg2+mask"):
-        cfg = TrainConfig(model="resnet20", dataset="features10:train=64,val=32", policy=policy, epochs=2,
-                          batch_size=32, eval_batch_size=32, log_every=1, fidelity_every=1, num_threads=1,
-                          device="cpu", progress=False, out=str(root / f"tiny-{policy.replace('+', '_')}"))
-        assert train(cfg).status == "finished"
-    return root
+def runs_dir(tiny_runs) -> Path:
+    """Two finished tiny runs (baseline and avg2+mask), 2 epochs of 2 steps each (conftest.py)."""
+    return tiny_runs
 
 
 @pytest.fixture
-def app_env(runs_dir, monkeypatch):
+def app_env(runs_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("POOLPROP_RUN_DIRS", str(runs_dir))
-    monkeypatch.setenv("POOLPROP_RUNS_ROOT", str(runs_dir))
+    monkeypatch.setenv("POOLPROP_RUNS_ROOT", str(tmp_path / "new_runs"))  # the launcher's queue goes here
     return runs_dir
 
 

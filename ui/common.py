@@ -311,7 +311,7 @@ def _model_cached(path: str, mtime: float):
 
 def model_of(run: Run, private: bool = False):
     """The run's model (eval mode, plain layers). Shared between sessions: pass private=True
-    for a copy you may modify (compress, train mode)."""
+    for a copy you may modify (compress, train mode) or hook (a few ms for ResNet-20)."""
     path = Path(run.path)
     if not path.is_dir():
         raise RunError(f"the run folder {path.name} is gone (deleted?)")
@@ -390,13 +390,17 @@ def pick_images(run: Run | None, n: int, seed: int = 0):
 
 
 @st.cache_resource(show_spinner=False)
-def untrained_model(name: str = "resnet20"):
-    """A freshly initialised model (seed 0) for when no run is selected; read-only."""
+def _untrained_cached(name: str):
     from core.models import build_model
 
     with torch.random.fork_rng(devices=[]):  # leave the global RNG alone
         torch.manual_seed(0)
         return build_model(name).eval()
+
+
+def untrained_model(name: str = "resnet20"):
+    """A freshly initialised model (seed 0) for when no run is selected (a private copy)."""
+    return copy.deepcopy(_untrained_cached(name))
 
 
 def to_input(x_uint8, run: Run | None) -> torch.Tensor:
@@ -428,8 +432,10 @@ def _stats(run: Run | None):
     return cfg.get("mean") or (0.5, 0.5, 0.5), cfg.get("std") or (0.25, 0.25, 0.25)
 
 
-def pixel_model(run: Run) -> PixelInput:
-    return PixelInput(model_of(run), *_stats(run))
+def pixel_model(run: Run, private: bool = True) -> PixelInput:
+    """The run's model taking [0, 1] pixels; a private copy by default, since attribution and
+    CKA install hooks (removed afterwards, but another session could run the shared one meanwhile)."""
+    return PixelInput(model_of(run, private=private), *_stats(run))
 
 
 def to_pixels(x_uint8) -> torch.Tensor:
