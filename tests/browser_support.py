@@ -1,0 +1,254 @@
+"""Driving the real app in a real browser: a Streamlit server in a subprocess, Debian's Chromium
+through Playwright, and helpers that wait for Streamlit to finish a run.
+
+Used by tests/test_browser.py (the browser test) and by its screenshot mode:
+
+    python tests/test_browser.py --screenshots docs/img     # PNGs of every view, real runs
+
+Nothing here downloads a browser: Playwright (PyPI) drives /usr/bin/chromium (`apt-get install
+chromium`); `playwright install` is never needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("POOLPROP_CHROMIUM", "/usr/bin/chromium")
+# Without the networking flags Chromium tries to reach Google's services, and on a closed network
+# its connections are refused; headless + no sandbox for root in a container.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+VIEWPORT = {"width": 1400, "height": 900}
+
+# Streamlit derives a page's URL path from its file name: pages/2_Loss_curves.py -> /Loss_curves
+PAGES = {
+    "home": "",
+    "train": "Train",
+    "loss_curves": "Loss_curves",
+    "memory": "Memory",
+    "fidelity": "Gradient_fidelity",
+    "filters": "Filters_and_features",
+    "attributions": "Attributions",
+}
+TITLES = {"home": "PoolProp", "train": "Train", "loss_curves": "Loss curves", "memory": "Memory",
+          "fidelity": "Gradient fidelity", "filters": "Filters & features", "attributions": "Attributions"}
+
+
+def missing_requirements() -> str | None:
+    """Why the browser test cannot run here (None when it can)."""
+    if not Path(CHROMIUM).exists():
+        return f"{CHROMIUM} not found (apt-get install chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright (PyPI) is not installed"
+    if shutil.which("streamlit") is None and not (Path(sys.executable).parent / "streamlit").exists():
+        return "streamlit is not installed"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# =======================================================================================
+# The server
+# =======================================================================================
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+    started: float  # time.monotonic() when the process was started
+    healthy: float  # ... when /_stcore/health first answered "ok"
+    timings: dict = field(default_factory=dict)
+
+    def log_tail(self, n: int = 4000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log.read_text(errors="replace")[-n:]
+        return ""
+
+
+def _health_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
+            return r.status == 200 and r.read().strip() == b"ok"
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def streamlit_server(env: dict | None = None, log_dir: Path | None = None, timeout: float = 120.0):
+    """`streamlit run app.py` on a free port with `env` added; yields a Server once healthy.
+    The whole process group is killed on exit."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = Path(log_dir or ROOT / ".pytest_cache") / f"streamlit-{port}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
+           "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
+    with open(log, "wb") as out:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = t0 + timeout
+        while not _health_ok(url):
+            if proc.poll() is not None:
+                raise RuntimeError(f"streamlit exited with {proc.returncode}:\n"
+                                   f"{log.read_text(errors='replace')[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"streamlit not healthy after {timeout:.0f} s:\n"
+                                   f"{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.2)
+        yield Server(url, proc, log, t0, time.monotonic())
+    finally:
+        _kill_group(proc)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+# =======================================================================================
+# The browser
+# =======================================================================================
+
+@contextlib.contextmanager
+def chromium_page(viewport: dict | None = None):
+    """A Playwright page in headless Debian Chromium; closed (browser included) on exit."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context(viewport=viewport or VIEWPORT, device_scale_factor=1)
+            page = context.new_page()
+            page.set_default_timeout(30_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def script_state(page) -> str:
+    """Streamlit's own run state, from the app root: 'initial', 'running', 'notRunning', ..."""
+    try:
+        return page.evaluate("() => document.querySelector('[data-testid=stApp]')"
+                             "?.getAttribute('data-test-script-state') ?? 'none'")
+    except Exception:  # noqa: BLE001 - the page may be navigating
+        return "none"
+
+
+def busy(page) -> bool:
+    """True while the script (or a fragment) runs, a spinner turns or the running indicator shows."""
+    if script_state(page) in ("running", "initial", "none", "rerunRequested"):
+        return True
+    return page.evaluate("""() => {
+        const vis = el => !!(el && (el.offsetWidth || el.offsetHeight || el.getClientRects().length));
+        const q = s => Array.from(document.querySelectorAll(s));
+        return q('[data-testid=stSpinner]').some(vis) || q('[data-testid=stStatusWidgetRunningIcon]').some(vis)
+            || q('[data-testid=stStatusWidgetRunningManIcon]').some(vis)
+            || q('[data-testid=stSkeleton]').some(vis);
+    }""")
+
+
+def wait_idle(page, timeout: float = 120.0, settle: float = 0.6, poll: float = 0.1) -> float:
+    """Wait until Streamlit has finished running and nothing spins for `settle` seconds;
+    returns the seconds waited. Raises TimeoutError (with what is on screen) after `timeout`."""
+    t0 = time.monotonic()
+    quiet_since = None
+    while True:
+        now = time.monotonic()
+        if busy(page):
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = now
+        elif now - quiet_since >= settle:
+            return quiet_since - t0
+        if now - t0 > timeout:
+            raise TimeoutError(f"the app was still running after {timeout:.0f} s "
+                               f"(script state {script_state(page)!r}); errors: {problems(page)}")
+        time.sleep(poll)
+
+
+def problems(page) -> list[str]:
+    """Texts of every Streamlit exception box and error message on screen."""
+    found = []
+    for sel in ('[data-testid="stException"]', '[data-testid="stAlertContentError"]'):
+        for el in page.query_selector_all(sel):
+            with contextlib.suppress(Exception):
+                found.append(" ".join(el.inner_text().split())[:600])
+    return found
+
+
+def warnings(page) -> list[str]:
+    """Texts of the warning messages on screen (not failures: e.g. a run's data missing here)."""
+    return [" ".join(el.inner_text().split())[:300]
+            for el in page.query_selector_all('[data-testid="stAlertContentWarning"]')]
+
+
+def open_url(page, url: str, timeout: float = 180.0) -> float:
+    """Load `url` and wait until the app has rendered; seconds taken."""
+    t0 = time.monotonic()
+    page.goto(url, wait_until="domcontentloaded")
+    page.wait_for_selector('[data-testid="stApp"]', timeout=timeout * 1000)
+    page.wait_for_selector('h1', timeout=timeout * 1000)
+    wait_idle(page, timeout)
+    return time.monotonic() - t0
+
+
+def go_to(page, name: str, timeout: float = 180.0) -> float:
+    """Switch page by clicking its sidebar link (same session, as a user would); seconds until
+    the new page has rendered (title shown and the script done)."""
+    slug = PAGES[name]
+    link = page.locator('[data-testid="stSidebarNav"] a').filter(
+        has=page.locator(f'xpath=self::*[substring(@href, string-length(@href) - {len(slug)}) = "/{slug}"]'))
+    t0 = time.monotonic()
+    if link.count():
+        link.first.click()
+    else:
+        page.goto(page.url.split("/")[0] + "//" + page.url.split("/")[2] + "/" + slug)
+    page.wait_for_function("t => Array.from(document.querySelectorAll('h1')).some(h => h.innerText.trim() === t)",
+                           arg=TITLES[name], timeout=timeout * 1000)
+    wait_idle(page, timeout)
+    return time.monotonic() - t0
+
+
+def click_button(page, label: str, timeout: float = 240.0) -> float:
+    """Click the (first visible) button with this label in the main area and wait for the run."""
+    t0 = time.monotonic()
+    page.locator('[data-testid="stMain"] button').filter(has_text=label).first.click()
+    time.sleep(0.3)
+    wait_idle(page, timeout)
+    return time.monotonic() - t0
+
+
+def charts_drawn(page) -> int:
+    """Number of plotly figures whose plot has drawn."""
+    return page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot'))
+        .filter(p => p.querySelector('.main-svg') && p.getBoundingClientRect().height > 50).length""")
