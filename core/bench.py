@@ -105,21 +105,30 @@ def bench_speed(model_name="resnet20", batch=128, size=32, policies=DEFAULT_POLI
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    # Wall time, and on the CPU also this process's CPU time: on a shared machine the latter
+    # is far less disturbed by other processes (it does not count time spent waiting for a core).
     times: dict[str, list[float]] = {k: [] for k in setups}
+    cpu_times: dict[str, list[float]] = {k: [] for k in setups}
     for r in range(warmup + repeats):
         for name, s in setups.items():
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step(*s)
             sync()
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
+                cpu_times[name].append(time.process_time() - c0)
     base = statistics.median(times.get("none") or next(iter(times.values())))
+    cpu_base = statistics.median(cpu_times.get("none") or next(iter(cpu_times.values())))
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
-        rows.append({"policy": name, "step_s": med, "ratio": med / base, "images_per_s": batch / med,
-                     "spread": (max(ts) - min(ts)) / med})
+        row = {"policy": name, "step_s": med, "ratio": med / base, "images_per_s": batch / med,
+               "spread": (max(ts) - min(ts)) / med}
+        if device.type == "cpu":
+            cpu_med = statistics.median(cpu_times[name])
+            row.update(cpu_step_s=cpu_med, cpu_ratio=cpu_med / cpu_base)
+        rows.append(row)
     return rows
 
 
@@ -160,7 +169,12 @@ def format_speed(rows, header) -> str:
     cols = [("policy", lambda r: r["policy"]), ("step time", lambda r: f"{r['step_s'] * 1000:.0f} ms"),
             ("ratio to none", lambda r: f"{r['ratio']:.2f}"), ("images/s", lambda r: f"{r['images_per_s']:.0f}"),
             ("spread", lambda r: f"{r['spread']:.0%}")]
-    return f"{header}\n" + _table(rows, cols) + "\nmedian of interleaved repeats; spread = (max-min)/median."
+    note = "\nmedian of interleaved repeats; spread = (max-min)/median."
+    if all("cpu_ratio" in r for r in rows):
+        cols += [("CPU time", lambda r: f"{r['cpu_step_s'] * 1000:.0f} ms"),
+                 ("CPU-time ratio", lambda r: f"{r['cpu_ratio']:.2f}")]
+        note += "\nCPU time = this process's CPU seconds per step (robust on a shared machine)."
+    return f"{header}\n" + _table(rows, cols) + note
 
 
 def register(subparsers) -> None:

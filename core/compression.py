@@ -13,9 +13,11 @@ one checkpoint loads into both forms and `decompress_model` gives the plain mode
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -266,21 +268,36 @@ class PooledConv2d(nn.Conv2d):
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
+def _memory_order_flat(mask: torch.Tensor) -> torch.Tensor:
+    """The elements in memory order (NCHW or NHWC for channels_last), as a 1-D view."""
+    return mask.reshape(-1) if mask.is_contiguous() else mask.permute(0, 2, 3, 1).reshape(-1)
+
+
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """bool tensor -> uint8, 8 elements a byte (in the tensor's memory order)."""
-    flat = mask.reshape(-1) if mask.is_contiguous() else mask.permute(0, 2, 3, 1).reshape(-1)
+    """bool tensor -> uint8, 8 elements a byte, little bit order (in the tensor's memory order)."""
+    flat = _memory_order_flat(mask)
+    if flat.device.type == "cpu":  # numpy's packbits is ~30x faster than the tensor ops below
+        return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
+    return _pack_bits_torch(flat)
+
+
+def _pack_bits_torch(flat: torch.Tensor) -> torch.Tensor:  # any device
     pad = (-flat.numel()) % 8
     if pad:
         flat = F.pad(flat, (0, pad))
     return (flat.view(-1, 8).to(torch.uint8) * _BITS.to(flat.device)).sum(1, dtype=torch.uint8)
 
 
+def _unpack_bits_torch(packed: torch.Tensor, n: int) -> torch.Tensor:  # any device
+    return (packed.unsqueeze(1) & _BITS.to(packed.device)).ne(0).view(-1)[:n]
+
+
 def unpack_mask(packed: torch.Tensor, shape, channels_last: bool) -> torch.Tensor:
-    bits = (packed.unsqueeze(1) & _BITS.to(packed.device)).ne(0).view(-1)
-    n = 1
-    for s in shape:
-        n *= s
-    bits = bits[:n]
+    n = math.prod(shape)
+    if packed.device.type == "cpu":
+        bits = torch.from_numpy(np.unpackbits(packed.numpy(), count=n, bitorder="little").view(np.bool_))
+    else:
+        bits = _unpack_bits_torch(packed, n)
     if channels_last:
         b, c, h, w = shape
         return bits.view(b, h, w, c).permute(0, 3, 1, 2)

@@ -249,3 +249,12 @@ def test_backward_inside_an_autocast_region(policy, device):
         out = model(x)
         F.cross_entropy(out.float(), torch.randint(0, 10, (2,), device=device)).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_gpu_bit_packing_path_matches_numpy_path():
+    from core.compression import _pack_bits_torch, _unpack_bits_torch
+
+    flat = torch.rand(1003) > 0.5
+    packed = pack_mask(flat.view(1, 1, 17, 59))
+    assert torch.equal(_pack_bits_torch(flat), packed)
+    assert torch.equal(_unpack_bits_torch(packed, flat.numel()), flat)
