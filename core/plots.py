@@ -651,10 +651,10 @@ def method_figure(image, activation, pooled, restored, k: int, pool: str = "avg"
     full_b, pool_b, mask_b = sizes.get("full"), sizes.get("pooled"), sizes.get("mask")
     heads = ["input image",
              "forward pass uses" + (f"<br>{_fmt_bytes(full_b)}" if full_b else ""),
-             f"{pool} pool {k}×{k}: kept for backward" + (f"<br>{_fmt_bytes(pool_b)}" if pool_b else "")
-             + (f" + ReLU mask {_fmt_bytes(mask_b)}" if mask_b else ""),
+             f"kept for backward<br>({pool} pool {k}×{k})" + (f"<br>{_fmt_bytes(pool_b)}" if pool_b else "")
+             + (f" + mask {_fmt_bytes(mask_b)}" if mask_b else ""),
              "backward pass gets back" + ("<br>(upsampled)" if k > 1 else "<br>(the same: K=1)")]
-    fig = make_subplots(rows=1, cols=4, subplot_titles=heads, horizontal_spacing=0.03)
+    fig = make_subplots(rows=1, cols=4, subplot_titles=heads, horizontal_spacing=0.06)
     fig.add_trace(go.Image(z=_to_uint8(image), hoverinfo="skip", name="input"), row=1, col=1)
     lo = float(min(act.min(), restored.min()))
     hi = float(max(act.max(), restored.max()))
