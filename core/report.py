@@ -16,7 +16,8 @@ from . import atomic
 from .runs import RunError, inspect_run, load_model, read_metrics, resolve_run, run_label
 
 
-def _rows_csv(rows: list[dict]) -> str:
+def rows_to_csv(rows: list[dict]) -> str:
+    """Rows (dicts) as CSV text; the columns are the union of the keys, in first-seen order."""
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
@@ -24,7 +25,7 @@ def _rows_csv(rows: list[dict]) -> str:
     writer = csv.DictWriter(buf, fieldnames=keys)
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: r.get(k) for k in keys})
+        writer.writerow({k: "" if r.get(k) is None else r.get(k) for k in keys})
     return buf.getvalue()
 
 
@@ -88,7 +89,7 @@ def build_report(run_refs: list[str], out: str | Path, thresholds=(0.5, 0.8, 0.9
         written.append(path)
     for name, rows in tables.items():
         path = out / f"{name}.csv"
-        atomic.write_text(path, _rows_csv(rows))
+        atomic.write_text(path, rows_to_csv(rows))
         written.append(path)
     links = "".join(f'<li><a href="{html.escape(p.name)}">{html.escape(p.name)}</a></li>' for p in written)
     index = out / "index.html"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import io
 import json
 import os
@@ -31,6 +30,7 @@ import torch
 
 from core import plots
 from core.launcher import Launcher, device_key
+from core.report import rows_to_csv
 from core.runs import LOCAL_DIR, Run, RunError, list_runs, load_model, read_metrics, run_mtime_key
 
 ENV_RUN_DIRS = "POOLPROP_RUN_DIRS"
@@ -514,17 +514,7 @@ def show(fig, name: str, caption: str | None = None, key: str | None = None) -> 
 
 
 def csv_bytes(rows: list[dict]) -> bytes:
-    if not rows:
-        return b""
-    cols: list[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=cols)
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
-    return buf.getvalue().encode("utf-8")
+    return rows_to_csv(rows).encode("utf-8") if rows else b""
 
 
 def download_csv(rows: list[dict], filename: str, label: str = "Download table (CSV)", key: str | None = None):
