@@ -30,9 +30,10 @@ from . import curves
 # Colours and layout
 # =======================================================================================
 
-# D3's ten, then four darker Tol "safe" colours: distinct on a white projector screen.
+# D3's ten (plotly's "D3"): no two of them look alike on a white projector screen. (Darker
+# Tol colours were once appended; each had a near-twin here, e.g. #117733 beside #2CA02C.)
 PALETTE = ("#1F77B4", "#FF7F0E", "#2CA02C", "#D62728", "#9467BD", "#8C564B", "#E377C2", "#7F7F7F",
-           "#BCBD22", "#17BECF", "#332288", "#117733", "#882255", "#44AA99")
+           "#BCBD22", "#17BECF")
 FONT_SIZE = 18
 TICK_SIZE = 16
 TITLE_SIZE = 24
@@ -73,13 +74,52 @@ def _colors(names: Sequence[str], colors: Mapping[str, str] | None) -> dict[str,
     return {n: (colors or {}).get(n, auto[n]) for n in names}
 
 
+def _legend_below(fig: go.Figure, n_entries: int | None = None, height: int = 450) -> go.Figure:
+    """Horizontal legend under the plot (after base_layout), so that a half-width figure keeps its
+    plot area: the bottom margin grows by one legend row per entry (the worst case: long run
+    names, one per row) and the figure grows with it."""
+    n = len([t for t in fig.data if t.showlegend is not False]) if n_entries is None else n_entries
+    if n == 0:
+        return fig
+    t = fig.layout.margin.t if fig.layout.margin.t is not None else 80
+    b = 80 + 26 * n
+    total = height + 26 * n
+    plot_h = max(100, total - t - b)
+    fig.update_layout(height=total, margin=dict(b=b),
+                      legend=dict(orientation="h", x=0, xanchor="left", y=-78 / plot_h, yanchor="top",
+                                  font=dict(size=TICK_SIZE)))
+    return fig
+
+
+def _wrap(text: str, width: int = 18, sep: str = " · ") -> str:
+    """Break a long label into lines (plotly's <br>): at `sep` first, then at spaces, so that no
+    line is much longer than `width` characters. Short labels come back as they are."""
+    text = str(text)
+    if len(text) <= width:
+        return text
+    lines = []
+    for part in text.split(sep):
+        line = ""
+        for word in part.split(" "):
+            if line and len(line) + 1 + len(word) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}" if line else word
+        lines.append(line)
+    return "<br>".join(lines)
+
+
 def base_layout(fig: go.Figure, title: str | None = None, x_title: str | None = None, y_title: str | None = None,
                 height: int | None = None) -> go.Figure:
     """White template, large text, tidy margins; sets the title and axis titles given."""
     fig.update_layout(
         template=TEMPLATE,
         font=dict(size=FONT_SIZE),
-        title=dict(text=title, font=dict(size=TITLE_SIZE)) if title else None,
+        # pinned to the top edge (not the middle of the top margin), so that a taller margin
+        # (subplot titles, notes above the plot) opens room under the title instead of around it
+        title=dict(text=title, font=dict(size=TITLE_SIZE), yref="container", y=1, yanchor="top",
+                   pad=dict(t=18)) if title else None,
         legend=dict(font=dict(size=FONT_SIZE)),
         hoverlabel=dict(font=dict(size=FONT_SIZE)),
         margin=dict(l=70, r=30, t=80 if title else 40, b=60),
@@ -153,9 +193,12 @@ def loss_curves(runs_metrics: Mapping[str, Sequence[Mapping]], y: str = "train_l
         fig.update_yaxes(type="log")
     if y.endswith("acc") and all(np.nanmax(t.y, initial=0) <= 1 for t in fig.data):
         fig.update_yaxes(tickformat=".0%")  # fractions, as the trainer writes them
-    if missing:
-        fig.add_annotation(text=f"no {Y_TITLES.get(y, y)} yet: {', '.join(missing)}", showarrow=False,
-                           xref="paper", yref="paper", x=0, y=-0.22, xanchor="left", font=dict(size=TICK_SIZE))
+    if missing:  # above the plot: the legend sits below it
+        fig.add_annotation(text=_wrap(f"no {Y_TITLES.get(y, y)} yet: {', '.join(missing)}", 45, sep=", "),
+                           showarrow=False, xref="paper", yref="paper", x=0, y=1.01, xanchor="left",
+                           yanchor="bottom", font=dict(size=TICK_SIZE - 2))
+        fig.update_layout(margin=dict(t=(fig.layout.margin.t or 40) + 22 * (1 + len(missing) // 2)))
+    _legend_below(fig, n_entries=len(runs_metrics) - len(missing))
     return fig
 
 
@@ -175,9 +218,15 @@ def time_to_accuracy_bars(rows: Sequence[Mapping], threshold: float, by: str = "
         fig.add_trace(go.Bar(x=[r["run"]], y=[r[key]], name=r["run"], marker_color=cmap[r["run"]]))
     base_layout(fig, title, "run", "epochs" if by == "epochs" else "wall time (s)")
     fig.update_layout(showlegend=False)
-    if never:
-        fig.add_annotation(text=f"never reached {threshold:g}: {', '.join(never)}", showarrow=False,
-                           xref="paper", yref="paper", x=0, y=1.05, xanchor="left", font=dict(size=TICK_SIZE))
+    if never:  # one run per line: the figure may be narrow (a column of the page)
+        lines = [f"never reached {threshold:.0%}:" if threshold <= 1 else f"never reached {threshold:g}:"]
+        lines += [_wrap(n, 28) for n in never]
+        text = "<br>".join(lines)
+        n_lines = text.count("<br>") + 1
+        fig.add_annotation(text=text, showarrow=False, xref="paper", yref="paper", x=0, y=1.01, xanchor="left",
+                           yanchor="bottom", align="left", font=dict(size=TICK_SIZE - 2))
+        fig.update_layout(margin=dict(t=(fig.layout.margin.t or 40) + 20 * n_lines))
+    fig.update_xaxes(tickangle=-30 if len(names) > 2 else 0)
     return fig
 
 
@@ -204,6 +253,7 @@ def pareto_scatter(rows: Sequence[Mapping], memory_label: str = "saved activatio
         fig.add_trace(go.Scatter(
             x=[r["memory"] / 2 ** 20], y=[r["acc"]], mode="markers+text", name=r["name"],
             text=[str(r.get("policy", ""))], textposition="top center", textfont=dict(size=TICK_SIZE),
+            cliponaxis=False,
             marker=dict(color=cmap[r["name"]], size=20 if on else 14, symbol="diamond" if on else "circle",
                         line=dict(color="black", width=1.5 if on else 0)),
             hovertemplate=f"{r['name']}<br>policy {r.get('policy', '')}<br>%{{x:.1f}} MiB<br>%{{y}}<extra></extra>"))
@@ -215,6 +265,14 @@ def pareto_scatter(rows: Sequence[Mapping], memory_label: str = "saved activatio
     accs = [r["acc"] for r in rows if r.get("acc") is not None]
     if accs and max(accs) <= 1:
         fig.update_yaxes(tickformat=".0%")
+    # room for the labels (centred above each marker) inside the axes: pad x by a share of the span
+    xs = [r["memory"] / 2 ** 20 for r in rows if r.get("memory") is not None and r.get("acc") is not None]
+    ys = [r["acc"] for r in rows if r.get("memory") is not None and r.get("acc") is not None]
+    if xs:
+        span = (max(xs) - min(xs)) or max(abs(max(xs)), 1.0)
+        fig.update_xaxes(range=[min(xs) - 0.18 * span, max(xs) + 0.18 * span])
+        yspan = (max(ys) - min(ys)) or max(abs(max(ys)) * 0.1, 0.01)
+        fig.update_yaxes(range=[min(ys) - 0.12 * yspan, max(ys) + 0.25 * yspan])
     return fig
 
 
@@ -271,6 +329,7 @@ def spectra_figure(spectra_by_run: Mapping[str, Mapping | Sequence[Mapping]], la
         fig.add_vline(x=f, line=dict(color="gray", dash="dot"), annotation_text=label,
                       annotation_font_size=TICK_SIZE, annotation_position="top")
     base_layout(fig, title, "spatial frequency (cycles/pixel)", y_title)
+    _legend_below(fig)
     if log_y:
         fig.update_yaxes(type="log")
     return fig
@@ -344,16 +403,20 @@ def attribution_grid(images, attributions_by_model: Mapping[str, object], predic
     n_img = imgs.shape[0]
     signed = any((m < 0).any() for m in maps.values())
     cols = 1 + len(names)
-    subtitles = []
+    subtitles, title_colors = [], []  # colour per subplot title (None: the default)
     for i in range(n_img):
         tgt = f"target {_class_label(classes, _numpy(targets)[i])}" if targets is not None else ""
         subtitles.append(("input<br>" if i == 0 else "") + tgt)
+        title_colors.append(None)
         for n in names:
             pred = ""
             if predictions is not None and n in predictions:
                 p = predictions[n]
                 pred = f"{_class_label(classes, _numpy(p['class'])[i])} {float(_numpy(p['confidence'])[i]):.0%}"
-            subtitles.append((f"{n}<br>" if i == 0 else "") + pred)
+            # long run names wrap (at " · ", then at ~18 characters) so that columns' titles do not collide
+            subtitles.append((f"{_wrap(n)}<br>" if i == 0 else "") + pred)
+            title_colors.append(cmap[n] if i == 0 else None)
+    head_lines = max(t.count("<br>") + 1 for t in subtitles[:cols]) if subtitles else 1
     fig = make_subplots(rows=n_img, cols=cols, subplot_titles=subtitles, horizontal_spacing=0.01,
                         vertical_spacing=0.25 / max(n_img, 1))
     for i in range(n_img):
@@ -367,12 +430,13 @@ def attribution_grid(images, attributions_by_model: Mapping[str, object], predic
     fig.update_layout(coloraxis=dict(colorscale="RdBu_r" if signed else "Inferno", cmin=-1 if signed else 0, cmax=1,
                                      colorbar=dict(title=dict(text="relative<br>attribution"))))
     _hide_axes(fig)
-    base_layout(fig, title, height=120 + 200 * n_img)
-    for ann in fig.layout.annotations:
-        ann.font = dict(size=TICK_SIZE)
-        head = (ann.text or "").split("<br>")[0]
-        if head in cmap:
-            ann.font = dict(size=TICK_SIZE, color=cmap[head])
+    title_font = TICK_SIZE - 2
+    top = (70 if title else 20) + int(1.3 * title_font * head_lines)  # the figure title clears the column titles
+    base_layout(fig, title, height=top + 60 + 200 * n_img)
+    fig.update_layout(margin=dict(t=top))
+    # make_subplots leaves out empty titles: pair the annotations with the non-empty ones
+    for ann, color in zip(fig.layout.annotations, [c for t, c in zip(subtitles, title_colors) if t]):
+        ann.font = dict(size=title_font, color=color) if color else dict(size=title_font)
     return fig
 
 
@@ -534,6 +598,7 @@ def fidelity_over_training_figure(history, metric: str = "cosine", layers: Seque
             fig.add_trace(go.Scatter(x=h["steps"], y=mean, mode="lines+markers", name=name,
                                      line=dict(color=cmap[name], width=3), marker=dict(size=7)))
         base_layout(fig, title, "step", f"{label} (mean over layers)")
+        _legend_below(fig)
         return fig
     h = _plain(history)
     names = [n for n in h["layers"] if layers is None or n in layers]
@@ -593,6 +658,13 @@ def _plan_line(p: Mapping) -> tuple[float, float]:
     return float(a) + float(p["model_state"]["total"]), float(b)
 
 
+def planner_measure(plans) -> str:
+    """What planner_figure's "predicted GiB" is, for the page's caption."""
+    plans = [_plain(p) for p in plans]
+    return ("CUDA max_memory_allocated, fitted over small batches" if plans and plans[0].get("peak_fit")
+            else "model state + saved activations (a lower bound of the peak)")
+
+
 def planner_figure(plans, budget: float, max_batch: int | None = None, colors: Mapping[str, str] | None = None,
                    title: str | None = None) -> go.Figure:
     """Predicted peak training memory (GiB) against the batch size, one line per plan (policy),
@@ -605,24 +677,37 @@ def planner_figure(plans, budget: float, max_batch: int | None = None, colors: M
     top = max_batch or int(max([n for n in largest if n] + [64]) * 1.25)
     xs = np.linspace(1, top, 200)
     fig = go.Figure()
-    for p, (a, b), n in zip(plans, lines, largest):
+    # label the largest batches in batch order, alternately above-left and below-right of their
+    # diamonds: neighbours (e.g. 5622 and 5649) then sit on opposite sides of the budget line
+    order = sorted((n, k) for k, n in enumerate(largest) if n)
+    side = {k: ("top left" if j % 2 == 0 else "bottom right") for j, (n, k) in enumerate(order)}
+    for k, (p, (a, b), n) in enumerate(zip(plans, lines, largest)):
         c = cmap[p["policy"]]
         fig.add_trace(go.Scatter(x=xs, y=(a + b * xs) / 2 ** 30, mode="lines", name=p["policy"],
                                  line=dict(color=c, width=3), legendgroup=p["policy"],
                                  hovertemplate="batch %{x:.0f}<br>%{y:.2f} GiB<extra>" + p["policy"] + "</extra>"))
         if n:
             fig.add_trace(go.Scatter(x=[n], y=[(a + b * n) / 2 ** 30], mode="markers+text", text=[str(n)],
-                                     textposition="top left", textfont=dict(size=TICK_SIZE, color=c),
+                                     textposition=side[k], textfont=dict(size=TICK_SIZE - 2, color=c),
+                                     cliponaxis=False,
                                      marker=dict(color=c, size=14, symbol="diamond",
                                                  line=dict(color="black", width=1)),
                                      name=f"{p['policy']}: largest batch {n}", legendgroup=p["policy"],
-                                     showlegend=False))
+                                     showlegend=False,
+                                     hovertemplate=f"{p['policy']}: largest batch {n}<br>%{{y:.2f}} GiB<extra></extra>"))
+    # the budget's label above the line at whichever end the diamonds leave free: the left end,
+    # unless a diamond sits near it (then the right end: the x axis runs on 25 % past the largest)
+    near_left = bool(order) and order[0][0] < 0.2 * top
     fig.add_hline(y=budget / 2 ** 30, line=dict(color="black", dash="dash", width=2),
-                  annotation_text=f"budget {budget / 2 ** 30:.1f} GiB", annotation_position="top left")
-    measure = ("CUDA max_memory_allocated, fitted" if plans and plans[0].get("peak_fit")
-               else "model state + saved activations (lower bound of the peak)")
+                  annotation_text=f"budget {budget / 2 ** 30:.1f} GiB",
+                  annotation_position="top right" if near_left else "top left",
+                  annotation_font_size=TICK_SIZE - 2, annotation_yshift=4)
     model = plans[0].get("model", "") if plans else ""
-    base_layout(fig, title or f"Predicted training memory, {model}", "batch size", f"GiB ({measure})")
+    # the axis title stays short; what "predicted" means (CUDA peak fitted, or model state +
+    # saved activations as a lower bound) is for the caption, see `planner_measure`
+    base_layout(fig, title or f"Predicted training memory, {model}", "batch size", "predicted GiB")
+    fig.update_layout(legend=dict(orientation="h", x=0, xanchor="left", y=1.0, yanchor="bottom"),
+                      margin=dict(t=120))
     return fig
 
 
@@ -728,7 +813,10 @@ def cuda_memory_curves(runs_metrics: Mapping[str, Sequence[Mapping]], key: str =
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=name, line=dict(color=cmap[name], width=3)))
     label = {"cuda_peak": "CUDA peak (max_memory_allocated)", "cuda_allocated": "CUDA allocated"}.get(key, key)
     base_layout(fig, title, "step", f"{label} (GiB)")
-    if missing:
-        fig.add_annotation(text=f"no CUDA records (trained on the CPU): {', '.join(missing)}", showarrow=False,
-                           xref="paper", yref="paper", x=0, y=-0.22, xanchor="left", font=dict(size=TICK_SIZE))
+    if missing:  # above the plot: the legend sits below it
+        fig.add_annotation(text=_wrap(f"no CUDA records (trained on the CPU): {', '.join(missing)}", 60, sep=", "),
+                           showarrow=False, xref="paper", yref="paper", x=0, y=1.01, xanchor="left",
+                           yanchor="bottom", font=dict(size=TICK_SIZE - 2))
+        fig.update_layout(margin=dict(t=(fig.layout.margin.t or 40) + 22 * (1 + len(missing) // 3)))
+    _legend_below(fig, n_entries=len(runs_metrics) - len(missing))
     return fig
