@@ -12,9 +12,13 @@ if ui.need_runs(runs, 1, "loss curves"):
     colors = ui.colors_for(runs)
     metrics = {n: ui.metrics_of(r) for n, r in zip(names, runs)}
     c1, c2, c3 = st.columns([2, 2, 1])
+    # the settings outlive a visit to another page (ui.keep), so coming back shows the same view
+    ui.keep("lc_x", "step")
     x = c1.radio("Against", list(plots.X_TITLES), format_func=plots.X_TITLES.get, horizontal=True, key="lc_x")
-    smoothing = c2.slider("Smoothing", 0.0, 0.95, 0.6, 0.05, key="lc_smooth",
+    ui.keep("lc_smooth", 0.6)
+    smoothing = c2.slider("Smoothing", 0.0, 0.95, step=0.05, key="lc_smooth",
                           help="Exponential moving average of the training loss (0 = raw)")
+    ui.keep("lc_log", False)
     log_y = c3.checkbox("Log scale", key="lc_log")
 
     ui.show(plots.loss_curves(metrics, "train_loss", x, smoothing=smoothing, log_y=log_y, show_raw=True,
@@ -35,10 +39,12 @@ if ui.need_runs(runs, 1, "loss curves"):
     target = st.slider("Target validation accuracy", 0.05, 1.0, default, 0.05, key="lc_target", format="%.2f")
     rows = curves.epochs_to_accuracy_table(metrics, [target])
     key_e, key_w = f"epochs_to_{target:g}", f"wall_to_{target:g}"
+    # the answer first (epochs, seconds), then the context; "never" for a run that did not get there
     table = [{"run": r["run"],
-              "best accuracy %": None if r["best_val_acc"] is None else round(100 * r["best_val_acc"], 1),
-              "at epoch": r["best_epoch"], f"epochs to {target:.0%}": r[key_e],
-              f"seconds to {target:.0%}": None if r[key_w] is None else round(r[key_w], 1)} for r in rows]
+              f"epochs to {target:.0%}": "never" if r[key_e] is None else f"{r[key_e]:g}",
+              f"seconds to {target:.0%}": "never" if r[key_w] is None else f"{r[key_w]:.1f}",
+              "best accuracy %": "" if r["best_val_acc"] is None else f"{100 * r['best_val_acc']:.1f}",
+              "at epoch": "" if r["best_epoch"] is None else f"{r['best_epoch']:g}"} for r in rows]
     left, right = st.columns([3, 2])
     with left:
         st.dataframe(table, hide_index=True)

@@ -105,8 +105,9 @@ else:
                 plans.append(plan(pmodel, pol, psize, pstem))
         gib = budget * memory.GIB
         ui.show(plots.planner_figure(plans, gib), "planner",
-                f"Predicted training memory of {pmodel} against the batch size; each diamond is the largest "
-                f"batch that fits {budget} GiB.")
+                f"Predicted training memory of {pmodel} against the batch size, in GiB of "
+                f"{plots.planner_measure(plans)}; each diamond is the largest batch that fits {budget} GiB "
+                "(the table below lists them).")
         rows = [{"policy": p.policy, "largest batch": memory.largest_batch(p, gib),
                  "MiB per image": round(p.bytes_per_image / 2 ** 20, 2)} for p in plans]
         st.dataframe(rows, hide_index=True)

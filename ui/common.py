@@ -158,7 +158,17 @@ def colors_for(runs: list[Run]) -> dict[str, str]:
     on disk, so a run keeps its colour on every page whatever else is selected."""
     cmap = plots.color_map([r.name for r in all_runs()] + [r.name for r in runs])
     d = _all_labels(runs)
-    return {d[str(r.path)]: cmap[r.name] for r in runs}
+    out = {d[str(r.path)]: cmap[r.name] for r in runs}
+    # more runs on disk than colours: two selected runs may share one; give the later ones
+    # (in name order, so deterministically) a colour no selected run has
+    if len(set(out.values())) < len(out):
+        taken: set[str] = set()
+        for label in sorted(out):
+            if out[label] in taken:
+                free = [c for c in plots.PALETTE if c not in taken and c not in out.values()]
+                out[label] = free[0] if free else out[label]
+            taken.add(out[label])
+    return out
 
 
 def default_selection(runs: list[Run], n: int = 3) -> list[str]:
@@ -196,6 +206,17 @@ def page(title: str, intro: str | None = None, picker: bool = True) -> list[Run]
     with st.sidebar:
         status_panel()
     return selected
+
+
+def keep(key: str, default) -> None:
+    """Make the widget with `key` keep its value across page switches (Streamlit drops a widget's
+    state when a run of another page does not draw it). Call just before creating the widget,
+    and create it without a default value of its own (no index=/value=): the value comes from
+    st.session_state[key], restored here from a copy that outlives the widget."""
+    store = f"_kept_{key}"
+    if key not in st.session_state:
+        st.session_state[key] = st.session_state.get(store, default)
+    st.session_state[store] = st.session_state[key]
 
 
 def _sync_picker() -> None:
