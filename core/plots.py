@@ -226,7 +226,11 @@ def time_to_accuracy_bars(rows: Sequence[Mapping], threshold: float, by: str = "
         fig.add_annotation(text=text, showarrow=False, xref="paper", yref="paper", x=0, y=1.01, xanchor="left",
                            yanchor="bottom", align="left", font=dict(size=TICK_SIZE - 2))
         fig.update_layout(margin=dict(t=(fig.layout.margin.t or 40) + 20 * n_lines))
-    fig.update_xaxes(tickangle=-30 if len(names) > 2 else 0)
+    # run names on the x axis wrapped (not rotated): the figure may be a narrow column
+    shown = [n for n in names if n not in never]
+    ticks = [_wrap(n, 14) for n in shown]
+    fig.update_xaxes(tickvals=shown, ticktext=ticks, tickangle=0, title_text=None)
+    fig.update_layout(margin=dict(b=30 + 20 * max([t.count("<br>") + 1 for t in ticks] + [1])))
     return fig
 
 
