@@ -698,7 +698,8 @@ def planner_figure(plans, budget: float, max_batch: int | None = None, colors: M
                                                  line=dict(color="black", width=1)),
                                      name=f"{p['policy']}: largest batch {n}", legendgroup=p["policy"],
                                      showlegend=False,
-                                     hovertemplate=f"{p['policy']}: largest batch {n}<br>%{{y:.2f}} GiB<extra></extra>"))
+                                     hovertemplate=f"{p['policy']}: largest batch {n}"
+                                                   "<br>%{y:.2f} GiB<extra></extra>"))
     # the budget's label above the line at whichever end the diamonds leave free: the left end,
     # unless a diamond sits near it (then the right end: the x axis runs on 25 % past the largest)
     near_left = bool(order) and order[0][0] < 0.2 * top
