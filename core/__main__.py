@@ -21,10 +21,6 @@ COMMANDS = {
 }
 
 
-class UserError(Exception):
-    """Raised for bad input; printed as one line, no traceback."""
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core", description="PoolProp: backprop with pooled activations")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UserError, ValueError, FileNotFoundError, KeyboardInterrupt) as e:
+    except (ValueError, FileNotFoundError, KeyboardInterrupt) as e:  # bad input: one line
         if isinstance(e, KeyboardInterrupt):
             print("interrupted", file=sys.stderr)
             return 130

@@ -53,14 +53,6 @@ class StopTraining(Exception):
     """Raised inside the loop when a stop was requested (SIGTERM, Ctrl-C, a callback)."""
 
 
-def _user_error(msg: str) -> Exception:
-    try:
-        from .__main__ import UserError
-    except ImportError:  # pragma: no cover
-        return ValueError(msg)
-    return UserError(msg)
-
-
 # ---------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------
@@ -420,7 +412,7 @@ def default_run_dir(cfg: TrainConfig, now: datetime | None = None) -> Path:
 
 def _check_out_free(path: Path) -> None:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise _user_error(f"{path} already exists and is not empty; choose another --out or continue it with --resume")
+        raise ValueError(f"{path} already exists and is not empty; choose another --out or continue it with --resume")
 
 
 def _now_iso() -> str:
@@ -549,15 +541,15 @@ def load_resume(run_dir: Path) -> tuple[dict, dict]:
 
     path = run_dir / "resume.safetensors"
     if not path.is_file():
-        raise _user_error(f"{path} not found: this run has no completed epoch to resume from")
+        raise ValueError(f"{path} not found: this run has no completed epoch to resume from")
     try:
         with safe_open(str(path), framework="pt") as f:
             md = f.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise _user_error(f"{path} is corrupt or truncated ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"{path} is corrupt or truncated ({str(e).splitlines()[0]})") from None
     if md.get("format") != RESUME_FORMAT or "resume_json" not in md:
-        raise _user_error(f"{path} is not a PoolProp resume file (format {md.get('format')!r})")
+        raise ValueError(f"{path} is not a PoolProp resume file (format {md.get('format')!r})")
     return tensors, json.loads(md["resume_json"])
 
 
@@ -572,7 +564,7 @@ def dist_env() -> tuple[int, int, int]:
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", str(rank)))
     except ValueError:
-        raise _user_error("WORLD_SIZE, RANK and LOCAL_RANK must be integers (set by torchrun)") from None
+        raise ValueError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (set by torchrun)") from None
     return max(world, 1), rank, local
 
 
@@ -716,7 +708,7 @@ class Trainer:
         vx, vy = _subset(d.val_x, d.val_y, cfg.val_subset, cfg.split_seed + 1)
         self.train_size, self.val_size = len(ty), len(vy)
         if len(ty) == 0:
-            raise _user_error(f"dataset {cfg.dataset!r} has no training images")
+            raise ValueError(f"dataset {cfg.dataset!r} has no training images")
         self.num_classes = d.num_classes
         dev = self.device
         self.train_loader = data_mod.BatchLoader(
@@ -729,7 +721,7 @@ class Trainer:
             augment=False, channels_last=cfg.channels_last) if len(vy) else None
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
-            raise _user_error(f"training set of {len(ty)} images gives no batch of {cfg.batch_size}")
+            raise ValueError(f"training set of {len(ty)} images gives no batch of {cfg.batch_size}")
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.steps is not None:
             self.total_steps = min(self.total_steps, cfg.steps)
@@ -790,7 +782,7 @@ class Trainer:
         import torch.distributed as dist
 
         if cfg.batch_size % self.world:
-            raise _user_error(f"--batch-size {cfg.batch_size} is the global batch: it must be a multiple "
+            raise ValueError(f"--batch-size {cfg.batch_size} is the global batch: it must be a multiple "
                               f"of the {self.world} processes")
         name = cfg.device
         if name in ("auto", "cuda") and torch.cuda.is_available():
@@ -799,14 +791,14 @@ class Trainer:
             name = "cpu"
         self.device = pick_device(name)
         if self.device.type == "mps":
-            raise _user_error("several processes on MPS are not supported; use --device cpu")
+            raise ValueError("several processes on MPS are not supported; use --device cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             self._owns_pg = True
         if dist.get_world_size() != self.world:  # pragma: no cover
-            raise _user_error(f"WORLD_SIZE {self.world} but the process group has {dist.get_world_size()}")
+            raise ValueError(f"WORLD_SIZE {self.world} but the process group has {dist.get_world_size()}")
 
     def _sync_stop(self) -> None:
         """All ranks agree on stopping (and why, as far as the loop cares) and on the wall clock
@@ -842,7 +834,7 @@ class Trainer:
         state = {k[len("model."):]: v for k, v in t.items() if k.startswith("model.")}
         expected = self.model.state_dict()
         if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
-            raise _user_error(f"{self.resume_dir / 'resume.safetensors'} does not fit {self.config.model}")
+            raise ValueError(f"{self.resume_dir / 'resume.safetensors'} does not fit {self.config.model}")
         self.model.load_state_dict(state)
         _unflatten_optimizer(self.opt, t, meta["optimizer"])
         torch.set_rng_state(t["rng.torch_cpu"])
@@ -1227,7 +1219,7 @@ def _refuse_live_run(run_dir: Path) -> None:
         return
     pid = s.get("pid")
     if s.get("status") == "running" and pid and int(pid) != os.getpid() and _pid_alive(pid):
-        raise _user_error(f"run {Path(run_dir).name} is still training (pid {pid}); stop it before resuming")
+        raise ValueError(f"run {Path(run_dir).name} is still training (pid {pid}); stop it before resuming")
 
 
 def _remove_stale_temp_files(run_dir: Path) -> None:
@@ -1259,7 +1251,7 @@ def resume(run_dir, overrides: dict | None = None, callbacks: dict | None = None
         elif k == "epochs" and v < stored.epochs:
             bad.append(f"--epochs {v} is fewer than the run's {stored.epochs}")
     if bad:
-        raise _user_error("--resume takes the run's own config; only --epochs may grow. Conflicting: " + "; ".join(bad))
+        raise ValueError("--resume takes the run's own config; only --epochs may grow. Conflicting: " + "; ".join(bad))
     cfg = dataclasses.replace(stored, **{k: v for k, v in overrides.items() if k in RESUME_MAY_CHANGE})
     t = Trainer(cfg, resume_dir=run_dir)
     for event, fns in (callbacks or {}).items():
@@ -1267,7 +1259,7 @@ def resume(run_dir, overrides: dict | None = None, callbacks: dict | None = None
             t.add_callback(event, fn)
     t.setup()
     if t.epoch >= cfg.epochs or t.step >= t.total_steps:
-        raise _user_error(f"run {run_dir.name} already completed {t.epoch} of {cfg.epochs} epochs "
+        raise ValueError(f"run {run_dir.name} already completed {t.epoch} of {cfg.epochs} epochs "
                           f"({t.step} steps); pass --epochs N to train further")
     return t.run()
 
