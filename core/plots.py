@@ -25,6 +25,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from . import curves
+from .memory import format_bytes
 
 # =======================================================================================
 # Colours and layout
@@ -159,6 +160,13 @@ Y_TITLES = {"train_loss": "training loss", "train_acc": "training accuracy", "va
             "val_acc": "validation accuracy", "lr": "learning rate", "step_time": "time per step (s)"}
 
 
+def _note_above(fig: go.Figure, text: str, width: int, lines: int) -> None:
+    """A small wrapped note above the plot (the legend sits below it), with room made for it."""
+    fig.add_annotation(text=_wrap(text, width, sep=", "), showarrow=False, xref="paper", yref="paper", x=0,
+                       y=1.01, xanchor="left", yanchor="bottom", font=dict(size=TICK_SIZE - 2))
+    fig.update_layout(margin=dict(t=(fig.layout.margin.t or 40) + 22 * lines))
+
+
 def loss_curves(runs_metrics: Mapping[str, Sequence[Mapping]], y: str = "train_loss", x: str = "step",
                 smoothing: float = 0.0, log_y: bool = False, show_raw: bool = False,
                 max_points: int = curves.MAX_POINTS, colors: Mapping[str, str] | None = None,
@@ -193,11 +201,8 @@ def loss_curves(runs_metrics: Mapping[str, Sequence[Mapping]], y: str = "train_l
         fig.update_yaxes(type="log")
     if y.endswith("acc") and all(np.nanmax(t.y, initial=0) <= 1 for t in fig.data):
         fig.update_yaxes(tickformat=".0%")  # fractions, as the trainer writes them
-    if missing:  # above the plot: the legend sits below it
-        fig.add_annotation(text=_wrap(f"no {Y_TITLES.get(y, y)} yet: {', '.join(missing)}", 45, sep=", "),
-                           showarrow=False, xref="paper", yref="paper", x=0, y=1.01, xanchor="left",
-                           yanchor="bottom", font=dict(size=TICK_SIZE - 2))
-        fig.update_layout(margin=dict(t=(fig.layout.margin.t or 40) + 22 * (1 + len(missing) // 2)))
+    if missing:
+        _note_above(fig, f"no {Y_TITLES.get(y, y)} yet: {', '.join(missing)}", 45, lines=1 + len(missing) // 2)
     _legend_below(fig, n_entries=len(runs_metrics) - len(missing))
     return fig
 
@@ -721,14 +726,6 @@ def planner_figure(plans, budget: float, max_batch: int | None = None, colors: M
 # Data in, go.Figure out, like everything above.
 # =======================================================================================
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def method_figure(image, activation, pooled, restored, k: int, pool: str = "avg", layer: str = "",
                   channel: int = 0, sizes: Mapping[str, int | None] | None = None, title: str | None = None
                   ) -> go.Figure:
@@ -740,9 +737,9 @@ def method_figure(image, activation, pooled, restored, k: int, pool: str = "avg"
     act, pooled, restored = (np.asarray(a, dtype=np.float64) for a in (activation, pooled, restored))
     full_b, pool_b, mask_b = sizes.get("full"), sizes.get("pooled"), sizes.get("mask")
     heads = ["input image",
-             "forward pass uses" + (f"<br>{_fmt_bytes(full_b)}" if full_b else ""),
-             f"kept for backward<br>({pool} pool {k}×{k})" + (f"<br>{_fmt_bytes(pool_b)}" if pool_b else "")
-             + (f" + mask {_fmt_bytes(mask_b)}" if mask_b else ""),
+             "forward pass uses" + (f"<br>{format_bytes(full_b)}" if full_b else ""),
+             f"kept for backward<br>({pool} pool {k}×{k})" + (f"<br>{format_bytes(pool_b)}" if pool_b else "")
+             + (f" + mask {format_bytes(mask_b)}" if mask_b else ""),
              "backward pass gets back" + ("<br>(upsampled)" if k > 1 else "<br>(the same: K=1)")]
     fig = make_subplots(rows=1, cols=4, subplot_titles=heads, horizontal_spacing=0.06)
     fig.add_trace(go.Image(z=_to_uint8(image), hoverinfo="skip", name="input"), row=1, col=1)
@@ -769,7 +766,7 @@ def bytes_bars(items: Mapping[str, float | None], title: str | None = None, x_ti
     names = [n for n, v in items.items() if v is not None]
     vals = [float(items[n]) for n in names]
     unit, div = ("MiB", 2 ** 20) if max(vals + [0]) >= 2 ** 20 else ("KiB", 2 ** 10)
-    fig = go.Figure(go.Bar(x=[v / div for v in vals], y=names, orientation="h", text=[_fmt_bytes(v) for v in vals],
+    fig = go.Figure(go.Bar(x=[v / div for v in vals], y=names, orientation="h", text=[format_bytes(v) for v in vals],
                            textposition="auto", textfont=dict(size=FONT_SIZE),
                            marker_color=[PALETTE[i % len(PALETTE)] for i in range(len(names))],
                            hovertemplate="%{y}: %{text}<extra></extra>"))
@@ -818,10 +815,8 @@ def cuda_memory_curves(runs_metrics: Mapping[str, Sequence[Mapping]], key: str =
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=name, line=dict(color=cmap[name], width=3)))
     label = {"cuda_peak": "CUDA peak (max_memory_allocated)", "cuda_allocated": "CUDA allocated"}.get(key, key)
     base_layout(fig, title, "step", f"{label} (GiB)")
-    if missing:  # above the plot: the legend sits below it
-        fig.add_annotation(text=_wrap(f"no CUDA records (trained on the CPU): {', '.join(missing)}", 60, sep=", "),
-                           showarrow=False, xref="paper", yref="paper", x=0, y=1.01, xanchor="left",
-                           yanchor="bottom", font=dict(size=TICK_SIZE - 2))
-        fig.update_layout(margin=dict(t=(fig.layout.margin.t or 40) + 22 * (1 + len(missing) // 3)))
+    if missing:
+        _note_above(fig, f"no CUDA records (trained on the CPU): {', '.join(missing)}", 60,
+                    lines=1 + len(missing) // 3)
     _legend_below(fig, n_entries=len(runs_metrics) - len(missing))
     return fig
