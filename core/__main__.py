@@ -18,6 +18,7 @@ COMMANDS = {
     "fidelity": "core.fidelity_cli",
     "report": "core.report",
     "runs": "core.runs",
+    "reproduction": "core.reproduction",
 }
 
 

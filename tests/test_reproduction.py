@@ -1,0 +1,111 @@
+"""The reproduction table (core/reproduction.py) and the script that trains the shipped set."""
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from core import reproduction
+from core.compression import compress_model
+from core.memory import saved_activation_bytes
+from core.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("train_shipped", ROOT / "scripts" / "train_shipped.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _second_seed(src: Path, dest: Path, acc: float) -> None:
+    """A copy of a run posing as seed 1 with another final accuracy."""
+    shutil.copytree(src, dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg["seed"] = 1
+    (dest / "config.json").write_text(json.dumps(cfg))
+    summary = json.loads((dest / "summary.json").read_text())
+    summary["last_val_acc"] = acc
+    (dest / "summary.json").write_text(json.dumps(summary))
+
+
+def test_groups_pool_seeds_and_skip_unfinished(tiny_runs, tmp_path):
+    root = tmp_path / "runs"
+    shutil.copytree(tiny_runs, root)
+    base = json.loads((root / "tiny-none" / "summary.json").read_text())["last_val_acc"]
+    _second_seed(root / "tiny-none", root / "tiny-none-s1", base + 0.1)
+    stopped = root / "tiny-stopped"
+    shutil.copytree(root / "tiny-avg2_mask", stopped)
+    s = json.loads((stopped / "summary.json").read_text())
+    s["status"] = "stopped"
+    (stopped / "summary.json").write_text(json.dumps(s))
+
+    rows = reproduction.group_runs(reproduction._expand([root]))
+    assert [r["policy"] for r in rows] == ["none", "avg2+mask"]  # baseline first; the stopped run ignored
+    none, pooled = rows
+    assert sorted(none["seeds"]) == [0, 1] and len(pooled["accs"]) == 1
+    assert none["acc_mean"] == pytest.approx(base + 0.05)
+    assert none["acc_spread"] == pytest.approx(0.05)  # half the range
+    assert pooled["acc_spread"] is None
+    assert none["data"] == "features10" and none["epochs"] == 2
+    # the filter statistic is the first conv's, read from the saved weights
+    assert 0.0 < pooled["hf_share"] < 1.0
+
+
+def test_memory_columns_match_a_direct_measurement_and_skip_what_does_not_fit():
+    rows = [{"policy": p} for p in ("none", "avg2+mask", "avg8+mask")]
+    reproduction.add_memory(rows, batch=4, models=("resnet20", "resnet18"))
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    direct = {}
+    for p in ("none", "avg2+mask"):
+        torch.manual_seed(0)
+        direct[p] = saved_activation_bytes(compress_model(build_model("resnet20"), p), x, y).total_bytes
+    none, avg2, avg8 = rows
+    assert none["resnet20_saved_bytes"] == direct["none"] and none["resnet20_cut"] == 0
+    assert avg2["resnet20_saved_bytes"] == direct["avg2+mask"]
+    assert avg2["resnet20_cut"] == pytest.approx(1 - direct["avg2+mask"] / direct["none"])
+    assert avg8["resnet20_saved_bytes"] is not None  # ResNet-20's last stage is 8x8: fits
+    assert avg8["resnet18_saved_bytes"] is None and avg8["resnet18_cut"] is None  # 4x4: does not
+    table = reproduction.format_markdown([dict(r, data="d", model="m", epochs=1, accs=[0.5], acc_mean=0.5,
+                                               acc_spread=None, hf_share=0.5) for r in rows])
+    assert len(table.splitlines()) == 2 + 3 and "—" in table.splitlines()[-1]
+
+
+def test_cli_refuses_an_empty_folder(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "core", "reproduction", "--runs", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "no finished runs" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "core", "reproduction", "--runs", str(tmp_path / "nope")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "no such run" in out.stderr
+
+
+def test_shipped_plan_follows_the_issue_order():
+    names = [name for name, _, _ in _load_script().plan(20, 30, 4)]
+    assert names[:3] == ["r20-cifar-none-e20-s0", "r20-cifar-avg2+mask-e20-s0", "r20-cifar-avg4+mask-e20-s0"]
+    assert "r20-cifar-avg2+mask-e30-s0" in names and "r20-cifar-none-e20-s1" in names
+    assert len(names) == len(set(names))
+
+
+def test_shipped_script_carries_on_after_an_interruption(tmp_path, tiny_runs):
+    where = _load_script().where_to_write
+    finished = tmp_path / "done"
+    shutil.copytree(tiny_runs / "tiny-none", finished)
+    assert where(finished) == ["finished"]
+    resumable = tmp_path / "cut"
+    shutil.copytree(tiny_runs / "tiny-none", resumable)
+    s = json.loads((resumable / "summary.json").read_text())
+    s["status"] = "stopped"
+    (resumable / "summary.json").write_text(json.dumps(s))
+    assert where(resumable) == ["--resume", str(resumable)]
+    early = tmp_path / "early"  # killed before its first epoch ended: nothing to resume from
+    early.mkdir()
+    (early / "config.json").write_text("{}")
+    assert where(early) == ["--out", str(early)] and not early.exists()
