@@ -9,6 +9,8 @@ is the fixed one of core.data (images 4500-4999 of each class). Runs start in pr
 card well because each one is bound by kernel launches. `--deadline` stops (SIGTERM: status
 "stopped", last epoch kept) whatever has not finished, so a time-boxed machine still returns
 everything. Only the standard library is imported here: each run is `python -m core train`.
+Run it again after an interruption and it carries on: finished runs are skipped, runs with
+a completed epoch continue with `--resume`, runs cut before their first epoch start afresh.
 Then: `python scripts/train_shipped.py --collect runs/shipped` copies finished runs into
 checkpoints/ without their resume state.
 """
@@ -45,7 +47,7 @@ def plan(epochs: int, long_epochs: int, features_epochs: int) -> list[tuple[str,
 
     for p in ("none", "avg2+mask", "avg4+mask"):
         cifar(p, epochs, prio="1")
-    for p in ("avg2+mask", "avg4+mask"):
+    for p in ("avg2+mask", "avg4+mask", "none"):  # `none` too: does the longer schedule help only the compressed?
         cifar(p, long_epochs, prio="2 longer schedule")
     for p in ("max2+mask", "avg2-lowres+mask", "avg8+mask", "avg2+mask+bn8"):
         cifar(p, epochs, prio="3")
@@ -62,8 +64,10 @@ def launch(args) -> int:
     out_root.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     py = [sys.executable, "-m", "core", "train"]
-    common = ["--device", args.device] + (["--steps", str(args.smoke_steps), "--train-subset", "512",
-                                          "--val-subset", "256"] if args.smoke_steps else [])
+    threads = ["--num-threads", str(args.num_threads)] if args.num_threads else []
+    smoke = (["--steps", str(args.smoke_steps), "--train-subset", "512", "--val-subset", "256"]
+             if args.smoke_steps else [])
+    common = ["--device", args.device] + threads + smoke
     if args.cifar:  # decode the JPEGs once into the uint8 cache before the runs start in parallel
         subprocess.run([sys.executable, "-c", "import sys; from core.data import load_dataset; "
                         "d = load_dataset(sys.argv[1]); print('data', d.train_x.shape, d.val_x.shape)",
@@ -76,8 +80,11 @@ def launch(args) -> int:
             name, prio, extra = todo.pop(0)
             data = [] if "features10" in name else ["--dataset", f"imagefolder:{args.cifar}"]
             recipe = FEATURES_RECIPE if "features10" in name else RECIPE
-            cmd = py + recipe + data + extra + common + ["--out", str(out_root / name)]
-            log = open(out_root / f"{name}.log", "w")
+            cmd = py + recipe + data + extra + common + where_to_write(out_root / name)
+            if cmd[-1] == "finished":
+                print(f"[{time.time() - start:6.0f}s] skip  {name} (finished)", flush=True)
+                continue
+            log = open(out_root / f"{name}.log", "a")
             running[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
             print(f"[{time.time() - start:6.0f}s] start {name} (priority {prio})", flush=True)
         for name, (proc, log) in list(running.items()):
@@ -100,6 +107,18 @@ def launch(args) -> int:
         time.sleep(1)
     print_table(out_root)
     return 0
+
+
+def where_to_write(run_dir: Path) -> list[str]:
+    """`--out DIR` for a new run, `--resume DIR` for one with a completed epoch, or
+    ["finished"] for one that is done. A folder cut before its first epoch is cleared."""
+    summary = run_dir / "summary.json"
+    if summary.exists() and json.loads(summary.read_text()).get("status") == "finished":
+        return ["finished"]
+    if (run_dir / "resume.safetensors").exists():
+        return ["--resume", str(run_dir)]
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return ["--out", str(run_dir)]
 
 
 def print_table(out_root: Path) -> None:
@@ -136,8 +155,9 @@ def main() -> int:
     p.add_argument("--out-root", default="runs/shipped")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
     p.add_argument("--device", default="auto")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--long-epochs", type=int, default=45, help="the 1.5x 'longer schedule' runs")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--long-epochs", type=int, default=30, help="the 1.5x 'longer schedule' runs")
+    p.add_argument("--num-threads", type=int, default=0, help="CPU threads per run (default: torch's)")
     p.add_argument("--features-epochs", type=int, default=4)
     p.add_argument("--deadline", type=float, default=0, help="seconds; then stop what still runs")
     p.add_argument("--only", nargs="*", help="substrings of run names to train")
