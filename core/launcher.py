@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from . import atomic
-from .runs import LOCAL_DIR, ROOT
+from .runs import LOCAL_DIR, ROOT, pid_alive
 
 STATE_DIRNAME = ".launcher"
 KEEP_DONE = 50  # finished jobs kept per device file (newest)
@@ -112,30 +112,6 @@ def _safe(name: str) -> str:
 # ---------------------------------------------------------------------------------------
 # Processes
 # ---------------------------------------------------------------------------------------
-
-def _alive(pid: int | None, job_id: str | None = None) -> bool:
-    """Is `pid` running (not a zombie), and, where /proc tells, is it this job's runner?"""
-    if not pid or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    proc = Path(f"/proc/{pid}")
-    if proc.exists():
-        try:
-            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-            if job_id is not None and job_id.encode() not in (proc / "cmdline").read_bytes():
-                return False  # the pid was recycled by another program
-        except (OSError, IndexError):
-            pass
-    return True
-
 
 def _reap(pid: int | None) -> int | None:
     """Collect our own finished child (no zombie left behind); its exit code when we can tell."""
@@ -250,7 +226,7 @@ class Launcher:
             if j.state != "running":
                 continue
             code = _reap(j.pid)
-            if code is None and _alive(j.pid, j.id):
+            if code is None and pid_alive(j.pid, (j.id.encode(),) if j.id else ()):
                 continue
             j.state, j.ended = "done", j.ended or time.time()
             if j.returncode is None:

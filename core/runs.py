@@ -172,7 +172,9 @@ def _metrics_tail_cut(path: Path) -> bool:
         return False
 
 
-def _pid_alive(pid) -> bool:
+def pid_alive(pid, markers: tuple[bytes, ...] = (b"python", b"core")) -> bool:
+    """Is `pid` running and not a zombie? Where /proc tells, its command line must also hold
+    one of `markers` (none given: no check), which guards against a recycled pid."""
     try:
         pid = int(pid)
     except (TypeError, ValueError):
@@ -187,17 +189,13 @@ def _pid_alive(pid) -> bool:
         return True
     except OSError:
         return False
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if cmdline.exists():  # Linux: guard against a recycled pid
+    proc = Path(f"/proc/{pid}")
+    if proc.exists():
         try:
-            text = cmdline.read_bytes().replace(b"\0", b" ")
-        except OSError:
-            return True
-        if b"python" not in text and b"core" not in text:
-            return False
-        state = Path(f"/proc/{pid}/stat")
-        try:  # a zombie (killed, not yet reaped) is not running
-            if state.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return False  # killed, not yet reaped
+            cmdline = (proc / "cmdline").read_bytes()
+            if markers and not any(m in cmdline for m in markers):
                 return False
         except (OSError, IndexError):
             pass
@@ -337,7 +335,7 @@ def inspect_run(path: str | os.PathLike, is_shipped: bool = False) -> Run:
         run.summary = load_summary(path)
         status = (run.summary or {}).get("status")
         if status == "running":
-            status = "running" if _pid_alive(run.summary.get("pid")) else "interrupted"
+            status = "running" if pid_alive(run.summary.get("pid")) else "interrupted"
             if status == "interrupted":
                 run.notes.append("summary says running but its process is gone")
         elif status not in ("finished", "failed", "stopped"):

@@ -1209,7 +1209,7 @@ def train(config: TrainConfig, callbacks: dict | None = None) -> TrainResult:
 
 def _refuse_live_run(run_dir: Path) -> None:
     """Two trainers in one folder would interleave their files: refuse while its process lives."""
-    from .runs import _pid_alive, load_summary
+    from .runs import load_summary, pid_alive
 
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun rank 0 decides (and its own pid is the one recorded)
@@ -1218,7 +1218,7 @@ def _refuse_live_run(run_dir: Path) -> None:
     except ValueError:
         return
     pid = s.get("pid")
-    if s.get("status") == "running" and pid and int(pid) != os.getpid() and _pid_alive(pid):
+    if s.get("status") == "running" and pid and int(pid) != os.getpid() and pid_alive(pid):
         raise ValueError(f"run {Path(run_dir).name} is still training (pid {pid}); stop it before resuming")
 
 
