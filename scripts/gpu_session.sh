@@ -16,7 +16,7 @@ python -m core bench speed --model resnet20 --batch 128 --repeats 15 --json > "$
 python -m core bench speed --model resnet18 --batch 128 --repeats 7 --json > "$OUT/speed_resnet18.json"
 
 # Trainings in the background; memory figures (per-process peaks) beside them.
-python scripts/train_shipped.py --cifar /tmp/cifar/train --out-root /tmp/shipped --jobs 15 \
+python scripts/train_shipped.py --cifar /tmp/cifar/train --out-root /tmp/shipped --jobs 15 --missing-only \
   --device cuda --deadline "$DEADLINE" > "$OUT/train_shipped.log" 2>&1 &
 TRAIN=$!
 python -m core bench memory --model resnet18 --batch 128 --json > "$OUT/memory_resnet18.json"

@@ -73,7 +73,8 @@ def launch(args) -> int:
                         "d = load_dataset(sys.argv[1]); print('data', d.train_x.shape, d.val_x.shape)",
                         f"imagefolder:{args.cifar}"], cwd=ROOT, env=env, check=True)
     todo = [r for r in plan(args.epochs, args.long_epochs, args.features_epochs)
-            if (args.cifar or "features10" in r[0]) and (not args.only or any(o in r[0] for o in args.only))]
+            if (args.cifar or "features10" in r[0]) and (not args.only or any(o in r[0] for o in args.only))
+            and not (args.missing_only and is_finished(ROOT / "checkpoints" / r[0]))]
     start, running, done = time.time(), {}, []
     while todo or running:
         while todo and len(running) < args.jobs:
@@ -109,11 +110,15 @@ def launch(args) -> int:
     return 0
 
 
+def is_finished(run_dir: Path) -> bool:
+    summary = run_dir / "summary.json"
+    return summary.exists() and json.loads(summary.read_text()).get("status") == "finished"
+
+
 def where_to_write(run_dir: Path) -> list[str]:
     """`--out DIR` for a new run, `--resume DIR` for one with a completed epoch, or
     ["finished"] for one that is done. A folder cut before its first epoch is cleared."""
-    summary = run_dir / "summary.json"
-    if summary.exists() and json.loads(summary.read_text()).get("status") == "finished":
+    if is_finished(run_dir):
         return ["finished"]
     if (run_dir / "resume.safetensors").exists():
         return ["--resume", str(run_dir)]
@@ -161,6 +166,7 @@ def main() -> int:
     p.add_argument("--features-epochs", type=int, default=4)
     p.add_argument("--deadline", type=float, default=0, help="seconds; then stop what still runs")
     p.add_argument("--only", nargs="*", help="substrings of run names to train")
+    p.add_argument("--missing-only", action="store_true", help="skip runs already shipped in checkpoints/")
     p.add_argument("--smoke-steps", type=int, default=0, help="tiny runs to test this script")
     p.add_argument("--collect", metavar="SRC", help="copy finished runs from SRC into checkpoints/")
     args = p.parse_args()

@@ -95,7 +95,8 @@ def test_shipped_plan_follows_the_issue_order():
 
 
 def test_shipped_script_carries_on_after_an_interruption(tmp_path, tiny_runs):
-    where = _load_script().where_to_write
+    script = _load_script()
+    where = script.where_to_write
     finished = tmp_path / "done"
     shutil.copytree(tiny_runs / "tiny-none", finished)
     assert where(finished) == ["finished"]
@@ -105,6 +106,7 @@ def test_shipped_script_carries_on_after_an_interruption(tmp_path, tiny_runs):
     s["status"] = "stopped"
     (resumable / "summary.json").write_text(json.dumps(s))
     assert where(resumable) == ["--resume", str(resumable)]
+    assert script.is_finished(finished) and not script.is_finished(resumable)  # what --missing-only skips
     early = tmp_path / "early"  # killed before its first epoch ended: nothing to resume from
     early.mkdir()
     (early / "config.json").write_text("{}")
