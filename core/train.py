@@ -760,11 +760,15 @@ class Trainer:
             self._restore()
 
         # dry run on one real batch: a policy that does not fit (K larger than a feature map)
-        # fails here, and the saved-activation bytes are measured once (exact, any device)
+        # fails here, and the saved-activation bytes are measured once (exact, any device). The
+        # figure runs are compared by is in float32, whatever the device; under autocast what
+        # training really keeps is measured too (and the autocast forward is checked).
         self.train_loader.set_epoch(self.epoch)
         xb, yb = next(iter(self.train_loader))
         try:
-            self.saved_report = saved_activation_bytes(_Autocast(self.model, self._autocast), xb, yb)
+            self.saved_report = saved_activation_bytes(self.model, xb, yb)
+            self.saved_report_amp = (None if self.amp_dtype is None else
+                                     saved_activation_bytes(_Autocast(self.model, self._autocast), xb, yb))
         except PolicyError as e:
             raise PolicyError(f"policy {cfg.policy!r} does not fit {cfg.model} on {cfg.dataset}: {e}") from None
         self.measured_batch = int(yb.shape[0])
@@ -856,6 +860,7 @@ class Trainer:
     def _config_record(self) -> dict:
         cfg, d = self.config, self.data
         rep = self.saved_report
+        amp_bytes = None if self.saved_report_amp is None else self.saved_report_amp.total_bytes
         return {
             **cfg.to_dict(),
             "format": RUN_FORMAT,
@@ -876,6 +881,7 @@ class Trainer:
             "amp_dtype_used": None if self.amp_dtype is None else str(self.amp_dtype).replace("torch.", ""),
             "threads": torch.get_num_threads(),
             "memory": {"saved_activation_bytes": rep.total_bytes, "saved_activation_by_kind": rep.by_kind,
+                       "saved_activation_bytes_amp": amp_bytes,
                        "measured_batch": self.measured_batch, "model_state_bytes": self.state_bytes},
             "world_size": self.world,
             "versions": versions(),
@@ -932,6 +938,7 @@ class Trainer:
             "last_train_acc": (self.last_eval or {}).get("train_acc"),
             "saved_activation_bytes": self.saved_report.total_bytes,
             "saved_activation_by_kind": self.saved_report.by_kind,
+            "saved_activation_bytes_amp": None if self.saved_report_amp is None else self.saved_report_amp.total_bytes,
             "model_state_bytes": self.state_bytes["total"],
             "cuda_peak_bytes": torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
             "wall_s": round(wall, 3), "train_s": round(train_s, 3),

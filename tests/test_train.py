@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from core.__main__ import main
 from core.compression import compress_model
+from core.memory import saved_activation_bytes
 from core.models import build_model
 from core.runs import list_runs, load_model, read_metrics
 from core.train import (
@@ -139,6 +140,28 @@ def test_smoke_run_writes_every_file_with_documented_keys(tmp_path, capsys):
     comp = compress_model(build_model("resnet20"), "avg2+mask")
     comp.load_state_dict(state)
     assert torch.equal(load_model(out).conv1.weight, state["conv1.weight"])
+
+
+def test_saved_bytes_are_float32_so_runs_compare_and_the_autocast_figure_is_kept_beside(tmp_path, capsys):
+    """A bf16 run (CPU autocast here, CUDA's on a GPU) reports the same comparable figure as a
+    float32 run, measured directly, and what it really kept under autocast separately."""
+    figures = {}
+    for amp in ("--no-amp", "--amp"):
+        out = tmp_path / amp
+        code = main(["train", *TINY, "--policy", "avg2+mask", "--epochs", "1", "--steps", "1", amp,
+                     "--amp-dtype", "bf16", "--out", str(out)])
+        assert code == 0, capsys.readouterr().err
+        figures[amp] = (json.loads((out / "config.json").read_text())["memory"], summary(out))
+    cfg = json.loads((tmp_path / "--amp" / "config.json").read_text())
+    batch = cfg["memory"]["measured_batch"]
+    torch.manual_seed(0)
+    direct = saved_activation_bytes(compress_model(build_model("resnet20"), "avg2+mask"),
+                                    torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))).total_bytes
+    (mem32, s32), (mem16, s16) = figures["--no-amp"], figures["--amp"]
+    assert mem32["saved_activation_bytes"] == mem16["saved_activation_bytes"] == direct
+    assert s32["saved_activation_bytes"] == s16["saved_activation_bytes"] == direct
+    assert mem32["saved_activation_bytes_amp"] is None and s32["saved_activation_bytes_amp"] is None
+    assert 0 < mem16["saved_activation_bytes_amp"] == s16["saved_activation_bytes_amp"] < direct
 
 
 def test_resume_after_stop_is_bitwise_equal_to_a_straight_run(tmp_path):
