@@ -1,16 +1,23 @@
 """Guards the shipped runs in checkpoints/: each loads, matches its config, and its summary
 agrees with its own metrics; the folder stays small and holds nothing that needs pickle."""
 
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from core.compression import CompressionPolicy
+from core.compression import CompressionPolicy, compress_model
+from core.evaluate import evaluate_run
+from core.memory import saved_activation_bytes
+from core.models import build_model
 from core.runs import inspect_run, load_model, read_metrics
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 RUNS = sorted(p for p in CHECKPOINTS.iterdir() if p.is_dir()) if CHECKPOINTS.is_dir() else []
+CIFAR_RUNS = [p for p in RUNS if "-cifar-" in p.name]
+FEATURE_RUNS = [p for p in RUNS if "-features10-" in p.name]
+SHARED_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-jpeg.zip"
 
 
 def test_there_are_shipped_runs_and_the_folder_is_small():
@@ -42,3 +49,52 @@ def test_shipped_run_loads_and_agrees_with_itself(path):
     assert summary["steps"] == max(r["step"] for r in metrics.steps)
     if not policy.is_exact:  # compressed runs carry their gradient-fidelity records
         assert metrics.fidelity and all(0 < layer["cosine"] <= 1 + 1e-6 for layer in metrics.fidelity[-1]["layers"])
+
+    # saved activations: one float32 figure in config, summary and the first step record,
+    # equal to a direct measurement at the batch it names
+    mem = cfg["memory"]
+    assert summary["saved_activation_bytes"] == mem["saved_activation_bytes"] == metrics.steps[0]["saved_bytes"]
+    batch = mem["measured_batch"]
+    direct = saved_activation_bytes(compress_model(build_model(cfg["model"], cfg["num_classes"]), policy),
+                                    torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,)))
+    assert direct.total_bytes == mem["saved_activation_bytes"]
+
+
+@pytest.mark.parametrize("path", FEATURE_RUNS, ids=[p.name for p in FEATURE_RUNS])
+def test_features10_runs_re_evaluate_to_their_summary(path):
+    """`evaluate` rebuilds the built-in set from the run's seed: the same 2,000 images, so the
+    same accuracy (CPU-trained, float32 both times)."""
+    res = evaluate_run(path, device="cpu")
+    assert res["acc"] == pytest.approx(inspect_run(path).summary["last_val_acc"], abs=1.5e-3)
+
+
+@pytest.fixture(scope="module")
+def cifar_val(tmp_path_factory):
+    """The fixed CIFAR-10 JPEG validation split (images 4500-4999 of each class) as
+    PATH/val, with one training image a class so that PATH/train names the classes."""
+    if not SHARED_ZIP.is_file():
+        pytest.skip(f"no {SHARED_ZIP}")
+    root = tmp_path_factory.mktemp("cifar_val")
+    zf = zipfile.ZipFile(SHARED_ZIP)
+    for name in zf.namelist():
+        if name.endswith(".jpg"):
+            _, cls, fn = name.split("/")
+            number = int(fn[:4])
+            if number >= 4500:
+                (root / "val" / cls).mkdir(parents=True, exist_ok=True)
+                (root / "val" / cls / fn).write_bytes(zf.read(name))
+            elif number == 0:
+                (root / "train" / cls).mkdir(parents=True, exist_ok=True)
+                (root / "train" / cls / fn).write_bytes(zf.read(name))
+    return root
+
+
+@pytest.mark.parametrize("path", CIFAR_RUNS, ids=[p.name for p in CIFAR_RUNS])
+def test_cifar_runs_re_evaluate_to_their_summary(path, cifar_val):
+    """On the same 5,000 validation images. A GPU run was evaluated under bf16 autocast while
+    training, here in float32: a few borderline images may flip."""
+    cfg = inspect_run(path).config
+    res = evaluate_run(path, dataset=f"imagefolder:{cifar_val}", device="cpu")
+    assert res["n"] == 5000
+    tolerance = 2.5e-3 if cfg.get("amp_dtype_used") else 1.5e-3
+    assert res["acc"] == pytest.approx(inspect_run(path).summary["last_val_acc"], abs=tolerance)
