@@ -36,6 +36,13 @@ def _first_layer_hf_share(run) -> float:
     return high_frequency_share(model.get_submodule(first_conv(model)).weight)
 
 
+def _trained_on(cfg: dict) -> str:
+    """'NVIDIA H200, bfloat16' or 'CPU, float32' (autocast changes the numbers a little)."""
+    used = str(cfg.get("device_used") or cfg.get("device") or "?")
+    where = (cfg.get("device_name") or used) if used.startswith("cuda") else used.split(":")[0].upper()
+    return f"{where}, {cfg.get('amp_dtype_used') or 'float32'}"
+
+
 def group_runs(run_dirs) -> list[dict]:
     """Finished runs grouped by (data, model, policy, epochs), in first-seen order.
 
@@ -55,7 +62,7 @@ def group_runs(run_dirs) -> list[dict]:
         g["seeds"].append(cfg.get("seed"))
         g["accs"].append(s.get("last_val_acc"))
         g["hf"].append(_first_layer_hf_share(run))
-        g["devices"].append(cfg.get("device_name") or cfg.get("device_used") or cfg.get("device"))
+        g["devices"].append(_trained_on(cfg))
     rows = []
     order = sorted(groups, key=lambda k: (k[0] != "CIFAR-10", k[1], k[2] != "none", k[2], k[3]))
     for g in (groups[k] for k in order):
@@ -111,7 +118,7 @@ def _mem(r: dict, model: str) -> str:
 
 def format_markdown(rows: list[dict]) -> str:
     head = ("| data | model | policy | epochs | seeds | val accuracy % | ResNet-20 saved (batch 128) | "
-            "ResNet-18 saved (batch 128) | step-time ratio | first-layer HF share |")
+            "ResNet-18 saved (batch 128) | step-time ratio | first-layer HF share | trained on |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         acc = _pct(r["acc_mean"])
@@ -120,7 +127,8 @@ def format_markdown(rows: list[dict]) -> str:
         ratio = r.get("step_time_ratio")
         lines.append(f"| {r['data']} | {r['model']} | `{r['policy']}` | {r['epochs']} | {len(r['accs'])} | {acc} | "
                      f"{_mem(r, 'resnet20')} | {_mem(r, 'resnet18')} | "
-                     f"{'—' if ratio is None else f'{ratio:.2f}'} | {r['hf_share']:.2f} |")
+                     f"{'—' if ratio is None else f'{ratio:.2f}'} | {r['hf_share']:.2f} | "
+                     f"{'; '.join(dict.fromkeys(r['devices']))} |")
     return "\n".join(lines)
 
 

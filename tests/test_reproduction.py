@@ -55,6 +55,7 @@ def test_groups_pool_seeds_and_skip_unfinished(tiny_runs, tmp_path):
     assert none["acc_spread"] == pytest.approx(0.05)  # half the range
     assert pooled["acc_spread"] is None
     assert none["data"] == "features10" and none["epochs"] == 2
+    assert none["devices"] == ["CPU, float32"] * 2
     # the filter statistic is the first conv's, read from the saved weights
     assert 0.0 < pooled["hf_share"] < 1.0
 
@@ -74,7 +75,8 @@ def test_memory_columns_match_a_direct_measurement_and_skip_what_does_not_fit():
     assert avg8["resnet20_saved_bytes"] is not None  # ResNet-20's last stage is 8x8: fits
     assert avg8["resnet18_saved_bytes"] is None and avg8["resnet18_cut"] is None  # 4x4: does not
     table = reproduction.format_markdown([dict(r, data="d", model="m", epochs=1, accs=[0.5], acc_mean=0.5,
-                                               acc_spread=None, hf_share=0.5) for r in rows])
+                                               acc_spread=None, hf_share=0.5, devices=["CPU, float32"])
+                                          for r in rows])
     assert len(table.splitlines()) == 2 + 3 and "—" in table.splitlines()[-1]
 
 
