@@ -314,3 +314,27 @@ def test_home_is_quick_once_warm(app_env):
     t0 = time.perf_counter()
     page("home")
     assert time.perf_counter() - t0 < 10  # generous: the test machine is shared
+
+
+SHIPPED_CIFAR = sorted((ROOT / "checkpoints").glob("r20-cifar-*"))
+
+
+@pytest.mark.skipif(len(SHIPPED_CIFAR) < 2, reason="fewer than two shipped CIFAR runs")
+def test_shipped_cifar_runs_show_on_every_page_without_their_dataset(tmp_path, monkeypatch):
+    """A fresh clone has the shipped CIFAR runs but not the images they were trained on
+    (their config names a local folder): every page still shows them, and the pages that
+    need images say so and use the built-in set."""
+    monkeypatch.chdir(tmp_path)  # the runs' relative dataset path does not exist from here
+    monkeypatch.delenv("POOLPROP_RUN_DIRS", raising=False)
+    monkeypatch.setenv("POOLPROP_RUNS_ROOT", str(tmp_path / "new_runs"))
+    selection = [str(p) for p in SHIPPED_CIFAR[:2]]
+    for name in PAGES:
+        at = AppTest.from_file(str(ROOT / PAGES[name]), default_timeout=300)
+        at.session_state["selected_runs"] = selection
+        at.run()
+        no_errors(at)
+        assert at.session_state["selected_runs"] == selection
+        if name in ("fidelity", "attributions"):
+            at.button[0].click().run()
+            no_errors(at)
+            assert "not available here" in texts(at.warning)
