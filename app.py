@@ -1,89 +1,13 @@
-"""PoolProp home: the method in one picture, the runs at hand, where to go next.
+"""`streamlit run app.py`: PoolProp's navigation. The home page is pages/0_Home.py, the views
+are pages/N_Name.py; everything that computes lives in core/.
 
-`streamlit run app.py`. Pages live in pages/; everything that computes lives in core/.
+Listed here (st.navigation) rather than found by Streamlit, so that the first entry in the
+sidebar reads "Home" instead of the script's name. Page URLs stay /Train, /Memory, ...
 """
 
 import streamlit as st
 
-from core import plots
-from core.features import layer_names
-from ui import common as ui
+PAGES = ["pages/0_Home.py", "pages/1_Train.py", "pages/2_Loss_curves.py", "pages/3_Memory.py",
+         "pages/4_Gradient_fidelity.py", "pages/5_Filters_and_features.py", "pages/6_Attributions.py"]
 
-runs = ui.page("PoolProp", "Backpropagation with compressed activations: the forward pass stays exact; "
-                           "each layer keeps only a pooled copy of its input for the backward pass.")
-
-# ---------------------------------------------------------------------------------------
-st.header("The method in one picture")
-UNTRAINED = "untrained ResNet-20"
-run_names = dict(zip(ui.names_of(runs), runs))
-c_model, c_src, c_img, c_layer, c_k = st.columns([3, 2, 1, 2, 2])
-model_name = c_model.selectbox("Model", [*run_names, UNTRAINED], key="home_model")
-run = run_names.get(model_name)
-source = c_src.radio("Image", ["built-in set", "run's dataset"], key="home_source", horizontal=True,
-                     disabled=run is None, help="built-in: features10, made on the fly (offline)")
-index = c_img.number_input("Image no.", 0, 9, 0, key="home_image")
-
-with ui.guard("Cannot show the picture"):
-    model = ui.model_of(run, private=True) if run is not None else ui.untrained_model("resnet20")
-    images, labels_, classes, problem = ui.pick_images(run if source == "run's dataset" else None, 10)
-    if problem:
-        st.warning(problem)
-    convs = layer_names(model, "conv")
-    default_layer = next((i for i, n in enumerate(convs) if n.endswith("layer1.0.conv2")), min(2, len(convs) - 1))
-    layer = c_layer.selectbox("Layer", convs, index=default_layer, key="home_layer")
-    k = c_k.select_slider("K (pooling)", [1, 2, 4, 8], value=2, key="home_k")
-    c_pool, c_ch, c_note = st.columns([2, 2, 6])
-    pool = c_pool.radio("Pooling", ["avg", "max"], horizontal=True, key="home_pool")
-    channel = c_ch.number_input("Channel", 0, 511, 0, key="home_channel")
-    x = ui.to_input(images[index:index + 1], run)
-    pic = ui.method_picture(model, layer, x, k, pool, channel)
-    c, h, w = pic["shape"]
-    c_note.markdown(f"Layer input: **{c} channels × {h}×{h}**; the picture shows channel {pic['channel']}. "
-                    f"Class: *{classes[int(labels_[index])]}*.")
-    ui.show(plots.method_figure(ui.to_display(images[index:index + 1])[0], pic["activation"], pic["pooled"],
-                                pic["restored"], k, pool, layer, pic["channel"], pic["bytes"]),
-            "method-picture",
-            f"The forward pass multiplies the full activation with the weights; a compressed layer keeps only "
-            f"the {k}×{k} {'averages' if pool == 'avg' else 'maxima'} for the backward pass, and computes its "
-            f"weight gradient from the blocky copy on the right (relative error {pic['rel_error']:.0%}). "
-            "Input gradients stay exact.")
-    b = pic["bytes"]
-    items = {"full activation (ReLU keeps it too)": b["full"], f"pooled copy, K={k}": b["pooled"],
-             "ReLU 1-bit mask": b["mask"]}
-    ui.show(plots.bytes_bars(items, x_title=f"bytes per image, all {c} channels"), "method-bytes",
-            "What this one layer keeps per image. Pooling alone adds a copy, because the ReLU before it still "
-            "keeps the full tensor; with the 1-bit mask the full tensor can go.")
-
-# ---------------------------------------------------------------------------------------
-st.header("Runs at hand")
-everything = ui.all_runs()
-rows = ui.runs_table(everything)
-if rows:
-    st.dataframe(rows, hide_index=True, column_config={"folder": None})
-    ui.download_csv(rows, "poolprop-runs.csv")
-    broken = [r for r in everything if not r.ok]
-    if broken:
-        st.warning(f"{len(broken)} run folder(s) cannot be used; the 'note' column says why.")
-else:
-    st.info("No runs yet. The shipped checkpoints go in checkpoints/; train your own on the Train page.")
-
-prows_all = ui.usable_runs()
-datasets = sorted({str((r.config or {}).get("dataset")) for r in prows_all if (r.summary or {}).get("best_val_acc")})
-if datasets:
-    ds = st.selectbox("Dataset for the accuracy-vs-memory plot", datasets, key="home_pareto_ds") \
-        if len(datasets) > 1 else datasets[0]
-    subset = [r for r in prows_all if str((r.config or {}).get("dataset")) == ds]
-    prow = ui.pareto_rows(subset)
-    ui.show(plots.pareto_scatter(prow, "saved activations per training image", colors=ui.colors_for(subset),
-                                 title=f"Accuracy vs memory · {ds}"), "pareto",
-            "Each dot is a run: further left keeps less for backward, higher is more accurate; "
-            "diamonds on the dashed line are the best trade-offs.")
-
-# ---------------------------------------------------------------------------------------
-st.header("Where to go")
-st.page_link("pages/1_Train.py", label="Train — start a run, watch it live")
-st.page_link("pages/2_Loss_curves.py", label="Loss curves — compare runs over time")
-st.page_link("pages/3_Memory.py", label="Memory — what each policy keeps, and the largest batch a GPU fits")
-st.page_link("pages/4_Gradient_fidelity.py", label="Gradient fidelity — how close the compressed gradients are")
-st.page_link("pages/5_Filters_and_features.py", label="Filters & features — what the networks learned")
-st.page_link("pages/6_Attributions.py", label="Attributions — where the models look")
+st.navigation([st.Page(path, default=(path == PAGES[0])) for path in PAGES]).run()

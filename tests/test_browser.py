@@ -133,6 +133,9 @@ def tour_home(page, server, shots: Shots) -> None:
     TIMINGS["home: health OK -> rendered (+ Chromium start)"] = time.monotonic() - server.healthy
     assert_clean(page, "home")
     assert page.locator("h1").first.inner_text().strip() == "PoolProp"
+    nav = [t.strip() for t in page.locator('[data-testid="stSidebarNav"] a').all_inner_texts()]
+    assert nav == ["Home", "Train", "Loss curves", "Memory", "Gradient fidelity", "Filters and features",
+                   "Attributions"], nav
     wait_charts(page, 3, "home")  # the method picture, its bytes, the Pareto plot
     assert page.locator('[data-testid="stDataFrame"]').count() >= 1  # the runs table
     shots(page, "home")
