@@ -15,12 +15,17 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory):
     """Two finished tiny runs (baseline and avg2+mask) on a 64-image features10, shared by tests."""
-    from core.train import TrainConfig, train
+    from helpers import make_tiny_runs
 
-    root = tmp_path_factory.mktemp("tiny_runs")
-    for policy in ("none", "avg2+mask"):
-        cfg = TrainConfig(model="resnet20", dataset="features10:train=64,val=32", policy=policy, epochs=2,
-                          batch_size=32, eval_batch_size=32, log_every=1, fidelity_every=1, num_threads=1,
-                          device="cpu", progress=False, out=str(root / f"tiny-{policy.replace('+', '_')}"))
-        assert train(cfg).status == "finished"
-    return root
+    return make_tiny_runs(tmp_path_factory.mktemp("tiny_runs"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny convs (batches of 1-8 small images): on a busy
+    2-core machine two OpenMP threads spin-wait and run them 4-10x slower. Results do not depend
+    on it; the count is restored afterwards. Use: pytestmark = pytest.mark.usefixtures("one_thread")."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,18 +8,10 @@ from core import attribution as A
 from core.compression import compress_model
 from core.models import build_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST = {"integrated_gradients": {"n_steps": 16}, "gradient_shap": {"n_samples": 4},
         "occlusion": {"window": 8, "stride": 4}}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Batches of 1-8 tiny images: intra-op threads only add synchronisation, and on a busy
-    2-core machine OpenMP spin-waits made these tests 4-10x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _hooks(model):

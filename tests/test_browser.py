@@ -38,6 +38,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import browser_support as bs  # noqa: E402
+from helpers import make_tiny_runs  # noqa: E402
 
 ROOT = bs.ROOT
 pytestmark = pytest.mark.browser
@@ -266,15 +267,7 @@ def browser_runs(tmp_path_factory) -> Path:
     why = bs.missing_requirements()
     if why:
         pytest.skip(f"browser test needs Chromium and Playwright: {why}")
-    from core.train import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("browser_runs")
-    for policy in ("none", "avg2+mask"):
-        cfg = TrainConfig(model="resnet20", dataset="features10:train=64,val=32", policy=policy, epochs=2,
-                          batch_size=32, eval_batch_size=32, log_every=1, fidelity_every=1, num_threads=1,
-                          device="cpu", progress=False, out=str(root / f"tiny-{policy.replace('+', '_')}"))
-        assert train(cfg).status == "finished"
-    return root
+    return make_tiny_runs(tmp_path_factory.mktemp("browser_runs"))
 
 
 @pytest.fixture(scope="module")

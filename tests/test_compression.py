@@ -19,14 +19,7 @@ from core.compression import (
 )
 from core.models import build_model
 
-
-def block_constant(shape, k, dtype=torch.float64, seed=0):
-    """A random tensor constant on k x k blocks (edge blocks cropped)."""
-    g = torch.Generator().manual_seed(seed)
-    b, c, h, w = shape
-    t = torch.randn(b, c, -(-h // k), -(-w // k), dtype=dtype, generator=g)
-    return t.repeat_interleave(k, 2).repeat_interleave(k, 3)[:, :, :h, :w].contiguous()
-
+from helpers import block_constant
 
 # (kernel, stride, padding, dilation, groups) -- sizes divisible by k at the output
 CONV_CASES = [(3, 1, 1, 1, 1), (3, 2, 1, 1, 1), (1, 2, 0, 1, 1), (3, 1, 2, 2, 1), (5, 1, 2, 1, 2), (7, 2, 3, 1, 1)]

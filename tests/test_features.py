@@ -9,15 +9,7 @@ from core import features as F
 from core.compression import compress_model
 from core.models import build_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Batches of 1-8 tiny images: intra-op threads only add synchronisation, and on a busy
-    2-core machine OpenMP spin-waits made these tests 4-10x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _all_hooks_empty(model):

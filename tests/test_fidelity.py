@@ -22,13 +22,9 @@ from core.fidelity import (
 )
 from core.models import build_model
 
+from helpers import block_constant
 
-def block_constant(shape, k, dtype=torch.float64, seed=0):
-    """A random tensor constant on k x k blocks."""
-    g = torch.Generator().manual_seed(seed)
-    b, c, h, w = shape
-    t = torch.randn(b, c, h // k, w // k, dtype=dtype, generator=g)
-    return t.repeat_interleave(k, 2).repeat_interleave(k, 3).contiguous()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class BlockNet(nn.Module):
@@ -69,16 +65,6 @@ def features_batch(n=16, seed=0):
         y = torch.randint(0, 10, (n,), generator=g)
     x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
     return x, y
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, two OpenMP threads that contend with other
-    processes spin-wait and run these tiny convs ~10x slower. Results do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
