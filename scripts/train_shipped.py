@@ -138,15 +138,16 @@ def print_table(out_root: Path) -> None:
 
 
 def collect(src: Path, dest: Path) -> int:
-    """Copy finished runs into checkpoints/ (weights, config, metrics, summary; no resume state)."""
+    """Copy finished runs into checkpoints/ (weights, config, metrics, summary; no resume state).
+    A run already shipped is left as it is (shipped files may have been amended since): delete
+    it from checkpoints/ to replace it."""
     dest.mkdir(parents=True, exist_ok=True)
     for run in sorted(p.parent for p in src.glob("*/summary.json")):
         status = json.loads((run / "summary.json").read_text()).get("status")
-        if status != "finished":
-            print(f"skip {run.name}: {status}")
-            continue
         target = dest / run.name
-        shutil.rmtree(target, ignore_errors=True)
+        if status != "finished" or target.exists():
+            print(f"skip {run.name}: {'already shipped' if target.exists() else status}")
+            continue
         target.mkdir()
         for f in ("config.json", "metrics.jsonl", "model.safetensors", "summary.json"):
             shutil.copy2(run / f, target / f)

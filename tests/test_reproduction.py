@@ -113,3 +113,23 @@ def test_shipped_script_carries_on_after_an_interruption(tmp_path, tiny_runs):
     early.mkdir()
     (early / "config.json").write_text("{}")
     assert where(early) == ["--out", str(early)] and not early.exists()
+
+
+def test_collect_ships_finished_runs_without_resume_state_and_keeps_shipped_ones(tmp_path, tiny_runs):
+    src, dest = tmp_path / "runs", tmp_path / "checkpoints"
+    shutil.copytree(tiny_runs / "tiny-none", src / "new")
+    shutil.copytree(tiny_runs / "tiny-avg2_mask", src / "cut")
+    s = json.loads((src / "cut" / "summary.json").read_text())
+    s["status"] = "stopped"
+    (src / "cut" / "summary.json").write_text(json.dumps(s))
+    shutil.copytree(tiny_runs / "tiny-none", src / "old")
+    (dest / "old").mkdir(parents=True)
+    (dest / "old" / "summary.json").write_text('{"amended": true}')
+    (src / "new" / "resume.json").write_text("{}")
+
+    assert _load_script().collect(src, dest) == 0
+    assert sorted(f.name for f in (dest / "new").iterdir()) == [
+        "config.json", "metrics.jsonl", "model.safetensors", "summary.json"]
+    assert (dest / "new" / "model.safetensors").read_bytes() == (src / "new" / "model.safetensors").read_bytes()
+    assert not (dest / "cut").exists()
+    assert json.loads((dest / "old" / "summary.json").read_text()) == {"amended": True}
