@@ -138,6 +138,21 @@ def epochs_to_accuracy_table(runs_metrics: Mapping[str, Sequence[Mapping]],
     return rows
 
 
+def per_class_groups(runs: Mapping[str, tuple[Sequence[str] | None, Sequence | None]]) -> tuple[list[dict], list[str]]:
+    """Runs {name: (class names, per-class validation accuracy)} grouped by their class list, so
+    that only runs of the same classes share a chart: ([{"classes": [...], "runs": {name: [acc
+    or None per class]}}] in first-seen order, [names of runs without per-class figures])."""
+    groups: dict[tuple, dict] = {}
+    missing = []
+    for name, (classes, accs) in runs.items():
+        if not classes or not accs or len(classes) != len(accs):
+            missing.append(name)
+            continue
+        group = groups.setdefault(tuple(classes), {"classes": list(classes), "runs": {}})
+        group["runs"][name] = [a if _finite(a) else None for a in accs]
+    return list(groups.values()), missing
+
+
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats on both axes, where lower x (memory) and
     higher y (accuracy) are better; sorted by x. Points with a missing value are skipped."""
@@ -152,4 +167,4 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 __all__ = ["MAX_POINTS", "X_KINDS", "Y_SOURCES", "downsample", "ema", "epochs_to_accuracy",
-           "epochs_to_accuracy_table", "pareto_front", "records_of", "series", "steps_per_epoch"]
+           "epochs_to_accuracy_table", "pareto_front", "per_class_groups", "records_of", "series", "steps_per_epoch"]

@@ -239,6 +239,32 @@ def time_to_accuracy_bars(rows: Sequence[Mapping], threshold: float, by: str = "
     return fig
 
 
+def per_class_bars(classes: Sequence[str], accs_by_run: Mapping[str, Sequence[float | None]],
+                   reference: str | None = None, colors: Mapping[str, str] | None = None,
+                   title: str | None = None) -> go.Figure:
+    """Grouped bars, one group per class and one bar per run: validation accuracy in %, or with
+    `reference` (one of the runs) each other run's difference to it in percentage points, which
+    shows at a glance which classes a setting costs."""
+    names = [n for n in accs_by_run if n != reference]
+    cmap = _colors(list(accs_by_run), colors)
+    ref = accs_by_run[reference] if reference else None
+    fig = go.Figure()
+    for n in names:
+        ys = [None if a is None else 100 * a for a in accs_by_run[n]]
+        if ref is not None:
+            ys = [None if y is None or r is None else y - 100 * r for y, r in zip(ys, ref)]
+        fig.add_trace(go.Bar(x=list(classes), y=ys, name=n, marker_color=cmap[n],
+                             hovertemplate="%{x}: %{y:+.1f} points<extra>" + n + "</extra>" if ref is not None
+                             else "%{x}: %{y:.1f} %<extra>" + n + "</extra>"))
+    base_layout(fig, title, None, "change (points)" if reference else "validation accuracy (%)")
+    fig.update_layout(barmode="group", bargap=0.2)
+    if ref is None:
+        fig.update_yaxes(range=[0, 100])
+    else:
+        fig.add_hline(y=0, line_color="#444", line_width=1)
+    return _legend_below(fig, n_entries=len(names))
+
+
 # =======================================================================================
 # Memory vs accuracy
 # =======================================================================================

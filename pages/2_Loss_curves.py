@@ -52,3 +52,26 @@ if ui.need_runs(runs, 1, "loss curves"):
     with right:
         ui.show(plots.time_to_accuracy_bars(rows, target, colors=colors), "epochs-to-accuracy",
                 "Fewer epochs is better; compressed runs may need a longer schedule.")
+
+    st.subheader("Accuracy per class")
+    by_name = dict(zip(names, runs))
+    groups, no_classes = curves.per_class_groups(
+        {n: ((r.config or {}).get("classes"), (r.summary or {}).get("per_class_val_acc")) for n, r in by_name.items()})
+    for i, group in enumerate(groups):
+        in_group = list(group["runs"])
+        data = ui.dataset_label((by_name[in_group[0]].config or {}).get("dataset"))
+        reference = None
+        if len(in_group) > 1:  # a difference to one run shows which classes a setting costs
+            baselines = [n for n in in_group if (by_name[n].config or {}).get("policy") == "none"]
+            choices = {"accuracy": None, **{f"change vs {n}": n for n in in_group}}
+            default = list(choices.values()).index(baselines[0]) if baselines else 0
+            reference = choices[st.selectbox(f"Show ({data})", list(choices), index=default,
+                                             key=f"lc_class_ref_{i}_{'|'.join(in_group)}")]
+        title = ("Per-class accuracy" + (f" on {data}" if len(groups) > 1 else "")
+                 + (f", change vs {reference}" if reference else ""))
+        ui.show(plots.per_class_bars(group["classes"], group["runs"], reference=reference, colors=colors,
+                                     title=title), f"per-class-{data}",
+                "At the last evaluation; with few images per class a few points are noise.")
+    if no_classes:
+        st.caption("No per-class figures (runs from before they were recorded, or not evaluated yet): "
+                   + ", ".join(no_classes))

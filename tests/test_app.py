@@ -10,6 +10,7 @@ here we check text, widgets and state.
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import time
 from pathlib import Path
@@ -182,6 +183,23 @@ def test_loss_curves_table(app_env):
     at.radio(key="lc_x").set_value("epoch").run()
     at.checkbox(key="lc_log").check().run()
     no_errors(at)
+
+
+def test_loss_curves_per_class_change_against_the_baseline(app_env):
+    at = page("loss")
+    (show,) = [s for s in at.selectbox if s.label.startswith("Show (")]
+    assert show.value.startswith("change vs none")  # the baseline run is picked by default
+    summaries = {p.name: json.loads((p / "summary.json").read_text()) for p in app_env.iterdir()}
+    expected = [100 * (a - b) for a, b in zip(summaries["tiny-avg2_mask"]["per_class_val_acc"],
+                                              summaries["tiny-none"]["per_class_val_acc"])]
+    fig = json.loads(at.get("plotly_chart")[-1].proto.spec)
+    (trace,) = fig["data"]  # one bar per class for the compressed run; the baseline is the zero line
+    assert trace["y"] == pytest.approx(expected)
+    show.select_index(0).run()  # "accuracy"
+    no_errors(at)
+    fig = json.loads(at.get("plotly_chart")[-1].proto.spec)
+    assert [t["y"] for t in fig["data"]] == [
+        pytest.approx([100 * a for a in summaries[n]["per_class_val_acc"]]) for n in ("tiny-none", "tiny-avg2_mask")]
 
 
 def test_memory_ladder_and_planner(app_env):

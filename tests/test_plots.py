@@ -134,6 +134,27 @@ def test_time_to_accuracy_bars():
     assert "empty" in fig.layout.annotations[0].text
 
 
+def test_per_class_groups_keep_runs_of_other_classes_apart():
+    groups, missing = curves.per_class_groups({
+        "a": (["cat", "dog"], [0.5, float("nan")]), "b": (["x", "y", "z"], [1.0, 0.0, 0.5]),
+        "c": (["cat", "dog"], [0.25, 0.75]), "old": (["cat", "dog"], None), "cut": (["cat", "dog"], [0.5])})
+    assert [g["classes"] for g in groups] == [["cat", "dog"], ["x", "y", "z"]]
+    assert groups[0]["runs"] == {"a": [0.5, None], "c": [0.25, 0.75]}
+    assert missing == ["old", "cut"]
+
+
+def test_per_class_bars_absolute_and_against_a_reference():
+    accs = {"none": [0.9, 0.5, None], "avg4": [0.8, 0.6, 0.7], "avg8": [0.45, 0.5, 0.1]}
+    fig = P.per_class_bars(["a", "b", "c"], accs)
+    assert [t.name for t in fig.data] == ["none", "avg4", "avg8"] and fig.layout.barmode == "group"
+    assert list(fig.data[1].y) == pytest.approx([80, 60, 70])
+    diff = P.per_class_bars(["a", "b", "c"], accs, reference="none")
+    assert [t.name for t in diff.data] == ["avg4", "avg8"]  # the reference is the zero line
+    assert diff.data[0].y[:2] == pytest.approx((-10, 10)) and diff.data[0].y[2] is None
+    assert diff.data[1].y[:2] == pytest.approx((-45, 0))
+    assert diff.data[0].marker.color == P.color_map(list(accs))["avg4"]
+
+
 def test_pareto_scatter():
     rows = [{"name": "baseline", "policy": "none", "acc": 0.91, "memory": 300 * 2 ** 20},
             {"name": "pooled", "policy": "avg2+mask", "acc": 0.90, "memory": 200 * 2 ** 20},
