@@ -128,15 +128,20 @@ def wait_charts(page, n: int, where: str, timeout: float = 60.0) -> int:
     return c
 
 
+NAV = ["Home", "Train", "Loss curves", "Memory", "Gradient fidelity", "Filters and features", "Attributions"]
+
+
+def sidebar_nav(page) -> list[str]:
+    return [t.strip() for t in page.locator('[data-testid="stSidebarNav"] a').all_inner_texts()]
+
+
 def tour_home(page, server, shots: Shots) -> None:
     TIMINGS["server: process start -> health OK"] = server.healthy - server.started
     TIMINGS["home: page opened -> rendered (first run)"] = bs.open_url(page, server.url)
     TIMINGS["home: health OK -> rendered (+ Chromium start)"] = time.monotonic() - server.healthy
     assert_clean(page, "home")
     assert page.locator("h1").first.inner_text().strip() == "PoolProp"
-    nav = [t.strip() for t in page.locator('[data-testid="stSidebarNav"] a').all_inner_texts()]
-    assert nav == ["Home", "Train", "Loss curves", "Memory", "Gradient fidelity", "Filters and features",
-                   "Attributions"], nav
+    assert sidebar_nav(page) == NAV, sidebar_nav(page)
     wait_charts(page, 3, "home")  # the method picture, its bytes, the Pareto plot
     assert page.locator('[data-testid="stDataFrame"]').count() >= 1  # the runs table
     shots(page, "home")
@@ -393,3 +398,19 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, default=80, help="training steps to wait for before the Train shot")
     a = ap.parse_args()
     take_screenshots(a.screenshots, a.steps)
+
+
+def test_a_page_url_as_the_first_request_of_a_server_keeps_the_navigation(browser_runs, tmp_path):
+    """A bookmarked /Memory as a fresh server's very first request: Streamlit would run the page
+    file the old multipage way, without app.py, and list "app" in the sidebar until someone
+    opened the home page; ui.page routes it through app.py's navigation instead."""
+    env = {"POOLPROP_RUN_DIRS": str(browser_runs), "POOLPROP_RUNS_ROOT": str(tmp_path), **SERVER_ENV}
+    with bs.streamlit_server(env, log_dir=tmp_path) as server, bs.chromium_page() as page:
+        bs.open_url(page, server.url + "/Memory")
+        deadline = time.monotonic() + 30
+        while sidebar_nav(page) != NAV and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert sidebar_nav(page) == NAV, sidebar_nav(page)
+        assert page.locator("h1").first.inner_text().strip() == "Memory"
+        assert_clean(page, "Memory opened first")
+        assert "Traceback" not in server.log_tail(50000)

@@ -195,9 +195,25 @@ def default_selection(runs: list[Run], n: int = 3) -> list[str]:
 # Page frame: title, run picker, status
 # =======================================================================================
 
+def _run_through_navigation() -> None:
+    """Make sure the page runs inside app.py's st.navigation. A server whose first visitor comes
+    straight to a page's URL (/Memory) runs the file from pages/ the old multipage way, without
+    app.py: the sidebar then lists "app" and keeps doing so until someone opens the home page.
+    Switching that mode off and rerunning lets app.py route the same URL (a Streamlit internal,
+    hence the guards; nothing happens where it is missing)."""
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:
+        return
+    if getattr(PagesManager, "uses_pages_directory", False):
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 def page(title: str, intro: str | None = None, picker: bool = True) -> list[Run]:
     """Page config, the title, the sidebar (run picker + device/training status).
     Returns the selected runs (usable ones, in the order picked)."""
+    _run_through_navigation()
     st.set_page_config(page_title=f"{title} · PoolProp" if title != "PoolProp" else title, layout="wide")
     st.title(title)
     if intro:
