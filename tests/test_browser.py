@@ -400,12 +400,13 @@ if __name__ == "__main__":
     take_screenshots(a.screenshots, a.steps)
 
 
-def test_a_page_url_as_the_first_request_of_a_server_keeps_the_navigation(browser_runs, tmp_path):
+def test_a_page_url_as_the_first_request_of_a_server_keeps_the_navigation(app, browser_runs, tmp_path):
     """A bookmarked /Memory as a fresh server's very first request: Streamlit would run the page
     file the old multipage way, without app.py, and list "app" in the sidebar until someone
-    opened the home page; ui.page routes it through app.py's navigation instead."""
+    opened the home page; ui.page routes it through app.py's navigation instead. (A second
+    server; a new tab of the module's browser, since Playwright's sync API allows one at a time.)"""
     env = {"POOLPROP_RUN_DIRS": str(browser_runs), "POOLPROP_RUNS_ROOT": str(tmp_path), **SERVER_ENV}
-    with bs.streamlit_server(env, log_dir=tmp_path) as server, bs.chromium_page() as page:
+    with bs.streamlit_server(env, log_dir=tmp_path) as server, contextlib.closing(app[1].context.new_page()) as page:
         bs.open_url(page, server.url + "/Memory")
         deadline = time.monotonic() + 30
         while sidebar_nav(page) != NAV and time.monotonic() < deadline:
