@@ -248,14 +248,14 @@ def per_class_bars(classes: Sequence[str], accs_by_run: Mapping[str, Sequence[fl
     names = [n for n in accs_by_run if n != reference]
     cmap = _colors(list(accs_by_run), colors)
     ref = accs_by_run[reference] if reference else None
+    hover = "%{x}: %{y:+.1f} points" if ref is not None else "%{x}: %{y:.1f} %"
     fig = go.Figure()
     for n in names:
         ys = [None if a is None else 100 * a for a in accs_by_run[n]]
         if ref is not None:
             ys = [None if y is None or r is None else y - 100 * r for y, r in zip(ys, ref)]
         fig.add_trace(go.Bar(x=list(classes), y=ys, name=n, marker_color=cmap[n],
-                             hovertemplate="%{x}: %{y:+.1f} points<extra>" + n + "</extra>" if ref is not None
-                             else "%{x}: %{y:.1f} %<extra>" + n + "</extra>"))
+                             hovertemplate=hover + "<extra>" + n + "</extra>"))
     base_layout(fig, title, None, "change (points)" if reference else "validation accuracy (%)")
     fig.update_layout(barmode="group", bargap=0.2)
     if ref is None:

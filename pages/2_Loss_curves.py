@@ -62,9 +62,9 @@ if ui.need_runs(runs, 1, "loss curves"):
         data = ui.dataset_label((by_name[in_group[0]].config or {}).get("dataset"))
         reference = None
         if len(in_group) > 1:  # a difference to one run shows which classes a setting costs
-            baselines = [n for n in in_group if (by_name[n].config or {}).get("policy") == "none"]
+            baseline = next((n for n in in_group if (by_name[n].config or {}).get("policy") == "none"), None)
             choices = {"accuracy": None, **{f"change vs {n}": n for n in in_group}}
-            default = list(choices.values()).index(baselines[0]) if baselines else 0
+            default = list(choices.values()).index(baseline)  # no baseline: "accuracy"
             reference = choices[st.selectbox(f"Show ({data})", list(choices), index=default,
                                              key=f"lc_class_ref_{i}_{'|'.join(in_group)}")]
         title = ("Per-class accuracy" + (f" on {data}" if len(groups) > 1 else "")

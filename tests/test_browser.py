@@ -392,14 +392,6 @@ def take_screenshots(folder: str, steps_before_stop: int = 80) -> None:
     print(report(TIMINGS))
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--screenshots", metavar="DIR", required=True, help="folder for the app_*.png files")
-    ap.add_argument("--steps", type=int, default=80, help="training steps to wait for before the Train shot")
-    a = ap.parse_args()
-    take_screenshots(a.screenshots, a.steps)
-
-
 def test_a_page_url_as_the_first_request_of_a_server_keeps_the_navigation(app, browser_runs, tmp_path):
     """A bookmarked /Memory as a fresh server's very first request: Streamlit would run the page
     file the old multipage way, without app.py, and list "app" in the sidebar until someone
@@ -415,3 +407,12 @@ def test_a_page_url_as_the_first_request_of_a_server_keeps_the_navigation(app, b
         assert page.locator("h1").first.inner_text().strip() == "Memory"
         assert_clean(page, "Memory opened first")
         assert "Traceback" not in server.log_tail(50000)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--screenshots", metavar="DIR", required=True, help="folder for the app_*.png files")
+    ap.add_argument("--steps", type=int, default=80, help="training steps to wait for before the Train shot")
+    a = ap.parse_args()
+    take_screenshots(a.screenshots, a.steps)
+
