@@ -356,3 +356,18 @@ def test_shipped_cifar_runs_show_on_every_page_without_their_dataset(tmp_path, m
             at.button[0].click().run()
             no_errors(at)
             assert "not available here" in texts(at.warning)
+
+
+def test_labels_tell_alike_runs_apart_by_epochs_then_start_time(tmp_path):
+    from core.runs import Run
+    from ui.common import labels
+
+    def run(name, epochs, created):
+        return Run(path=tmp_path / name, name=name, status="finished", config={
+            "model": "resnet20", "policy": "none", "dataset": "features10", "epochs": epochs, "created": created})
+
+    runs = [run("a", 20, "2026-11-28T10:00:00"), run("b", 30, "2026-11-28T11:00:00"),
+            run("c", 30, "2026-11-28T12:00:00"), run("d", 4, "2026-11-28T13:00:00")]
+    assert list(labels([runs[0], runs[3]]).values()) == ["none · features10 · 20 ep", "none · features10 · 4 ep"]
+    assert list(labels(runs).values()) == ["none · features10 · 20 ep", "none · features10 · 30 ep · 11:00:00",
+                                           "none · features10 · 30 ep · 12:00:00", "none · features10 · 4 ep"]

@@ -110,7 +110,8 @@ def dataset_label(name) -> str:
 
 def labels(runs: list[Run]) -> dict[str, str]:
     """Run folder -> a short unique display name: 'avg2+mask · features10', with the model and
-    the seed only when the runs differ in them, the start time when two are alike."""
+    the seed only when the runs differ in them; when two are alike, their epochs ('· 30 ep'),
+    then their start time."""
     cfgs = {str(r.path): (r.config or {}) for r in runs}
     models = {c.get("model") for c in cfgs.values() if c}
     seeds = {c.get("seed", 0) for c in cfgs.values() if c}
@@ -124,7 +125,8 @@ def labels(runs: list[Run]) -> dict[str, str]:
         return text + (f" · s{c.get('seed', 0)}" if len(seeds) > 1 else "")
 
     base = {str(r.path): short(r) for r in runs}
-    for extra in ("time", "folder"):  # alike: add the start time; still alike: the folder name
+    # alike: add the epochs (a longer schedule of the same setting), then the start time, then the folder
+    for extra in ("epochs", "time", "folder"):
         count: dict[str, int] = {}
         for v in base.values():
             count[v] = count.get(v, 0) + 1
@@ -132,7 +134,9 @@ def labels(runs: list[Run]) -> dict[str, str]:
             key = str(r.path)
             if count[base[key]] > 1:
                 when = str(cfgs[key].get("created", ""))[11:19]
-                if extra == "time" and when:
+                if extra == "epochs" and cfgs[key].get("epochs"):
+                    base[key] += f" · {cfgs[key]['epochs']} ep"
+                elif extra == "time" and when:
                     base[key] += f" · {when}"
                 elif extra == "folder":
                     base[key] += f" ({r.name})"
