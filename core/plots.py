@@ -18,6 +18,7 @@ Sections: colours and layout | training curves | memory vs accuracy | filters an
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -93,8 +94,9 @@ def _legend_below(fig: go.Figure, n_entries: int | None = None, height: int = 45
 
 
 def _wrap(text: str, width: int = 18, sep: str = " · ") -> str:
-    """Break a long label into lines (plotly's <br>): at `sep` first, then at spaces, so that no
-    line is much longer than `width` characters. Short labels come back as they are."""
+    """Break a long label into lines (plotly's <br>): at `sep` first, then at spaces, and a word
+    longer than `width` after its slashes, colons and hyphens ("cifar10-jpeg/train"), so that no line is
+    much longer than `width` characters. Short labels come back as they are."""
     text = str(text)
     if len(text) <= width:
         return text
@@ -102,11 +104,14 @@ def _wrap(text: str, width: int = 18, sep: str = " · ") -> str:
     for part in text.split(sep):
         line = ""
         for word in part.split(" "):
-            if line and len(line) + 1 + len(word) > width:
-                lines.append(line)
-                line = word
-            else:
-                line = f"{line} {word}" if line else word
+            pieces = re.split(r"(?<=[/:-])", word) if len(word) > width else [word]
+            for i, piece in enumerate(pieces):
+                joined = (line + piece) if i else (f"{line} {piece}" if line else piece)
+                if line and len(joined) > width:
+                    lines.append(line)
+                    line = piece
+                else:
+                    line = joined
         lines.append(line)
     return "<br>".join(lines)
 
@@ -231,9 +236,10 @@ def time_to_accuracy_bars(rows: Sequence[Mapping], threshold: float, by: str = "
         fig.add_annotation(text=text, showarrow=False, xref="paper", yref="paper", x=0, y=1.01, xanchor="left",
                            yanchor="bottom", align="left", font=dict(size=TICK_SIZE - 2))
         fig.update_layout(margin=dict(t=(fig.layout.margin.t or 40) + 20 * n_lines))
-    # run names on the x axis wrapped (not rotated): the figure may be a narrow column
+    # run names on the x axis wrapped (not rotated), the narrower the more bars: the figure may
+    # be a narrow column (about 36 characters of tick text across)
     shown = [n for n in names if n not in never]
-    ticks = [_wrap(n, 14) for n in shown]
+    ticks = [_wrap(n, max(6, min(14, 36 // max(1, len(shown))))) for n in shown]
     fig.update_xaxes(tickvals=shown, ticktext=ticks, tickangle=0, title_text=None)
     fig.update_layout(margin=dict(b=30 + 20 * max([t.count("<br>") + 1 for t in ticks] + [1])))
     return fig

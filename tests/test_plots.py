@@ -134,6 +134,21 @@ def test_time_to_accuracy_bars():
     assert "empty" in fig.layout.annotations[0].text
 
 
+def test_wrapped_tick_labels_break_long_paths_and_keep_every_character():
+    name = "none · imagefolder:.data/cifar10-jpeg/train · 30 ep"
+    fig = P.time_to_accuracy_bars([{"run": name, "epochs_to_0.5": 3}], 0.5)
+    lines = fig.layout.xaxis.ticktext[0].split("<br>")
+    assert max(len(line) for line in lines) <= 14  # every word here has a break point within 14
+    assert lines[0] == "none" and lines[-1] == "30 ep"
+    # nothing is lost: the lines hold the run name's characters, less its separators and spaces
+    assert "".join(lines).replace(" ", "") == name.replace(" · ", "").replace(" ", "")
+    assert P.time_to_accuracy_bars([{"run": "short", "epochs_to_0.5": 3}], 0.5).layout.xaxis.ticktext == ("short",)
+    # more bars, narrower labels: four share the width one had
+    four = [{"run": f"avg{k}+mask · cifar10-jpeg/train", "epochs_to_0.5": k} for k in (1, 2, 4, 8)]
+    ticks = P.time_to_accuracy_bars(four, 0.5).layout.xaxis.ticktext
+    assert ticks[0].split("<br>") == ["avg1+mask", "cifar10-", "jpeg/", "train"]
+
+
 def test_per_class_groups_keep_runs_of_other_classes_apart():
     groups, missing = curves.per_class_groups({
         "a": (["cat", "dog"], [0.5, float("nan")]), "b": (["x", "y", "z"], [1.0, 0.0, 0.5]),
