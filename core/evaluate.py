@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 
 import torch
@@ -16,11 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 
 SPLITS = ("val", "train", "test")
+TTA = ("none", "flip")
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, loader, num_classes: int, amp_dtype: torch.dtype | None = None) -> dict:
+def evaluate_model(model: nn.Module, loader, num_classes: int, amp_dtype: torch.dtype | None = None,
+                   flip_tta: bool = False) -> dict:
     """Mean cross-entropy (no label smoothing), accuracy and per-class accuracy over `loader`.
+
+    flip_tta: test-time augmentation, each image's class probabilities averaged with those of its
+    mirror image (left-right); the loss is that of the averaged probabilities.
 
     -> {"loss", "acc", "per_class_acc" (list, None for a class with no images), "n", "correct"}.
     One host sync at the end; the model's train/eval mode is restored.
@@ -36,6 +42,9 @@ def evaluate_model(model: nn.Module, loader, num_classes: int, amp_dtype: torch.
         for x, y in loader:
             with cast:
                 out = model(x)
+                if flip_tta:  # log of the mean of the two softmaxes: cross_entropy on it is -log p[y]
+                    both = torch.stack([F.log_softmax(out.float(), 1), F.log_softmax(model(x.flip(3)).float(), 1)])
+                    out = torch.logsumexp(both, 0) - math.log(2)
             loss_sum += F.cross_entropy(out.float(), y, reduction="sum").double()
             right = out.argmax(1) == y
             counts += torch.bincount(y, minlength=num_classes)[:num_classes]
@@ -62,8 +71,9 @@ def _split_arrays(data, split: str):
 
 
 def evaluate_run(run_dir, dataset: str | None = None, split: str = "val", data_dir: str | None = None,
-                 device: str = "cpu", batch_size: int = 512, subset: int | None = None) -> dict:
-    """Evaluate a run's model.safetensors on `dataset` (default: the run's own, same split seed).
+                 device: str = "cpu", batch_size: int = 512, subset: int | None = None, tta: str = "none") -> dict:
+    """Evaluate a run's model.safetensors on `dataset` (default: the run's own, same split seed);
+    tta="flip" averages each image's prediction with its mirror image's.
 
     Raises RunError (a ValueError) for an unusable run, DatasetError for bad data, ValueError
     when the dataset's classes differ from the run's.
@@ -72,6 +82,8 @@ def evaluate_run(run_dir, dataset: str | None = None, split: str = "val", data_d
     from .runs import RunError, load_config, load_model, resolve_run
     from .train import _subset, pick_device
 
+    if tta not in TTA:
+        raise ValueError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA)}")
     path = resolve_run(run_dir)
     cfg = load_config(path)
     dev = pick_device(device)
@@ -97,18 +109,19 @@ def evaluate_run(run_dir, dataset: str | None = None, split: str = "val", data_d
     std = cfg.get("std") or data.std
     loader = data_mod.BatchLoader(x.to(dev), y.to(dev), mean, std, batch_size, train=False, device=dev,
                                   seed=0, augment=False)
-    res = evaluate_model(model, loader, n_classes)
+    res = evaluate_model(model, loader, n_classes, flip_tta=(tta == "flip"))
     return {"run": str(path), "model": cfg["model"], "policy": cfg.get("policy"), "dataset": name, "split": split,
-            "classes": list(data.classes), **res}
+            "tta": tta, "classes": list(data.classes), **res}
 
 
 def cmd_evaluate(args) -> int:
     res = evaluate_run(args.run, dataset=args.dataset, split=args.split, data_dir=args.data_dir,
-                       device=args.device, batch_size=args.batch_size, subset=args.subset)
+                       device=args.device, batch_size=args.batch_size, subset=args.subset, tta=args.tta)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
-    print(f"{res['model']} ({res['policy']}) on {res['dataset']} {res['split']}: "
+    print(f"{res['model']} ({res['policy']}) on {res['dataset']} {res['split']}"
+          f"{' with flip test-time augmentation' if res['tta'] == 'flip' else ''}: "
           f"accuracy {100 * res['acc']:.2f}% ({res['correct']}/{res['n']}), loss {res['loss']:.4f}")
     width = max(len(str(c)) for c in res["classes"])
     for c, a in zip(res["classes"], res["per_class_acc"]):
@@ -126,6 +139,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--subset", type=int, default=None, help="evaluate on a fixed subset of N images")
+    p.add_argument("--tta", choices=TTA, default="none",
+                   help="test-time augmentation: flip averages each prediction with the mirror image's "
+                        "(for classes that mirroring does not change, as CIFAR-10's)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_evaluate)
 

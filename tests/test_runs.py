@@ -181,6 +181,27 @@ def test_evaluate_matches_an_independent_computation(good_run, capsys):
     assert "no test split" in capsys.readouterr().err
 
 
+def test_evaluate_with_flip_tta_averages_the_mirror_images_probabilities(good_run, capsys):
+    res = evaluate_run(good_run, tta="flip")
+    cfg = json.loads((good_run / "config.json").read_text())
+    data = load_dataset(DS)
+    model = build_model("resnet20")
+    model.load_state_dict(load_file(str(good_run / "model.safetensors")))
+    model.eval()
+    mean, std = (torch.tensor(cfg[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    x = (data.val_x.float() / 255 - mean) / std
+    with torch.no_grad():  # independently: mirror the images in numpy, average plain probabilities
+        p = (model(x).softmax(1) + model(torch.from_numpy(x.numpy()[..., ::-1].copy())).softmax(1)) / 2
+    assert res["tta"] == "flip" and res["correct"] == int((p.argmax(1) == data.val_y).sum())
+    assert res["loss"] == pytest.approx(float(-p[torch.arange(48), data.val_y].log().mean()), rel=1e-4)
+    plain = evaluate_run(good_run)
+    assert plain["tta"] == "none" and plain["loss"] != pytest.approx(res["loss"])
+    assert main(["evaluate", "--run", str(good_run), "--tta", "flip", "--device", "cpu"]) == 0
+    assert "with flip test-time augmentation" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="test-time augmentation"):
+        evaluate_run(good_run, tta="rotate")
+
+
 def test_atomic_writers(tmp_path):
     p = atomic.write_json(tmp_path / "a.json", {"x": float("nan"), "y": torch.tensor(2.5), "z": (1, 2)})
     assert json.loads(p.read_text()) == {"x": None, "y": 2.5, "z": [1, 2]}
