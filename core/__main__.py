@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command -> module providing register(subparsers); register() sets `func` on its parser
@@ -26,16 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core", description="PoolProp: backprop with pooled activations")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS.values():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name == module:  # command not built yet
-                continue
-            raise
-        mod.register(sub)
+        importlib.import_module(module).register(sub)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # output piped into a reader that stopped (`| head`): end quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+        return 1
     except (ValueError, FileNotFoundError, KeyboardInterrupt) as e:  # bad input: one line
         if isinstance(e, KeyboardInterrupt):
             print("interrupted", file=sys.stderr)

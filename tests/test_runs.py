@@ -129,6 +129,15 @@ def test_cli_runs_lists_with_status(good_run, tmp_path, capsys):
     assert {r["name"]: r["status"] for r in listed} == {"one": "finished", "two": "broken"}
 
 
+def test_cli_piped_into_a_reader_that_stops_ends_without_a_traceback(good_run):
+    """`python -m core runs | head -1`: the reader is gone before the table is written."""
+    proc = subprocess.Popen([sys.executable, "-m", "core", "runs", "--dir", str(good_run.parent)],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_load_model_label_and_cache_key(good_run):
     run = inspect_run(good_run)
     model = load_model(run)
