@@ -95,8 +95,8 @@ def _legend_below(fig: go.Figure, n_entries: int | None = None, height: int = 45
 
 def _wrap(text: str, width: int = 18, sep: str = " · ") -> str:
     """Break a long label into lines (plotly's <br>): at `sep` first, then at spaces, and a word
-    longer than `width` after its slashes, colons and hyphens ("cifar10-jpeg/train"), so that no line is
-    much longer than `width` characters. Short labels come back as they are."""
+    longer than `width` after its slashes, colons and hyphens ("cifar10-jpeg/train"), so that
+    no line is much longer than `width` characters. Short labels come back as they are."""
     text = str(text)
     if len(text) <= width:
         return text
