@@ -11,7 +11,8 @@ card well because each one is bound by kernel launches. `--deadline` stops (SIGT
 everything. Only the standard library is imported here: each run is `python -m core train`.
 Run it again after an interruption and it carries on: finished runs are skipped, runs with
 a completed epoch continue with `--resume`, runs cut before their first epoch start afresh.
-Then: `python scripts/train_shipped.py --collect runs/shipped` copies finished runs into
+`--dry-run` lists what a command line would train, in order, without training it. Then:
+`python scripts/train_shipped.py --collect runs/shipped` copies finished runs into
 checkpoints/ without their resume state.
 """
 
@@ -59,6 +60,14 @@ def plan(epochs: int, long_epochs: int, features_epochs: int) -> list[tuple[str,
     return runs
 
 
+def select_runs(args) -> list[tuple[str, str, list[str]]]:
+    """The plan less what the flags leave out: CIFAR runs without --cifar, names that match no
+    --only substring, runs already shipped (--missing-only)."""
+    return [r for r in plan(args.epochs, args.long_epochs, args.features_epochs)
+            if (args.cifar or "features10" in r[0]) and (not args.only or any(o in r[0] for o in args.only))
+            and not (args.missing_only and is_finished(ROOT / "checkpoints" / r[0]))]
+
+
 def launch(args) -> int:
     out_root = Path(args.out_root)
     out_root.mkdir(parents=True, exist_ok=True)
@@ -72,9 +81,7 @@ def launch(args) -> int:
         subprocess.run([sys.executable, "-c", "import sys; from core.data import load_dataset; "
                         "d = load_dataset(sys.argv[1]); print('data', d.train_x.shape, d.val_x.shape)",
                         f"imagefolder:{args.cifar}"], cwd=ROOT, env=env, check=True)
-    todo = [r for r in plan(args.epochs, args.long_epochs, args.features_epochs)
-            if (args.cifar or "features10" in r[0]) and (not args.only or any(o in r[0] for o in args.only))
-            and not (args.missing_only and is_finished(ROOT / "checkpoints" / r[0]))]
+    todo = select_runs(args)
     start, running, done = time.time(), {}, []
     while todo or running:
         while todo and len(running) < args.jobs:
@@ -169,10 +176,15 @@ def main() -> int:
     p.add_argument("--only", nargs="*", help="substrings of run names to train")
     p.add_argument("--missing-only", action="store_true", help="skip runs already shipped in checkpoints/")
     p.add_argument("--smoke-steps", type=int, default=0, help="tiny runs to test this script")
+    p.add_argument("--dry-run", action="store_true", help="list the runs it would train, in order, and stop")
     p.add_argument("--collect", metavar="SRC", help="copy finished runs from SRC into checkpoints/")
     args = p.parse_args()
     if args.collect:
         return collect(Path(args.collect), ROOT / "checkpoints")
+    if args.dry_run:
+        for name, prio, _ in select_runs(args):
+            print(f"{name:42s} priority {prio}")
+        return 0
     return launch(args)
 
 

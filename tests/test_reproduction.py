@@ -96,6 +96,27 @@ def test_shipped_plan_follows_the_issue_order():
     assert len(names) == len(set(names))
 
 
+def _dry_run(*args: str) -> list[str]:
+    out = subprocess.run([sys.executable, "scripts/train_shipped.py", "--dry-run", *args],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return [line.split()[0] for line in out.splitlines()]
+
+
+def test_shipped_script_dry_run_lists_what_it_would_train():
+    # the longer recipe of scripts/gpu_session.sh: its six runs and nothing else (no features10, no seeds)
+    only = ["cifar-none-e60-s0", "cifar-avg2+mask-e60-s0", "cifar-avg4+mask-e60-s0",
+            "cifar-none-e90-s0", "cifar-avg2+mask-e90-s0", "cifar-avg4+mask-e90-s0"]
+    assert _dry_run("--cifar", "X", "--epochs", "60", "--long-epochs", "90", "--only", *only) == [
+        "r20-cifar-none-e60-s0", "r20-cifar-avg2+mask-e60-s0", "r20-cifar-avg4+mask-e60-s0",
+        "r20-cifar-avg2+mask-e90-s0", "r20-cifar-avg4+mask-e90-s0", "r20-cifar-none-e90-s0"]
+    # --missing-only leaves out exactly the runs checkpoints/ holds finished; without --cifar, features10 only
+    everything = _dry_run("--cifar", "X")
+    shipped = {p.parent.name for p in (ROOT / "checkpoints").glob("*/summary.json")
+               if json.loads(p.read_text()).get("status") == "finished"}
+    assert _dry_run("--cifar", "X", "--missing-only") == [n for n in everything if n not in shipped]
+    assert _dry_run() == [n for n in everything if "features10" in n]
+
+
 def test_shipped_script_carries_on_after_an_interruption(tmp_path, tiny_runs):
     script = _load_script()
     where = script.where_to_write
