@@ -415,4 +415,3 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, default=80, help="training steps to wait for before the Train shot")
     a = ap.parse_args()
     take_screenshots(a.screenshots, a.steps)
-
