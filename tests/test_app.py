@@ -327,6 +327,28 @@ def test_csv_and_default_selection(runs_dir):
     assert len(sel) == 2 and sel[0].endswith("tiny-none")  # the baseline first
 
 
+def test_default_selection_prefers_real_images_and_one_run_per_policy(tmp_path):
+    """Two shipped groups of four: the real-image one wins, and it shows baseline, avg2 and avg4
+    from its usual 20-epoch schedule, not the baseline twice."""
+    from core.runs import Run
+    from ui.common import default_selection
+
+    def run(dataset: str, policy: str, epochs: int) -> Run:
+        path = tmp_path / f"{dataset.split(':')[0]}-{policy}-e{epochs}"
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"")
+        return Run(path=path, name=path.name, config={"model": "resnet20", "dataset": dataset, "policy": policy,
+                                                      "epochs": epochs}, status="finished", is_shipped=True)
+
+    built_in = [run("features10", p, 4) for p in ("none", "avg2+mask", "avg4+mask", "avg8+mask")]
+    real = [run("imagefolder:cifar", p, e) for p, e in
+            (("none", 30), ("avg4+mask", 20), ("none", 20), ("avg2+mask", 20))]
+    assert [Path(s).name for s in default_selection(built_in + real)] == [
+        "imagefolder-none-e20", "imagefolder-avg2+mask-e20", "imagefolder-avg4+mask-e20"]
+    assert [Path(s).name for s in default_selection(built_in + real, n=4)][-1] == "imagefolder-none-e30"
+    assert [Path(s).name for s in default_selection(built_in)][0] == "features10-none-e4"
+
+
 def test_home_is_quick_once_warm(app_env):
     page("home")
     t0 = time.perf_counter()

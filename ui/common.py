@@ -176,8 +176,9 @@ def colors_for(runs: list[Run]) -> dict[str, str]:
 
 
 def default_selection(runs: list[Run], n: int = 3) -> list[str]:
-    """A sensible start: the largest group of runs sharing model and dataset (shipped first),
-    baseline first, then the compressed policies the paper is about."""
+    """A sensible start: the largest group of runs sharing model and dataset (shipped first, real
+    images before the built-in set), then one run per policy - baseline first, then the compressed
+    policies the paper is about - each from the group's usual schedule, so the curves compare."""
     ok = [r for r in runs if r.ok and (r.path / "model.safetensors").exists()] or [r for r in runs if r.ok]
     if not ok:
         return []
@@ -185,14 +186,27 @@ def default_selection(runs: list[Run], n: int = 3) -> list[str]:
     for r in ok:
         cfg = r.config or {}
         groups.setdefault((cfg.get("model"), cfg.get("dataset")), []).append(r)
-    best = max(groups.values(), key=lambda g: (len(g) >= 2, any(r.is_shipped for r in g), len(g)))
+
+    def real_images(g: list[Run]) -> bool:
+        return not str((g[0].config or {}).get("dataset", "")).startswith("features10")
+
+    best = max(groups.values(), key=lambda g: (len(g) >= 2, any(r.is_shipped for r in g), real_images(g), len(g)))
+    epochs = [(r.config or {}).get("epochs") for r in best]
+    usual = max(set(epochs), key=lambda e: (epochs.count(e), -(e or 0)))  # the shorter one on a tie
     preference = ["none", "avg2+mask", "avg4+mask", "avg2+mask+bn8"]
 
     def rank(r: Run):
-        pol = str((r.config or {}).get("policy", ""))
-        return (preference.index(pol) if pol in preference else len(preference), not r.is_shipped)
+        cfg = r.config or {}
+        pol = str(cfg.get("policy", ""))
+        return (preference.index(pol) if pol in preference else len(preference), cfg.get("epochs") != usual,
+                not r.is_shipped, r.name)
 
-    return [str(r.path) for r in sorted(best, key=rank)[:n]]
+    ordered = sorted(best, key=rank)
+    first_of_policy: dict = {}
+    for r in ordered:
+        first_of_policy.setdefault((r.config or {}).get("policy"), r)
+    picked = list(first_of_policy.values()) + [r for r in ordered if r not in first_of_policy.values()]
+    return [str(r.path) for r in picked[:n]]
 
 
 # =======================================================================================
