@@ -374,6 +374,9 @@ def test_shipped_cifar_runs_show_on_every_page_without_their_dataset(tmp_path, m
         at.run()
         no_errors(at)
         assert at.session_state["selected_runs"] == selection
+        if name == "home":  # the accuracy-vs-memory plot starts on the picked runs' dataset
+            shipped_dataset = json.loads((SHIPPED_CIFAR[0] / "config.json").read_text())["dataset"]
+            assert at.selectbox(key="home_pareto_ds").value == shipped_dataset
         if name in ("fidelity", "attributions"):
             at.button[0].click().run()
             no_errors(at)
