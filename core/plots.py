@@ -286,6 +286,14 @@ def pareto_scatter(rows: Sequence[Mapping], memory_label: str = "saved activatio
     names = [r["name"] for r in rows]
     cmap = _colors(names, colors)
     front = curves.pareto_front([(r.get("memory"), r.get("acc")) for r in rows])
+    # one policy label per policy, above its most accurate run: runs of one policy share their
+    # memory, so a second label would sit on the first (the legend names every run)
+    best_of_policy: dict[str, int] = {}
+    for i, r in enumerate(rows):
+        if r.get("memory") is not None and r.get("acc") is not None:
+            pol = str(r.get("policy", ""))
+            if pol not in best_of_policy or r["acc"] > rows[best_of_policy[pol]]["acc"]:
+                best_of_policy[pol] = i
     fig = go.Figure()
     for i, r in enumerate(rows):
         if r.get("memory") is None or r.get("acc") is None:
@@ -293,7 +301,8 @@ def pareto_scatter(rows: Sequence[Mapping], memory_label: str = "saved activatio
         on = i in front
         fig.add_trace(go.Scatter(
             x=[r["memory"] / 2 ** 20], y=[r["acc"]], mode="markers+text", name=r["name"],
-            text=[str(r.get("policy", ""))], textposition="top center", textfont=dict(size=TICK_SIZE),
+            text=[str(r.get("policy", "")) if i in best_of_policy.values() else ""],
+            textposition="top center", textfont=dict(size=TICK_SIZE),
             cliponaxis=False,
             marker=dict(color=cmap[r["name"]], size=20 if on else 14, symbol="diamond" if on else "circle",
                         line=dict(color="black", width=1.5 if on else 0)),

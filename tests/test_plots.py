@@ -179,6 +179,10 @@ def test_pareto_scatter():
     assert list(fig.data[-1].x) == [200, 300]
     assert fig.data[1].marker.symbol == "diamond" and fig.data[2].marker.symbol == "circle"
     assert fig.layout.xaxis.title.text == "CUDA peak (MiB)" and fig.layout.yaxis.title.text == "accuracy"
+    # a second run of a policy, less accurate, at the same memory: its label would cover the first's
+    fig = P.pareto_scatter(rows + [{"name": "pooled, shorter", "policy": "avg2+mask", "acc": 0.88,
+                                    "memory": 200 * 2 ** 20}])
+    assert [t.text[0] for t in fig.data[:4]] == ["none", "avg2+mask", "max4", ""]
 
 
 def test_filter_grid_figure():
