@@ -36,7 +36,7 @@ def _first_layer_hf_share(run) -> float:
     return high_frequency_share(model.get_submodule(first_conv(model)).weight)
 
 
-def _trained_on(cfg: dict) -> str:
+def trained_on(cfg: dict) -> str:
     """'NVIDIA H200, bfloat16' or 'CPU, float32' (autocast changes the numbers a little)."""
     used = str(cfg.get("device_used") or cfg.get("device") or "?")
     where = (cfg.get("device_name") or used) if used.startswith("cuda") else used.split(":")[0].upper()
@@ -62,7 +62,7 @@ def group_runs(run_dirs) -> list[dict]:
         g["seeds"].append(cfg.get("seed"))
         g["accs"].append(s.get("last_val_acc"))
         g["hf"].append(_first_layer_hf_share(run))
-        g["devices"].append(_trained_on(cfg))
+        g["devices"].append(trained_on(cfg))
     rows = []
     order = sorted(groups, key=lambda k: (k[0] != "CIFAR-10", k[1], k[2] != "none", k[2], k[3]))
     for g in (groups[k] for k in order):

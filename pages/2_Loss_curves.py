@@ -3,12 +3,14 @@
 import streamlit as st
 
 from core import curves, plots
+from core.reproduction import trained_on
 from ui import common as ui
 
 runs = ui.page("Loss curves", "Training loss, validation loss and validation accuracy of the selected runs.")
 
 if ui.need_runs(runs, 1, "loss curves"):
     names = ui.names_of(runs)
+    by_name = dict(zip(names, runs))
     colors = ui.colors_for(runs)
     metrics = {n: ui.metrics_of(r) for n, r in zip(names, runs)}
     c1, c2, c3 = st.columns([2, 2, 1])
@@ -43,18 +45,17 @@ if ui.need_runs(runs, 1, "loss curves"):
     table = [{"run": r["run"],
               f"epochs to {target:.0%}": "never" if r[key_e] is None else f"{r[key_e]:g}",
               f"seconds to {target:.0%}": "never" if r[key_w] is None else f"{r[key_w]:.1f}",
+              "trained on": trained_on(by_name[r["run"]].config or {}),  # seconds compare on one device only
               "best accuracy %": "" if r["best_val_acc"] is None else f"{100 * r['best_val_acc']:.1f}",
               "at epoch": "" if r["best_epoch"] is None else f"{r['best_epoch']:g}"} for r in rows]
-    left, right = st.columns([3, 2])
+    st.dataframe(table, hide_index=True)  # full width: run names are long, and every column counts
+    ui.download_csv(table, "epochs-to-accuracy.csv")
+    left, _ = st.columns([3, 2])
     with left:
-        st.dataframe(table, hide_index=True)
-        ui.download_csv(table, "epochs-to-accuracy.csv")
-    with right:
         ui.show(plots.time_to_accuracy_bars(rows, target, colors=colors), "epochs-to-accuracy",
                 "Fewer epochs is better; compressed runs may need a longer schedule.")
 
     st.subheader("Accuracy per class")
-    by_name = dict(zip(names, runs))
     groups, no_classes = curves.per_class_groups(
         {n: ((r.config or {}).get("classes"), (r.summary or {}).get("per_class_val_acc")) for n, r in by_name.items()})
     for i, group in enumerate(groups):

@@ -180,6 +180,7 @@ def test_loss_curves_table(app_env):
     at = page("loss")
     table = at.dataframe[0].value
     assert len(table) == 2 and "run" in table
+    assert list(table["trained on"]) == ["CPU, float32"] * 2  # seconds compare on one device only
     at.radio(key="lc_x").set_value("epoch").run()
     at.checkbox(key="lc_log").check().run()
     no_errors(at)
