@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import sys
@@ -360,8 +361,6 @@ def screenshot_run_dirs() -> list[str]:
     dirs = [str(ROOT / "checkpoints")]
     shipped = ROOT / "runs" / "shipped"
     if shipped.is_dir():
-        import json
-
         for d in sorted(shipped.iterdir()):
             with contextlib.suppress(OSError, ValueError):
                 done = json.loads((d / "summary.json").read_text()).get("status") == "finished"
