@@ -70,8 +70,8 @@ else:
 prows_all = ui.usable_runs()
 datasets = sorted({str((r.config or {}).get("dataset")) for r in prows_all if (r.summary or {}).get("best_val_acc")})
 if datasets:
-    picked = [str((r.config or {}).get("dataset")) for r in runs]  # start on the picked runs' dataset
-    start = datasets.index(picked[0]) if picked and picked[0] in datasets else 0
+    first = str((runs[0].config or {}).get("dataset")) if runs else None  # start on the picked runs' dataset
+    start = datasets.index(first) if first in datasets else 0
     ds = st.selectbox("Dataset for the accuracy-vs-memory plot", datasets, index=start, key="home_pareto_ds") \
         if len(datasets) > 1 else datasets[0]
     subset = [r for r in prows_all if str((r.config or {}).get("dataset")) == ds]
