@@ -7,7 +7,6 @@ sidebar reads "Home" instead of the script's name. Page URLs stay /Train, /Memor
 
 import streamlit as st
 
-PAGES = ["pages/0_Home.py", "pages/1_Train.py", "pages/2_Loss_curves.py", "pages/3_Memory.py",
-         "pages/4_Gradient_fidelity.py", "pages/5_Filters_and_features.py", "pages/6_Attributions.py"]
+from ui.navigation import HOME, VIEWS
 
-st.navigation([st.Page(path, default=(path == PAGES[0])) for path in PAGES]).run()
+st.navigation([st.Page(HOME, default=True)] + [st.Page(path) for path, _ in VIEWS]).run()

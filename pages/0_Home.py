@@ -8,6 +8,7 @@ import streamlit as st
 from core import plots
 from core.features import layer_names
 from ui import common as ui
+from ui.navigation import VIEWS
 
 runs = ui.page("PoolProp", "Backpropagation with compressed activations: the forward pass stays exact; "
                            "each layer keeps only a pooled copy of its input for the backward pass.")
@@ -83,9 +84,5 @@ if datasets:
 
 # ---------------------------------------------------------------------------------------
 st.header("Where to go")
-st.page_link("pages/1_Train.py", label="Train — start a run, watch it live")
-st.page_link("pages/2_Loss_curves.py", label="Loss curves — compare runs over time")
-st.page_link("pages/3_Memory.py", label="Memory — what each policy keeps, and the largest batch a GPU fits")
-st.page_link("pages/4_Gradient_fidelity.py", label="Gradient fidelity — how close the compressed gradients are")
-st.page_link("pages/5_Filters_and_features.py", label="Filters & features — what the networks learned")
-st.page_link("pages/6_Attributions.py", label="Attributions — where the models look")
+for path, blurb in VIEWS:
+    st.page_link(path, label=blurb)

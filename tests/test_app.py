@@ -65,6 +65,16 @@ def no_errors(at: AppTest) -> None:
     assert not at.error, texts(at.error)
 
 
+def test_navigation_lists_every_page_file_once():
+    """A page file missing from ui/navigation.py would be unreachable (st.navigation ignores pages/)."""
+    from ui.navigation import HOME, VIEWS
+
+    listed = [HOME] + [path for path, _ in VIEWS]
+    on_disk = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "pages").glob("*.py"))
+    assert sorted(listed) == on_disk
+    assert len(set(listed)) == len(listed)
+
+
 @pytest.mark.parametrize("name", list(PAGES))
 def test_page_runs_with_runs_selected(app_env, name):
     at = page(name)
