@@ -394,7 +394,7 @@ def test_shipped_cifar_runs_show_on_every_page_without_their_dataset(tmp_path, m
             assert "not available here" in texts(at.warning)
 
 
-def test_labels_tell_alike_runs_apart_by_epochs_then_start_time(tmp_path):
+def test_labels_name_what_differs_then_the_start_time(tmp_path):
     from core.runs import Run
     from ui.common import labels
 
@@ -405,5 +405,10 @@ def test_labels_tell_alike_runs_apart_by_epochs_then_start_time(tmp_path):
     runs = [run("a", 20, "2026-11-28T10:00:00"), run("b", 30, "2026-11-28T11:00:00"),
             run("c", 30, "2026-11-28T12:00:00"), run("d", 4, "2026-11-28T13:00:00")]
     assert list(labels([runs[0], runs[3]]).values()) == ["none · features10 · 20 ep", "none · features10 · 4 ep"]
+    assert list(labels([runs[1], runs[2]]).values()) == ["none · features10 · 11:00:00", "none · features10 · 12:00:00"]
+    other = Run(path=tmp_path / "e", name="e", status="finished", config={
+        "model": "resnet20", "policy": "avg2+mask", "dataset": "features10", "epochs": 4, "seed": 1})
+    assert list(labels([runs[0], other]).values()) == ["none · features10 · 20 ep · s0",
+                                                       "avg2+mask · features10 · 4 ep · s1"]
     assert list(labels(runs).values()) == ["none · features10 · 20 ep", "none · features10 · 30 ep · 11:00:00",
                                            "none · features10 · 30 ep · 12:00:00", "none · features10 · 4 ep"]

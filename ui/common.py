@@ -109,11 +109,12 @@ def dataset_label(name) -> str:
 
 
 def labels(runs: list[Run]) -> dict[str, str]:
-    """Run folder -> a short unique display name: 'avg2+mask · features10', with the model and
-    the seed only when the runs differ in them; when two are alike, their epochs ('· 30 ep'),
-    then their start time."""
+    """Run folder -> a short unique display name: 'avg2+mask · features10', with the model, the
+    epochs ('· 30 ep') and the seed only when the runs differ in them (then on every name, so a
+    legend reads alike); runs still alike get their start time, then their folder."""
     cfgs = {str(r.path): (r.config or {}) for r in runs}
     models = {c.get("model") for c in cfgs.values() if c}
+    epochs = {c.get("epochs") for c in cfgs.values() if c}
     seeds = {c.get("seed", 0) for c in cfgs.values() if c}
 
     def short(r: Run) -> str:
@@ -122,11 +123,11 @@ def labels(runs: list[Run]) -> dict[str, str]:
             return r.name
         text = (f"{c['model']} " if len(models) > 1 else "") + f"{c.get('policy', 'none')} · "
         text += dataset_label(c.get("dataset"))
+        text += f" · {c['epochs']} ep" if len(epochs) > 1 and c.get("epochs") else ""
         return text + (f" · s{c.get('seed', 0)}" if len(seeds) > 1 else "")
 
     base = {str(r.path): short(r) for r in runs}
-    # alike: add the epochs (a longer schedule of the same setting), then the start time, then the folder
-    for extra in ("epochs", "time", "folder"):
+    for extra in ("time", "folder"):  # still alike: the start time, then the folder
         count: dict[str, int] = {}
         for v in base.values():
             count[v] = count.get(v, 0) + 1
@@ -134,9 +135,7 @@ def labels(runs: list[Run]) -> dict[str, str]:
             key = str(r.path)
             if count[base[key]] > 1:
                 when = str(cfgs[key].get("created", ""))[11:19]
-                if extra == "epochs" and cfgs[key].get("epochs"):
-                    base[key] += f" · {cfgs[key]['epochs']} ep"
-                elif extra == "time" and when:
+                if extra == "time" and when:
                     base[key] += f" · {when}"
                 elif extra == "folder":
                     base[key] += f" ({r.name})"
