@@ -1,8 +1,9 @@
 """`streamlit run app.py`: PoolProp's navigation. The home page is pages/0_Home.py, the views
 are pages/N_Name.py; everything that computes lives in core/.
 
-Listed here (st.navigation) rather than found by Streamlit, so that the first entry in the
-sidebar reads "Home" instead of the script's name. Page URLs stay /Train, /Memory, ...
+The pages are listed (ui/navigation.py, for st.navigation) rather than found by Streamlit, so
+that the first entry in the sidebar reads "Home" instead of the script's name. Page URLs stay
+/Train, /Memory, ...
 """
 
 import streamlit as st
