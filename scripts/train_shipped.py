@@ -11,7 +11,8 @@ card well because each one is bound by kernel launches. `--deadline` stops (SIGT
 everything. Only the standard library is imported here: each run is `python -m core train`.
 Run it again after an interruption and it carries on: finished runs are skipped, runs with
 a completed epoch continue with `--resume`, runs cut before their first epoch start afresh.
-`--dry-run` lists what a command line would train, in order, without training it. Then:
+`--dry-run` lists what a command line would train, in order, and where each run stands in
+--out-root (starts afresh, resumes after epoch N, finished), without changing anything. Then:
 `python scripts/train_shipped.py --collect runs/shipped` copies finished runs into
 checkpoints/ without their resume state.
 """
@@ -122,6 +123,17 @@ def is_finished(run_dir: Path) -> bool:
     return summary.exists() and json.loads(summary.read_text()).get("status") == "finished"
 
 
+def progress(run_dir: Path) -> str:
+    """What a launch would do with this run folder, for --dry-run (read-only: changes nothing)."""
+    if is_finished(run_dir):
+        return "finished there: skipped"
+    if (run_dir / "resume.safetensors").exists() and (run_dir / "resume.json").exists():
+        done = json.loads((run_dir / "resume.json").read_text()).get("epoch")
+        total = json.loads((run_dir / "config.json").read_text()).get("epochs")
+        return f"resumes after epoch {done} of {total}"
+    return "starts afresh"
+
+
 def where_to_write(run_dir: Path) -> list[str]:
     """`--out DIR` for a new run, `--resume DIR` for one with a completed epoch, or
     ["finished"] for one that is done. A folder cut before its first epoch is cleared."""
@@ -183,7 +195,7 @@ def main() -> int:
         return collect(Path(args.collect), ROOT / "checkpoints")
     if args.dry_run:
         for name, prio, _ in select_runs(args):
-            print(f"{name:42s} priority {prio}")
+            print(f"{name:42s} priority {prio:22s} {progress(Path(args.out_root) / name)}")
         return 0
     return launch(args)
 

@@ -129,10 +129,15 @@ def test_shipped_script_carries_on_after_an_interruption(tmp_path, tiny_runs):
     s["status"] = "stopped"
     (resumable / "summary.json").write_text(json.dumps(s))
     assert where(resumable) == ["--resume", str(resumable)]
+    epochs_done = json.loads((resumable / "resume.json").read_text())["epoch"]
+    epochs = json.loads((resumable / "config.json").read_text())["epochs"]
+    assert script.progress(resumable) == f"resumes after epoch {epochs_done} of {epochs}"
+    assert script.progress(finished) == "finished there: skipped"
     assert script.is_finished(finished) and not script.is_finished(resumable)  # what --missing-only skips
     early = tmp_path / "early"  # killed before its first epoch ended: nothing to resume from
     early.mkdir()
     (early / "config.json").write_text("{}")
+    assert script.progress(early) == "starts afresh" and early.exists()  # --dry-run deletes nothing
     assert where(early) == ["--out", str(early)] and not early.exists()
 
 
