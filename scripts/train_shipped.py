@@ -127,9 +127,12 @@ def progress(run_dir: Path) -> str:
     """What a launch would do with this run folder, for --dry-run (read-only: changes nothing)."""
     if is_finished(run_dir):
         return "finished there: skipped"
-    if (run_dir / "resume.safetensors").exists() and (run_dir / "resume.json").exists():
-        done = json.loads((run_dir / "resume.json").read_text()).get("epoch")
-        total = json.loads((run_dir / "config.json").read_text()).get("epochs")
+    if (run_dir / "resume.safetensors").exists():
+        try:
+            done = json.loads((run_dir / "resume.json").read_text())["epoch"]
+            total = json.loads((run_dir / "config.json").read_text())["epochs"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return "resumes (its epoch count is unreadable; `core train --resume` will say why)"
         return f"resumes after epoch {done} of {total}"
     return "starts afresh"
 

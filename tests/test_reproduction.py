@@ -133,6 +133,8 @@ def test_shipped_script_carries_on_after_an_interruption(tmp_path, tiny_runs):
     epochs = json.loads((resumable / "config.json").read_text())["epochs"]
     assert script.progress(resumable) == f"resumes after epoch {epochs_done} of {epochs}"
     assert script.progress(finished) == "finished there: skipped"
+    (resumable / "resume.json").write_text("{not json")
+    assert script.progress(resumable).startswith("resumes (its epoch count is unreadable")
     assert script.is_finished(finished) and not script.is_finished(resumable)  # what --missing-only skips
     early = tmp_path / "early"  # killed before its first epoch ended: nothing to resume from
     early.mkdir()
