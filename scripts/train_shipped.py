@@ -123,26 +123,35 @@ def is_finished(run_dir: Path) -> bool:
     return summary.exists() and json.loads(summary.read_text()).get("status") == "finished"
 
 
+def stands(run_dir: Path) -> str:
+    """'finished', 'resumable' (a completed epoch left its resume state) or 'new'."""
+    if is_finished(run_dir):
+        return "finished"
+    return "resumable" if (run_dir / "resume.safetensors").exists() else "new"
+
+
 def progress(run_dir: Path) -> str:
     """What a launch would do with this run folder, for --dry-run (read-only: changes nothing)."""
-    if is_finished(run_dir):
+    state = stands(run_dir)
+    if state == "finished":
         return "finished there: skipped"
-    if (run_dir / "resume.safetensors").exists():
-        try:
-            done = json.loads((run_dir / "resume.json").read_text())["epoch"]
-            total = json.loads((run_dir / "config.json").read_text())["epochs"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return "resumes (its epoch count is unreadable; `core train --resume` will say why)"
-        return f"resumes after epoch {done} of {total}"
-    return "starts afresh"
+    if state == "new":
+        return "starts afresh"
+    try:
+        done = json.loads((run_dir / "resume.json").read_text())["epoch"]
+        total = json.loads((run_dir / "config.json").read_text())["epochs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "resumes (its epoch count is unreadable; `core train --resume` will say why)"
+    return f"resumes after epoch {done} of {total}"
 
 
 def where_to_write(run_dir: Path) -> list[str]:
     """`--out DIR` for a new run, `--resume DIR` for one with a completed epoch, or
     ["finished"] for one that is done. A folder cut before its first epoch is cleared."""
-    if is_finished(run_dir):
+    state = stands(run_dir)
+    if state == "finished":
         return ["finished"]
-    if (run_dir / "resume.safetensors").exists():
+    if state == "resumable":
         return ["--resume", str(run_dir)]
     shutil.rmtree(run_dir, ignore_errors=True)
     return ["--out", str(run_dir)]
