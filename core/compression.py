@@ -1,4 +1,4 @@
-"""Backpropagation with compressed activations (ARCHITECTURE.md §1).
+"""Backpropagation with compressed activations (README.md, Compression policies).
 
 The forward pass is always exact. What changes is what each layer *keeps* for backward:
   conv   -> its input pooled by K (avg or max); the weight gradient is estimated from it,

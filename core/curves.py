@@ -1,6 +1,6 @@
 """Small data helpers behind the curve and comparison figures (plots.py only shapes data).
 
-Reads the records of a run's metrics.jsonl (ARCHITECTURE.md §3), as lists of dicts:
+Reads the records of a run's metrics.jsonl (docs/training.md), as lists of dicts:
     step records  {"type": "step", "step", "epoch" (0-based, running), "loss", "acc", "lr", "wall", ...}
     eval records  {"type": "eval", "epoch" (epochs completed), "step", "val_loss", "val_acc", "wall", ...}
 Other types ("fidelity", "resume") are ignored here. A record without "type" that has

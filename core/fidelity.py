@@ -1,4 +1,4 @@
-"""Exact vs compressed weight gradients, layer by layer (ARCHITECTURE.md §1).
+"""Exact vs compressed weight gradients, layer by layer (docs/fidelity_and_memory.md §1).
 
 For the same weights and the same batch, every conv's weight gradient is computed twice:
 exactly (plain autograd) and as training under a compression policy would see it. Four

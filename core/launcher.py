@@ -1,4 +1,4 @@
-"""Start training runs as separate processes, one at a time per device (ARCHITECTURE.md §3).
+"""Start training runs as separate processes, one at a time per device (docs/app.md).
 
 The app never trains inside its own process. `Launcher.submit(config)` writes a job into a
 per-device queue file under `runs/.launcher/` and, if nothing is training on that device,

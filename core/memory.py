@@ -1,4 +1,4 @@
-"""What training memory is, measured three ways (ARCHITECTURE.md §4).
+"""What training memory is, measured three ways (docs/fidelity_and_memory.md).
 
 - saved activations: distinct bytes of the tensors autograd keeps for backward during one
   forward pass, via `saved_tensors_hooks`, deduplicated by storage, parameters excluded.

@@ -1,4 +1,4 @@
-"""Plotly figure builders: data in, `go.Figure` out (ARCHITECTURE.md §2).
+"""Plotly figure builders: data in, `go.Figure` out (README.md, Layout).
 
 Nothing here computes beyond shaping data (picking, scaling for display, unit changes);
 the numbers come from core.curves, core.features, core.attribution and friends, so every
@@ -281,7 +281,7 @@ def pareto_scatter(rows: Sequence[Mapping], memory_label: str = "saved activatio
     accuracy) as a dashed staircase, its runs drawn as diamonds.
 
     rows: {"name", "policy", "acc", "memory" (bytes)}. `memory_label` says which memory
-    it is (ARCHITECTURE.md §4): "saved activations", "CUDA peak", ...
+    it is (docs/fidelity_and_memory.md): "saved activations", "CUDA peak", ...
     """
     names = [r["name"] for r in rows]
     cmap = _colors(names, colors)

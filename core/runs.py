@@ -1,4 +1,4 @@
-"""Finding and loading runs, shipped and new, with validation (ARCHITECTURE.md §3).
+"""Finding and loading runs, shipped and new, with validation (docs/training.md, The run directory).
 
 A run is a folder written by `core.train` (config.json, metrics.jsonl, model.safetensors,
 resume.*, summary.json). `list_runs` never raises for one bad run: it lists it as

@@ -2,7 +2,7 @@
 
 `python -m core train --model resnet20 --dataset features10 --policy avg2+mask --epochs 10`
 
-The run directory (ARCHITECTURE.md §3, docs/training.md) is the contract with the app:
+The run directory (docs/training.md) is the contract with the app:
 config.json at start, metrics.jsonl appended line by line, model.safetensors + resume.*
 atomically at each epoch end, summary.json ("running" with the pid while training; then
 finished / failed / stopped). Nothing here is pickled. This module must run on a machine
@@ -331,7 +331,7 @@ def training_subprocess_env(base: dict | None = None) -> dict:
 
 
 def train_command(config: TrainConfig, python: str | None = None) -> list[str]:
-    """argv to run this config in a separate process (the app does; see ARCHITECTURE.md §3)."""
+    """argv to run this config in a separate process (the app does; see core/launcher.py)."""
     return [python or sys.executable, "-m", "core", "train", *config.to_argv()]
 
 

@@ -9,7 +9,7 @@ Where runs come from (core.runs.list_runs):
     POOLPROP_RUNS_ROOT=DIR       where the Train page writes new runs and its queue (default runs/);
                                  always listed too
 
-Caching (ARCHITECTURE.md §6): models in st.cache_resource keyed by run folder + the mtime of
+Caching: models in st.cache_resource keyed by run folder + the mtime of
 model.safetensors (shared between sessions: treat them as read-only, deep-copy before
 anything that swaps layers); images, metrics and run lists in st.cache_data.
 """
