@@ -1,6 +1,8 @@
 """Guards the shipped runs in checkpoints/: each loads, matches its config, and its summary
-agrees with its own metrics; the folder stays small and holds nothing that needs pickle."""
+agrees with its own metrics; the folder stays small and holds nothing that needs pickle; the
+README's reproduction table and stated folder size follow what is shipped."""
 
+import re
 import zipfile
 from pathlib import Path
 
@@ -17,6 +19,7 @@ CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 RUNS = sorted(p for p in CHECKPOINTS.iterdir() if p.is_dir()) if CHECKPOINTS.is_dir() else []
 CIFAR_RUNS = [p for p in RUNS if "-cifar-" in p.name]
 FEATURE_RUNS = [p for p in RUNS if "-features10-" in p.name]
+README = Path(__file__).resolve().parents[1] / "README.md"
 SHARED_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-jpeg.zip"
 
 
@@ -98,3 +101,31 @@ def test_cifar_runs_re_evaluate_to_their_summary(path, cifar_val):
     assert res["n"] == 5000
     tolerance = 2.5e-3 if cfg.get("amp_dtype_used") else 1.5e-3
     assert res["acc"] == pytest.approx(inspect_run(path).summary["last_val_acc"], abs=tolerance)
+
+
+MEASURED_COLUMNS = (6, 7, 8)  # ResNet-20 / ResNet-18 saved bytes, step-time ratio
+
+
+def _cells(line: str) -> list[str]:
+    """A markdown table row's cells, without the measured columns."""
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    return [c for i, c in enumerate(cells) if i not in MEASURED_COLUMNS]
+
+
+def test_readme_reproduction_table_matches_the_shipped_runs():
+    """The README's table is `python -m core reproduction --runs checkpoints` pasted in: its rows,
+    accuracies, seeds, filter shares and devices must follow the shipped summaries and weights.
+    (Memory and step-time columns are measurements of the policy, guarded by the benchmarks.)"""
+    from core.reproduction import format_markdown, group_runs
+
+    expected = [_cells(line) for line in format_markdown(group_runs(RUNS)).splitlines()[2:]]
+    in_readme = [_cells(line) for line in README.read_text().splitlines()
+                 if line.startswith(("| CIFAR-10 |", "| features10 |"))]
+    assert in_readme == expected
+
+
+def test_readme_states_the_checkpoint_folder_size():
+    size = sum(f.stat().st_size for f in CHECKPOINTS.rglob("*") if f.is_file())
+    stated = re.search(r"no resume state\), ([\d.]+) MB\.", README.read_text())
+    assert stated, "README's checkpoint paragraph no longer states the folder size"
+    assert float(stated.group(1)) == round(size / 1e6, 1)
