@@ -386,7 +386,8 @@ _PASS_THROUGH = (nn.Linear, nn.Identity, nn.Dropout, nn.Flatten, nn.MaxPool2d, n
 _ORIGINAL = "_pp_original_class"
 
 
-def _in_scope(name: str, policy: CompressionPolicy, stem_conv: str | None) -> bool:
+def in_scope(name: str, policy: CompressionPolicy, stem_conv: str | None) -> bool:
+    """Whether `policy` compresses the module called `name` (the model's first conv is `stem_conv`)."""
     stages = policy.stages()
     if stages is not None:
         return any(name.startswith(f"layer{s}.") for s in stages)
@@ -428,8 +429,13 @@ def compress_model(model: nn.Module, policy: CompressionPolicy | str) -> nn.Modu
 
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     stem_conv = convs[0] if convs else None
+    missing = sorted(s for s in policy.stages() or () if not any(n.startswith(f"layer{s}.") for n in convs))
+    if missing:
+        have = sorted({int(n[5:].split(".")[0]) for n in convs if n.startswith("layer") and n[5:6].isdigit()})
+        raise PolicyError(f"{policy} names stage {', '.join(map(str, missing))}, but this model's stages are "
+                          f"{', '.join(map(str, have)) or 'none'}")
     for name, m in model.named_modules():
-        if not _in_scope(name, policy, stem_conv):
+        if not in_scope(name, policy, stem_conv):
             continue
         if isinstance(m, nn.Conv2d) and policy.pool and type(m) is nn.Conv2d:
             _swap(m, PooledConv2d, pp_pool=policy.pool, pp_k=policy.k, pp_mode=policy.mode, pp_name=name)

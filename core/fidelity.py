@@ -44,6 +44,7 @@ from .compression import (
     PooledConv2d,
     compress_model,
     decompress_model,
+    in_scope,
     model_policy,
 )
 
@@ -216,28 +217,26 @@ def _conv_input_shapes(model, convs, x) -> dict[str, tuple[int, int, int]]:
 
 
 def _fit_policy(policy: CompressionPolicy, model, convs, shapes) -> tuple[CompressionPolicy | None, str | None]:
-    """Narrow `policy` to the stages where K fits every conv's feature map.
+    """Narrow `policy` to the stages (of those it names) where K fits every conv's feature map.
 
     Returns (policy to run, note) or (None, reason to skip).
     """
     if policy.pool is None or policy.k == 1:
         return policy, None
-    too_small = [n for n, _ in convs if n in shapes and min(shapes[n][1:]) < policy.k]
+    stem = convs[0][0] if convs else None
+    too_small = [n for n, _ in convs
+                 if n in shapes and in_scope(n, policy, stem) and min(shapes[n][1:]) < policy.k]
     if not too_small:
         return policy, None
+    h, w = shapes[too_small[0]][1:]
     stages = [s for s in getattr(model, "stage_names", []) if s.startswith("layer")]
-    if policy.scope != "all" or not stages:
-        n = too_small[0]
-        h, w = shapes[n][1:]
-        return None, f"K={policy.k} is larger than the {h}x{w} feature map entering {n}"
-    fits = [int(s[5:]) for s in stages if not any(n.startswith(s + ".") for n in too_small)]
     wanted = policy.stages() or {int(s[5:]) for s in stages}
-    fits = [s for s in fits if s in wanted]
+    fits = [int(s[5:]) for s in stages
+            if int(s[5:]) in wanted and not any(n.startswith(s + ".") for n in too_small)]
     if not fits:
-        return None, f"K={policy.k} is larger than the feature maps of every stage ({', '.join(too_small[:3])}...)"
+        return None, f"K={policy.k} is larger than the {h}x{w} feature map entering {too_small[0]}"
     narrowed = CompressionPolicy(pool=policy.pool, k=policy.k, mode=policy.mode, relu_mask=policy.relu_mask,
                                  bn=policy.bn, checkpoint=policy.checkpoint, scope="stages=" + ",".join(map(str, fits)))
-    h, w = shapes[too_small[0]][1:]
     note = (f"K={policy.k} is larger than the {h}x{w} feature map entering {too_small[0]}; "
             f"applied as {narrowed} (the stem and the other stages keep exact inputs)")
     return narrowed, note

@@ -408,13 +408,12 @@ def check_config(config) -> list[str]:
     from .models import build_model
 
     policy = CompressionPolicy.parse(config.policy)
+    try:  # not on the meta device: its normal_ imports torch._dynamo (slow, once)
+        model = compress_model(build_model(config.model, stem=config.stem), policy)
+    except ValueError as e:  # an unknown model, or stages the model does not have (PolicyError)
+        return [str(e)]
     if policy.pool is None or policy.k == 1:
         return []
-    try:  # not on the meta device: its normal_ imports torch._dynamo (slow, once)
-        model = build_model(config.model, stem=config.stem)
-    except ValueError as e:
-        return [str(e)]
-    compress_model(model, policy)
     too_big: list[str] = []
 
     def hook(module, args):

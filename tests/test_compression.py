@@ -214,6 +214,15 @@ def test_k_larger_than_feature_map_is_a_clear_error():
         model(torch.randn(2, 3, 32, 32))
 
 
+def test_stages_the_model_does_not_have_are_a_clear_error():
+    # resnet20 has three stages: a policy for stage 4 would otherwise compress nothing, silently
+    with pytest.raises(PolicyError, match="names stage 4, but this model's stages are 1, 2, 3"):
+        compress_model(build_model("resnet20"), "avg2+mask+stages=2,4")
+    model = compress_model(build_model("resnet18"), "avg2+mask+stages=4")  # resnet18 has it
+    assert type(model.layer4[0].conv1).__name__ == "PooledConv2d"
+    assert type(model.layer3[0].conv1).__name__ == "Conv2d"
+
+
 def test_unsupported_modules_are_named():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Sequential(nn.LayerNorm(4)), nn.ReLU(inplace=True))
     with pytest.raises(PolicyError) as e:

@@ -180,6 +180,24 @@ def test_sweep_narrows_or_skips_settings_that_do_not_fit():
     assert "larger than the 4x4 feature map" in res.skipped["max8-lowres+mask"]
 
 
+
+def test_fit_stages_looks_only_at_the_stages_a_policy_names():
+    """resnet18 at 32x32: stages at 32, 16, 8, 4. K=8 fits stage 1 and 3, not stage 4."""
+    model = build_model("resnet18")
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    res = compare_gradients(model, x, y, ["avg8+mask+stages=1", "avg8+mask+stages=1,4", "avg8+mask+stages=4"],
+                            fit_stages=True)
+    # stage 4 is not named: nothing to narrow, nothing to say
+    assert res.applied["avg8+mask+stages=1"] == "avg8+mask+stages=1"
+    assert "avg8+mask+stages=1" not in res.notes
+    # stage 4 named along with stage 1: narrowed to the one that fits, and said so
+    assert res.applied["avg8+mask+stages=1,4"] == "avg8+mask+stages=1"
+    assert "4x4 feature map entering layer4" in res.notes["avg8+mask+stages=1,4"]
+    # only stage 4 named: nothing fits, skipped with the reason
+    assert "4x4 feature map entering layer4" in res.skipped["avg8+mask+stages=4"]
+    comp = dict(zip(res.layers, res.compressed["avg8+mask+stages=1"]))
+    assert comp["layer1.0.conv1"] and not comp["layer3.0.conv1"] and not comp["layer4.0.conv1"]
+
 def test_sweep_settings_names():
     s = sweep_settings()
     assert len(s) == 13  # K=1 once, then 3 K x 2 pools x 2 modes
