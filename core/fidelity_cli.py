@@ -10,12 +10,14 @@ Imports only torch and core modules (no plotly/captum/streamlit): it runs on the
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from . import atomic
 from .compression import CompressionPolicy
 from .fidelity import METRIC_LABELS, METRICS, FidelityResult, compare_gradients, sweep, sweep_settings
 
@@ -113,10 +115,11 @@ def format_result(res: FidelityResult, metric: str = "cosine") -> str:
 
 def write_csv(res: FidelityResult, path: str) -> None:
     rows = res.to_rows()
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["setting", "layer"])
-        writer.writeheader()
-        writer.writerows(rows)
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["setting", "layer"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic.write_text(path, buf.getvalue())
 
 
 def cmd_fidelity(args) -> int:

@@ -29,6 +29,21 @@ def rows_to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def _unique_labels(runs: list) -> dict:
+    """{label: run}: run_label, plus the folder name where two runs would share one (a 20- and a
+    30-epoch run of the same policy and seed), plus a number where even that repeats."""
+    first = [run_label(r) for r in runs]
+    labels = {}
+    for label, run in zip(first, runs):
+        if first.count(label) > 1:
+            label = f"{label} · {run.name}"
+        base, i = label, 2
+        while label in labels:
+            label, i = f"{base} ({i})", i + 1
+        labels[label] = run
+    return labels
+
+
 def build_report(run_refs: list[str], out: str | Path, thresholds=(0.5, 0.8, 0.9)) -> list[Path]:
     """Figures and tables over the given runs into `out`; returns the files written."""
     from . import curves, features, plots
@@ -43,7 +58,7 @@ def build_report(run_refs: list[str], out: str | Path, thresholds=(0.5, 0.8, 0.9
         raise RunError("no runs given")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    labels = {run_label(r): r for r in runs}
+    labels = _unique_labels(runs)
     metrics = {label: list(read_metrics(r)) for label, r in labels.items()}
     colors = plots.color_map(list(labels))
 

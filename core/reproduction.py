@@ -1,6 +1,6 @@
 """`python -m core reproduction`: the README's reproduction table, computed from finished runs.
 
-One row per (data, policy, epochs), seeds pooled: final validation accuracy (mean, and ± half
+One row per (data, model, policy, epochs), seeds pooled: final validation accuracy (mean, and ± half
 the range when there are several seeds), saved-activation memory and its cut at batch 128 for
 ResNet-20 and ResNet-18, the training-step time ratio vs `none` (process CPU time on this
 machine, so the figure does not depend on where a run was trained), and the share of
@@ -22,10 +22,15 @@ MEMORY_MODELS = ("resnet20", "resnet18")
 
 
 def data_family(dataset: str) -> str:
+    """The table's data column: features10 variants pool, CIFAR-10 pools with image folders of it
+    (the shipped runs train on the JPEG copy); any other image folder is named by its path."""
     if dataset.startswith("features10"):
         return "features10"
-    if dataset.startswith(("cifar10", "imagefolder")):
+    if dataset.startswith("cifar10"):
         return "CIFAR-10"
+    if dataset.startswith("imagefolder:"):
+        folder = dataset.split(":", 1)[1]
+        return "CIFAR-10" if "cifar10" in folder.lower().replace("-", "") else folder
     return dataset
 
 

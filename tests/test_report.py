@@ -2,6 +2,7 @@
 
 import csv
 import re
+from pathlib import Path
 
 from core.__main__ import main
 
@@ -28,3 +29,16 @@ def test_report_on_a_missing_run_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_report_keeps_runs_whose_labels_would_coincide(tiny_runs, tmp_path):
+    """Two runs alike in model, policy, data and seed (a 20- and a 30-epoch run, say) both appear."""
+    import shutil
+
+    first = sorted(p for p in tiny_runs.iterdir() if p.is_dir())[0]
+    twin = shutil.copytree(first, tmp_path / "runs" / (first.name + "-again"))
+    out = tmp_path / "report"
+    assert main(["report", "--runs", str(first), str(twin), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "runs.csv")))
+    assert sorted(r["path"] for r in rows) == sorted([str(first), str(twin)])
+    assert len({r["run"] for r in rows}) == 2 and all(r["run"].endswith(Path(r["path"]).name) for r in rows)

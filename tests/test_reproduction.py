@@ -60,6 +60,15 @@ def test_groups_pool_seeds_and_skip_unfinished(tiny_runs, tmp_path):
     assert 0.0 < pooled["hf_share"] < 1.0
 
 
+
+@pytest.mark.parametrize("dataset, family", [
+    ("features10", "features10"), ("features10:n=200", "features10"), ("cifar10", "CIFAR-10"),
+    ("imagefolder:.data/cifar10-jpeg/train", "CIFAR-10"), ("imagefolder:/data/CIFAR-10/train", "CIFAR-10"),
+    ("imagefolder:/data/flowers/train", "/data/flowers/train"),
+])
+def test_data_column_names_cifar_copies_as_cifar_and_other_folders_by_path(dataset, family):
+    assert reproduction.data_family(dataset) == family
+
 def test_memory_columns_match_a_direct_measurement_and_skip_what_does_not_fit():
     rows = [{"policy": p} for p in ("none", "avg2+mask", "avg8+mask")]
     reproduction.add_memory(rows, batch=4, models=("resnet20", "resnet18"))
