@@ -1,4 +1,4 @@
-"""The command line: `python -m core {train,evaluate,bench,fidelity,report,runs}`.
+"""The command line: `python -m core {train,evaluate,runs,bench,fidelity,report,reproduction}`.
 
 Each command lives in its own module that exposes `register(subparsers)`; this file only
 dispatches. No streamlit/captum/plotly at import time: the GPU machine has none of them.

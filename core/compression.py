@@ -132,10 +132,6 @@ class CompressionPolicy:
         return {int(s) for s in m[1].split(",")} if m else None
 
 
-def parse_policy(text) -> CompressionPolicy:
-    return CompressionPolicy.parse(text)
-
-
 # ---------------------------------------------------------------------------------------
 # Pooled convolution
 # ---------------------------------------------------------------------------------------

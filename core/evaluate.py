@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SPLITS = ("val", "train", "test")
+SPLITS = ("val", "train")  # the fixed split a run was trained with
 TTA = ("none", "flip")
 
 
@@ -63,10 +63,6 @@ def _split_arrays(data, split: str):
         return data.val_x, data.val_y
     if split == "train":
         return data.train_x, data.train_y
-    if split == "test":
-        if getattr(data, "test_x", None) is None:
-            raise ValueError(f"dataset {data.name!r} has no test split here; use --split val")
-        return data.test_x, data.test_y
     raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
 
 

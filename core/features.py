@@ -315,7 +315,8 @@ def layer_spectra(model: nn.Module, layers: Iterable[str] | None = None, pad_to:
                   normalize: bool = True, skip_1x1: bool = True) -> list[dict]:
     """[{name, freqs, power, hf_share, kernel}] for every conv (or `layers`), forward order.
 
-    1x1 kernels have a flat spectrum (nothing to see) and are skipped unless skip_1x1=False.
+    1x1 kernels have a flat spectrum (nothing to see): skipped when listing every conv, unless
+    skip_1x1=False; layers named in `layers` are always kept.
     `power` is normalised to sum 1 by default so runs with different weight norms compare.
     """
     out = []

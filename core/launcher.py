@@ -40,7 +40,6 @@ from .runs import LOCAL_DIR, ROOT, pid_alive
 
 STATE_DIRNAME = ".launcher"
 KEEP_DONE = 50  # finished jobs kept per device file (newest)
-JOB_STATES = ("queued", "running", "done", "cancelled")
 
 try:  # POSIX
     import fcntl
@@ -57,7 +56,7 @@ class Job:
     run_dir: str
     argv: list[str]
     label: str = ""
-    state: str = "queued"
+    state: str = "queued"  # -> "running" -> "done"; or "cancelled" while queued
     created: float = 0.0
     pid: int | None = None
     started: float | None = None
@@ -329,9 +328,6 @@ class Launcher:
         device = device or device_key("auto")
         return [j for j in self.jobs(device) if j.state == "queued"]
 
-    def get(self, job_id: str) -> Job | None:
-        return next((j for j in self.jobs() if j.id == job_id), None)
-
     def stop(self, job_id: str) -> str:
         """Stop a running job (SIGTERM to its process group) or cancel a queued one.
 
@@ -360,14 +356,6 @@ class Launcher:
                     result = "stopping"
                 self._save(device, jobs)
                 return result
-        return "not active"
-
-    def stop_run(self, run_dir: str | os.PathLike) -> str:
-        """Stop whatever job trains into `run_dir`."""
-        run_dir = Path(run_dir)
-        for j in self.jobs():
-            if j.active and Path(j.run_dir) == run_dir:
-                return self.stop(j.id)
         return "not active"
 
     def _finish(self, device: str, job_id: str, code: int) -> None:

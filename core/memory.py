@@ -236,8 +236,8 @@ def no_grad_side_effects(model: nn.Module):
 # =======================================================================================
 # The ladder and the planner (docs/fidelity_and_memory.md)
 # =======================================================================================
-# Added for the Memory page and `python -m core bench`: what each step of a policy saves,
-# per layer and per kind, and how large a batch fits a given memory budget.
+# For the Memory page: what each step of a policy saves, per layer and per kind, and how large
+# a batch fits a given memory budget.
 
 import math  # noqa: E402
 import statistics  # noqa: E402
@@ -534,12 +534,6 @@ class MemoryPlan:
             return a + b * batch
         return self.model_state["total"] + self.predict_saved(batch)
 
-    def breakdown(self, batch: float) -> dict[str, float]:
-        out = {"model state": float(self.model_state["total"]), "saved activations": self.predict_saved(batch)}
-        if self.peak_fit is not None:
-            out["other (transients, workspace, inputs)"] = self.predict(batch) - sum(out.values())
-        return out
-
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         d["measure"] = self.measure
@@ -555,7 +549,7 @@ def plan_memory(model_name, policy: str, size: int = 32, optimizer: str = "sgd",
     The CUDA peak is not, at small batches: kernel workspaces and allocator rounding make a
     fixed-looking part that changes with the batch. On an H200 a fit at 8-32 under-predicted
     batch 128 by 7-20% (ResNet-18/20), while a fit at 64-128 predicted batch 512 within
-    -7.5..+0.6%; hence the separate, larger `cuda_fit_batches` for the peak fit.
+    -7.5..+0.4%; hence the separate, larger `cuda_fit_batches` for the peak fit.
     `amp` (CUDA): bf16 autocast in the measured steps and the meter, as the trainer does on CUDA.
     """
     fit_batches = sorted({int(b) for b in fit_batches})

@@ -711,8 +711,10 @@ def _plan_line(p: Mapping) -> tuple[float, float]:
 def planner_measure(plans) -> str:
     """What planner_figure's "predicted GiB" is, for the page's caption."""
     plans = [_plain(p) for p in plans]
-    return ("CUDA max_memory_allocated, fitted over small batches" if plans and plans[0].get("peak_fit")
-            else "model state + saved activations (a lower bound of the peak)")
+    if plans and plans[0].get("peak_fit"):
+        batches = plans[0].get("peak_fit_batches") or []
+        return "CUDA max_memory_allocated, fitted over batches " + ", ".join(map(str, batches))
+    return "model state + saved activations (a lower bound of the peak)"
 
 
 def planner_figure(plans, budget: float, max_batch: int | None = None, colors: Mapping[str, str] | None = None,

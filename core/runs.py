@@ -20,7 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_DIR = ROOT / "checkpoints"
 LOCAL_DIR = ROOT / "runs"
 RUN_FILES = ("config.json", "metrics.jsonl", "model.safetensors", "summary.json", "resume.json")
-STATUSES = ("finished", "failed", "stopped", "running", "interrupted", "broken")
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".ckpt", ".bin")
 
 
@@ -34,7 +33,7 @@ class Run:
     name: str
     config: dict | None = None
     summary: dict | None = None
-    status: str = "broken"
+    status: str = "broken"  # or finished, failed, stopped, running, interrupted (a dead "running")
     reason: str | None = None  # why it is broken (one line); None otherwise
     is_shipped: bool = False
     notes: list[str] = field(default_factory=list)  # non-fatal: refused .pt files, a cut metrics line

@@ -151,11 +151,6 @@ class TrainConfig:
             kw["policy"] = str(CompressionPolicy.from_dict(kw["policy"]))
         return cls(**kw)
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
-        """From parsed CLI arguments (only those given; the rest keep their defaults)."""
-        return cls(**explicit_args(args))
-
     def to_argv(self) -> list[str]:
         """CLI flags reproducing this config (for the app to launch `python -m core train`)."""
         argv = []
@@ -331,7 +326,7 @@ def training_subprocess_env(base: dict | None = None) -> dict:
 
 
 def train_command(config: TrainConfig, python: str | None = None) -> list[str]:
-    """argv to run this config in a separate process (the app does; see core/launcher.py)."""
+    """argv to train this config in a separate process (the app goes through core/launcher.py)."""
     return [python or sys.executable, "-m", "core", "train", *config.to_argv()]
 
 
@@ -655,9 +650,6 @@ class Trainer:
     def add_callback(self, event: str, fn) -> None:
         self.callbacks[event].append(fn)
 
-    def set_callback(self, event: str, fn) -> None:
-        self.callbacks[event] = [fn]
-
     def trigger_callbacks(self, event: str, *args) -> None:
         for fn in self.callbacks.get(event, []):
             fn(self, *args)
@@ -867,7 +859,7 @@ class Trainer:
             "policy_dict": self.policy.to_dict(),
             "classes": list(d.classes),
             "num_classes": self.num_classes,
-            "image_size": list(d.image_size) if isinstance(d.image_size, (tuple, list)) else d.image_size,
+            "image_size": d.image_size,
             "mean": [float(v) for v in torch.as_tensor(d.mean).flatten()],
             "std": [float(v) for v in torch.as_tensor(d.std).flatten()],
             "train_size": self.train_size,

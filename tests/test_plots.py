@@ -251,3 +251,9 @@ def test_activation_images_figure():
     assert len(fig.data) == 10 and fig.layout.annotations[3].text == "ch 3"
     fig = P.activation_images_figure({"ch 7": np.random.rand(32, 32, 3)})
     assert [t.name for t in fig.data] == ["ch 7"]
+
+
+def test_planner_caption_names_the_batches_the_peak_was_fitted_over():
+    cuda = {"peak_fit": [1e8, 2e6], "peak_fit_batches": [64, 96, 128]}
+    assert P.planner_measure([cuda]) == "CUDA max_memory_allocated, fitted over batches 64, 96, 128"
+    assert "lower bound" in P.planner_measure([{"peak_fit": None}])

@@ -186,8 +186,8 @@ def test_evaluate_matches_an_independent_computation(good_run, capsys):
     assert main(["evaluate", "--run", str(good_run), "--dataset", "nosuchset"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
-    assert main(["evaluate", "--run", str(good_run), "--split", "test"]) == 2
-    assert "no test split" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown split 'test'; choose one of val, train"):
+        evaluate_run(good_run, split="test")
 
 
 def test_evaluate_with_flip_tta_averages_the_mirror_images_probabilities(good_run, capsys):
