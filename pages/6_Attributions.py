@@ -78,12 +78,14 @@ if ui.need_runs(runs, 1, "attributions"):
             targets = None  # other classes than the models know: explain each model's own prediction
             st.caption("These images are not from the runs' classes: the maps explain each model's prediction.")
 
+    # the maps stay on screen across reruns only for the request they answer: other images, another
+    # method or another selection of runs wait for the button (Occlusion on 4 models takes a while)
+    keys = tuple((n, str(r.path), run_mtime_key(r)) for n, r in same)
+    request = None if images is None else (source, method, int(n_img), hash(images.tobytes()), keys)
     if images is None:
         st.info("Upload an image to explain it.")
-    elif st.button("Explain", type="primary", key="att_go") or st.session_state.get("att_done") == (
-            source, method, int(n_img), hash(images.tobytes())):
-        st.session_state["att_done"] = (source, method, int(n_img), hash(images.tobytes()))
-        keys = tuple((n, str(r.path), run_mtime_key(r)) for n, r in same)
+    elif st.button("Explain", type="primary", key="att_go") or st.session_state.get("att_done") == request:
+        st.session_state["att_done"] = request
         with ui.guard("Cannot explain"), st.spinner(f"{METHODS[method]} for {len(same)} model(s)…"):
             res = explain(keys, images, targets, method, [r for _, r in same])
             colors = ui.colors_for([r for _, r in same])

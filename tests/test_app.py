@@ -270,6 +270,21 @@ def test_attributions(app_env, method):
     assert "Upload an image" in texts(at.info)
 
 
+def test_attributions_wait_for_the_button_when_the_selection_changes(app_env):
+    at = page("attributions")
+    at.number_input(key="att_n").set_value(1)
+    at.button(key="att_go").click().run()
+    assert at.get("plotly_chart"), "Explain drew no maps"
+    at.run()  # any rerun (a widget elsewhere): the maps for the same request stay
+    assert at.get("plotly_chart")
+    at.session_state["selected_runs"] = [str(app_env / "tiny-avg2_mask")]
+    at.run()  # another selection: nothing is recomputed until Explain is pressed
+    no_errors(at)
+    assert not at.get("plotly_chart")
+    at.button(key="att_go").click().run()
+    assert at.get("plotly_chart")
+
+
 # ---------------------------------------------------------------------------------------
 # Helpers behind the pages
 # ---------------------------------------------------------------------------------------
@@ -326,6 +341,17 @@ def test_heldout_images_of_features10_are_its_validation_stream():
     a = load_dataset(_features10_heldout_name("features10:train=64,val=32", 8)).val_x
     b = load_dataset("features10:train=2,val=8").val_x
     assert torch.equal(a, b)
+
+
+def test_another_image_set_gives_other_features10_images():
+    """The Attributions page's "Image set" number: each set is n other held-out images."""
+    from ui.common import heldout_images
+
+    first, labels, _ = heldout_images.__wrapped__("features10", 4, 0, 0)
+    again = heldout_images.__wrapped__("features10", 4, 0, 0)[0]
+    other = heldout_images.__wrapped__("features10", 4, 0, 1)[0]
+    assert first.shape == other.shape == (4, 3, 32, 32) and len(labels) == 4
+    assert (first == again).all() and not (first == other).all()
 
 
 def test_csv_and_default_selection(runs_dir):

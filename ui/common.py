@@ -415,13 +415,15 @@ def _features10_heldout_name(dataset: str, n: int) -> str:
 @st.cache_data(max_entries=32, show_spinner=False)
 def heldout_images(dataset: str, n: int, split_seed: int = 0, seed: int = 0
                    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """n validation images of a run's dataset: uint8 (n, 3, H, W), labels, classes.
-    Never downloads; raises core.data.DatasetError when the data is not on this machine."""
+    """n validation images of a run's dataset: uint8 (n, 3, H, W), labels, classes; another
+    `seed`, other images. Never downloads; raises core.data.DatasetError when the data is not on
+    this machine."""
     from core.data import load_dataset, sample_images
 
     if dataset.split(":", 1)[0].strip().lower() == FEATURES10:
-        d = load_dataset(_features10_heldout_name(dataset, n), split_seed=split_seed, download=False)
-        return d.val_x[:n].numpy(), d.val_y[:n].numpy(), list(d.classes)
+        # image set `seed` is the seed-th run of n images further along the validation stream
+        d = load_dataset(_features10_heldout_name(dataset, n * (seed + 1)), split_seed=split_seed, download=False)
+        return d.val_x[n * seed:].numpy(), d.val_y[n * seed:].numpy(), list(d.classes)
     x, y, classes = sample_images(dataset, n, split="val", seed=seed, split_seed=split_seed)
     return x.numpy(), y.numpy(), classes
 
