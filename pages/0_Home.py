@@ -39,7 +39,7 @@ with ui.guard("Cannot show the picture"):
     x = ui.to_input(images[index:index + 1], run)
     pic = ui.method_picture(model, layer, x, k, pool, channel)
     c, h, w = pic["shape"]
-    c_note.markdown(f"Layer input: **{c} channels × {h}×{h}**; the picture shows channel {pic['channel']}. "
+    c_note.markdown(f"Layer input: **{c} channels × {h}×{w}**; the picture shows channel {pic['channel']}. "
                     f"Class: *{classes[int(labels_[index])]}*.")
     ui.show(plots.method_figure(ui.to_display(images[index:index + 1])[0], pic["activation"], pic["pooled"],
                                 pic["restored"], k, pool, layer, pic["channel"], pic["bytes"]),

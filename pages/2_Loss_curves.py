@@ -8,7 +8,7 @@ from ui import common as ui
 
 runs = ui.page("Loss curves", "Training loss, validation loss and validation accuracy of the selected runs.")
 
-if ui.need_runs(runs, 1, "loss curves"):
+if ui.need_runs(runs, "loss curves"):
     names = ui.names_of(runs)
     by_name = dict(zip(names, runs))
     colors = ui.colors_for(runs)

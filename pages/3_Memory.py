@@ -44,14 +44,21 @@ policies = c5.multiselect("Policies", CHOICES, default=list(memory.LADDER_POLICI
 extra = c5.text_input("Add a policy", placeholder="e.g. avg2-lowres+mask", key="mem_extra")
 timed = c6.checkbox("Time the steps", value=True, key="mem_timed",
                     help="Median of interleaved training steps (on a CPU at batch 16 at most; a minute or so)")
-if c6.button("Measure", type="primary", key="mem_measure"):
+
+
+def chosen_policies() -> tuple[str, ...]:
+    """The picked policies and the typed one (the ladder and the planner both use them)."""
     chosen = list(policies)
     if extra.strip():
         try:
             chosen.append(str(CompressionPolicy.parse(extra)))
         except ValueError as e:
             st.error(f"Policy {extra!r}: {ui.one_line(e)}")
-    st.session_state["mem_ladder_args"] = (model, int(batch), int(size), stem, tuple(dict.fromkeys(chosen)), timed)
+    return tuple(dict.fromkeys(chosen))
+
+
+if c6.button("Measure", type="primary", key="mem_measure"):
+    st.session_state["mem_ladder_args"] = (model, int(batch), int(size), stem, chosen_policies(), timed)
 
 args = st.session_state.get("mem_ladder_args")
 if args is None:
@@ -73,7 +80,7 @@ else:
 
 # ---------------------------------------------------------------------------------------
 st.header("Recorded by the runs")
-if ui.need_runs(runs, 1, "recorded memory"):
+if ui.need_runs(runs, "recorded memory"):
     names = ui.names_of(runs)
     colors = ui.colors_for(runs)
     ui.show(plots.run_memory_bars(ui.memory_rows(runs), colors=colors, title="Saved activations and model state"),
@@ -92,7 +99,7 @@ st.header("Planner: the largest batch a GPU fits")
 p1, p2 = st.columns([3, 1])
 budget = p1.slider("GPU memory budget (GiB)", 1, 80, 8, key="mem_budget")
 if p2.button("Fit the planner", key="mem_plan"):
-    st.session_state["mem_plan_args"] = (model, int(size), stem, tuple(policies) or ("none",))
+    st.session_state["mem_plan_args"] = (model, int(size), stem, chosen_policies() or ("none",))
 pargs = st.session_state.get("mem_plan_args")
 if pargs is None:
     st.info("Press **Fit the planner**: it measures each policy at a few small batches and fits a line.")
@@ -115,5 +122,5 @@ else:
             st.caption(f"Measure: {plans[0].measure}.")
         ui.download_csv(rows, f"planner-{pmodel}-{budget}GiB.csv")
 if DEVICE == "cpu":
-    st.caption("Allocation timeline of one step: needs a GPU. On this CPU the planner predicts model state + saved "
-               "activations, a lower bound of the true peak.")
+    st.caption("On this CPU the planner predicts model state + saved activations, a lower bound of the true peak; "
+               "on a GPU it fits the measured CUDA peak.")

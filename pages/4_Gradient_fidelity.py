@@ -22,7 +22,7 @@ def fidelity(path: str, mtime: float, settings: tuple, batch: int, _run) -> tupl
     return res.to_dict(), problem
 
 
-if ui.need_runs(runs, 1, "gradient fidelity"):
+if ui.need_runs(runs, "gradient fidelity"):
     names = ui.names_of(runs)
     by_name = dict(zip(names, runs))
     c1, c2 = st.columns([3, 1])

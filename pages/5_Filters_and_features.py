@@ -35,7 +35,7 @@ def cka(path_a: str, mtime_a: float, path_b: str, mtime_b: float, n: int, _a, _b
     return [n[4:] for n in names_a], [n[4:] for n in names_b], m, problem
 
 
-if ui.need_runs(runs, 1, "filters"):
+if ui.need_runs(runs, "filters"):
     shown = runs[:4]
     if len(runs) > 4:
         st.caption("The first four selected runs are shown.")
@@ -88,8 +88,9 @@ if ui.need_runs(runs, 1, "filters"):
         blocks = [*features.layer_names(models[who], "block"), "fc"]
         am_layer = c2.selectbox("Layer", blocks, index=len(blocks) - 2, key="ff_am_layer")
         with ui.guard("Cannot read that layer"):
-            n_ch = (models[who].fc.out_features if am_layer == "fc"  # channels: one forward of a small blank image
-                    else features.feature_maps(models[who], am_layer, torch.zeros(1, 3, 16, 16)).shape[1])
+            # channels: one forward of a small blank image, hooked, so on a private copy of the shared model
+            n_ch = (models[who].fc.out_features if am_layer == "fc" else features.feature_maps(
+                ui.model_of(by_name[who], private=True), am_layer, torch.zeros(1, 3, 16, 16)).shape[1])
             chans = c3.multiselect("Channels", list(range(n_ch)), default=list(range(min(4, n_ch))), key="ff_am_ch",
                                    max_selections=16)
             steps = st.select_slider("Optimisation steps", [32, 64, 128, 256], 64, key="ff_am_steps")

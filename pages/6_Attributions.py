@@ -41,7 +41,7 @@ def explain(keys: tuple, images: np.ndarray, targets: tuple | None, method: str,
     return out
 
 
-if ui.need_runs(runs, 1, "attributions"):
+if ui.need_runs(runs, "attributions"):
     names = ui.names_of(runs)
     first = runs[0]
     # Only runs that know the same classes as the first one can explain the same targets.

@@ -83,7 +83,7 @@ def launch(args) -> int:
                         "d = load_dataset(sys.argv[1]); print('data', d.train_x.shape, d.val_x.shape)",
                         f"imagefolder:{args.cifar}"], cwd=ROOT, env=env, check=True)
     todo = select_runs(args)
-    start, running, done = time.time(), {}, []
+    start, running = time.time(), {}
     while todo or running:
         while todo and len(running) < args.jobs:
             name, prio, extra = todo.pop(0)
@@ -99,7 +99,6 @@ def launch(args) -> int:
         for name, (proc, log) in list(running.items()):
             if proc.poll() is not None:
                 log.close()
-                done.append(name)
                 del running[name]
                 print(f"[{time.time() - start:6.0f}s] done  {name} rc={proc.returncode}", flush=True)
         if args.deadline and time.time() - start > args.deadline:

@@ -218,12 +218,14 @@ def test_memory_ladder_and_planner(app_env):
     at.number_input(key="mem_batch").set_value(2)
     at.checkbox(key="mem_timed").uncheck()
     at.multiselect(key="mem_policies").set_value(["none", "avg2+mask", "ckpt"])
+    at.text_input(key="mem_extra").set_value("mask+avg4")  # typed: normalised, and used by both
     at.button(key="mem_measure").click().run()
     no_errors(at)
-    assert list(at.dataframe[0].value["policy"]) == ["none", "avg2+mask", "ckpt"]
+    assert list(at.dataframe[0].value["policy"]) == ["none", "avg2+mask", "ckpt", "avg4+mask"]
     at.button(key="mem_plan").click().run()
     no_errors(at)
-    assert len(at.dataframe[-1].value) == 3 and "largest batch" in at.dataframe[-1].value
+    assert list(at.dataframe[-1].value["policy"]) == ["none", "avg2+mask", "ckpt", "avg4+mask"]
+    assert "largest batch" in at.dataframe[-1].value
 
 
 def test_gradient_fidelity(app_env):
@@ -314,6 +316,8 @@ def test_upload_validation():
         image_from_upload(b"")
     with pytest.raises(UploadError, match="too large"):
         image_from_upload(_png("L", (9000, 8)))
+    with pytest.raises(UploadError, match="7000×7000 pixels.*40 million pixels in all"):  # under 8000 a side
+        image_from_upload(_png("L", (7000, 7000)))
     with pytest.raises(UploadError, match="damaged"):
         image_from_upload(_png("RGB", (64, 64))[:60])
 
@@ -353,6 +357,22 @@ def test_another_image_set_gives_other_features10_images():
     assert first.shape == other.shape == (4, 3, 32, 32) and len(labels) == 4
     assert (first == again).all() and not (first == other).all()
 
+
+
+def test_live_progress_reads_the_last_step_of_short_and_long_metrics(tmp_path):
+    """A run that has logged one step shows step 1 (the first line of a short file counts), and a
+    long file is read from its tail only, without its cut first line."""
+    from ui.common import _tail_records, live_progress
+
+    (tmp_path / "config.json").write_text(json.dumps({"total_steps": 100, "epochs": 2}))
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"type": "step", "step": 1, "loss": 2.3}) + "\n")
+    assert live_progress(tmp_path)["step"] == 1
+    lines = [json.dumps({"type": "step", "step": i, "loss": 2.0, "pad": "x" * 50}) for i in range(1, 501)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    tail = _tail_records(tmp_path / "metrics.jsonl")
+    assert tail[-1]["step"] == 500 and 50 < len(tail) < 500
+    assert [r["step"] for r in tail] == list(range(501 - len(tail), 501))
+    assert live_progress(tmp_path)["step"] == 500
 
 def test_csv_and_default_selection(runs_dir):
     from core.runs import list_runs

@@ -227,7 +227,7 @@ def _run_through_navigation() -> None:
         st.rerun()
 
 
-def page(title: str, intro: str | None = None, picker: bool = True) -> list[Run]:
+def page(title: str, intro: str | None = None) -> list[Run]:
     """Page config, the title, the sidebar (run picker + device/training status).
     Returns the selected runs (usable ones, in the order picked)."""
     _run_through_navigation()
@@ -235,7 +235,7 @@ def page(title: str, intro: str | None = None, picker: bool = True) -> list[Run]
     st.title(title)
     if intro:
         st.caption(intro)
-    selected = run_picker() if picker else []
+    selected = run_picker()
     with st.sidebar:
         status_panel()
     return selected
@@ -290,10 +290,10 @@ def launcher() -> Launcher:
 
 
 def live_progress(run_dir) -> dict:
-    """Where a run is: {"step", "total_steps", "epoch", "epochs", "status", "loss"} from its
-    config.json, summary.json and the last lines of metrics.jsonl (no full read)."""
+    """Where a run is: {"step", "total_steps", "epoch", "epochs", "status"} from its config.json,
+    summary.json and the last lines of metrics.jsonl (no full read)."""
     run_dir = Path(run_dir)
-    out = {"step": 0, "total_steps": None, "epoch": 0, "epochs": None, "status": None, "loss": None}
+    out = {"step": 0, "total_steps": None, "epoch": 0, "epochs": None, "status": None}
     for name in ("config.json", "summary.json"):
         with contextlib.suppress(OSError, ValueError):
             d = json.loads((run_dir / name).read_text())
@@ -306,19 +306,21 @@ def live_progress(run_dir) -> dict:
     for rec in reversed(_tail_records(run_dir / "metrics.jsonl")):
         if rec.get("type") == "step":
             out["step"] = max(out["step"], int(rec.get("step", 0)))
-            out["loss"] = rec.get("loss")
             break
     return out
 
 
 def _tail_records(path: Path, nbytes: int = 8192) -> list[dict]:
+    """The records in the last `nbytes` of a metrics.jsonl (all of them in a shorter file)."""
     try:
         with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - nbytes))
-            lines = f.read().split(b"\n")[1:]
+            start = max(0, f.seek(0, os.SEEK_END) - nbytes)
+            f.seek(start)
+            lines = f.read().split(b"\n")
     except OSError:
         return []
+    if start > 0:
+        lines = lines[1:]  # the first line read is cut: it began before `start`
     out = []
     for ln in lines:
         with contextlib.suppress(ValueError):
@@ -488,10 +490,10 @@ def _stats(run: Run | None):
     return cfg.get("mean") or (0.5, 0.5, 0.5), cfg.get("std") or (0.25, 0.25, 0.25)
 
 
-def pixel_model(run: Run, private: bool = True) -> PixelInput:
-    """The run's model taking [0, 1] pixels; a private copy by default, since attribution and
-    CKA install hooks (removed afterwards, but another session could run the shared one meanwhile)."""
-    return PixelInput(model_of(run, private=private), *_stats(run))
+def pixel_model(run: Run) -> PixelInput:
+    """The run's model taking [0, 1] pixels; a private copy, since attribution and CKA install
+    hooks (removed afterwards, but another session could run the shared one meanwhile)."""
+    return PixelInput(model_of(run, private=True), *_stats(run))
 
 
 def to_pixels(x_uint8) -> torch.Tensor:
@@ -573,8 +575,8 @@ def csv_bytes(rows: list[dict]) -> bytes:
     return rows_to_csv(rows).encode("utf-8") if rows else b""
 
 
-def download_csv(rows: list[dict], filename: str, label: str = "Download table (CSV)", key: str | None = None):
-    st.download_button(label, csv_bytes(rows), file_name=filename, mime="text/csv", key=key or f"csv-{filename}",
+def download_csv(rows: list[dict], filename: str, label: str = "Download table (CSV)"):
+    st.download_button(label, csv_bytes(rows), file_name=filename, mime="text/csv", key=f"csv-{filename}",
                        disabled=not rows)
 
 
@@ -594,11 +596,11 @@ def guard(what: str = "", warn: bool = False):
         (st.warning if warn else st.error)(f"{what}: {msg}" if what else msg)
 
 
-def need_runs(runs: list[Run], n: int = 1, what: str = "this page") -> bool:
-    """True when enough runs are selected; otherwise says so in the page."""
-    if len(runs) >= n:
+def need_runs(runs: list[Run], what: str = "this page") -> bool:
+    """True when a run is selected; otherwise says so in the page."""
+    if runs:
         return True
-    st.info(f"Pick at least {n} run{'s' if n > 1 else ''} in the sidebar for {what}."
+    st.info(f"Pick at least one run in the sidebar for {what}."
             + ("" if usable_runs() else " No runs yet: start one on the Train page."))
     return False
 
@@ -631,7 +633,8 @@ def image_from_upload(data: bytes, size: int = 32) -> tuple[np.ndarray, list[str
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         raise UploadError("this file is not an image PoolProp can read (use PNG, JPEG, BMP, GIF or WebP)") from None
     if w * h > MAX_PIXELS or max(w, h) > MAX_SIDE:
-        raise UploadError(f"the image is too large ({w}×{h} pixels); use one under {MAX_SIDE} pixels a side")
+        raise UploadError(f"the image is too large ({w}×{h} pixels); use one at most {MAX_SIDE} pixels a side "
+                          f"and {MAX_PIXELS // 1_000_000} million pixels in all")
     if w < 1 or h < 1:
         raise UploadError("the image has no pixels")
     try:
