@@ -21,16 +21,19 @@ from .runs import inspect_run, list_runs, load_model
 MEMORY_MODELS = ("resnet20", "resnet18")
 
 
-def data_family(dataset: str) -> str:
-    """The table's data column: features10 variants pool, CIFAR-10 pools with image folders of it
-    (the shipped runs train on the JPEG copy); any other image folder is named by its path."""
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def data_family(dataset: str, classes=None) -> str:
+    """The table's data column: features10 variants pool; CIFAR-10 pools with any image folder
+    of its ten classes (the shipped runs train on a JPEG copy, wherever it was unpacked); any
+    other image folder is named by its path."""
     if dataset.startswith("features10"):
         return "features10"
-    if dataset.startswith("cifar10"):
+    if dataset.startswith("cifar10") or list(classes or []) == CIFAR10_CLASSES:
         return "CIFAR-10"
     if dataset.startswith("imagefolder:"):
-        folder = dataset.split(":", 1)[1]
-        return "CIFAR-10" if "cifar10" in folder.lower().replace("-", "") else folder
+        return dataset.split(":", 1)[1]
     return dataset
 
 
@@ -60,7 +63,7 @@ def group_runs(run_dirs) -> list[dict]:
             continue
         cfg, s = run.config, run.summary
         policy = str(CompressionPolicy.parse(cfg.get("policy") or "none"))
-        key = (data_family(cfg.get("dataset", "")), cfg["model"], policy, int(cfg["epochs"]))
+        key = (data_family(cfg.get("dataset", ""), cfg.get("classes")), cfg["model"], policy, int(cfg["epochs"]))
         g = groups.setdefault(key, {"data": key[0], "model": key[1], "policy": policy, "epochs": key[3],
                                     "runs": [], "seeds": [], "accs": [], "hf": [], "devices": []})
         g["runs"].append(run.name)

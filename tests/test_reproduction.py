@@ -61,13 +61,19 @@ def test_groups_pool_seeds_and_skip_unfinished(tiny_runs, tmp_path):
 
 
 
-@pytest.mark.parametrize("dataset, family", [
-    ("features10", "features10"), ("features10:n=200", "features10"), ("cifar10", "CIFAR-10"),
-    ("imagefolder:.data/cifar10-jpeg/train", "CIFAR-10"), ("imagefolder:/data/CIFAR-10/train", "CIFAR-10"),
-    ("imagefolder:/data/flowers/train", "/data/flowers/train"),
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.mark.parametrize("dataset, classes, family", [
+    ("features10", None, "features10"), ("features10:n=200", None, "features10"), ("cifar10", None, "CIFAR-10"),
+    ("imagefolder:.data/cifar10-jpeg/train", CIFAR_CLASSES, "CIFAR-10"),
+    ("imagefolder:/tmp/cifar/train", CIFAR_CLASSES, "CIFAR-10"),  # unpacked elsewhere: same data
+    ("imagefolder:/data/flowers/train", ["daisy", "rose"], "/data/flowers/train"),
+    ("imagefolder:/data/cifar10-subset", CIFAR_CLASSES[:5], "/data/cifar10-subset"),  # not the ten classes
 ])
-def test_data_column_names_cifar_copies_as_cifar_and_other_folders_by_path(dataset, family):
-    assert reproduction.data_family(dataset) == family
+def test_data_column_pools_cifar_copies_and_names_other_folders_by_path(dataset, classes, family):
+    assert reproduction.data_family(dataset, classes) == family
+
 
 def test_memory_columns_match_a_direct_measurement_and_skip_what_does_not_fit():
     rows = [{"policy": p} for p in ("none", "avg2+mask", "avg8+mask")]
