@@ -86,6 +86,14 @@ def test_sizes_not_divisible_by_k_run_and_input_gradient_stays_exact(pool, mode)
     gx, gw = torch.autograd.grad((out * g).sum(), [x, w])
     torch.testing.assert_close(gx, ref_x)
     assert gw.shape == w.shape and torch.isfinite(gw).all()
+    if mode == "upsample":  # the weight gradient of the copy rebuilt by hand: each 4x4 block (the
+        # cut ones at the edges over the pixels they have) replaced by its mean or max
+        xp = torch.full((2, 3, 16, 12), float("nan"), dtype=torch.float64)
+        xp[..., :13, :11] = x.detach()
+        blocks = xp.view(2, 3, 4, 4, 3, 4)
+        red = blocks.nanmean((3, 5)) if pool == "avg" else blocks.nan_to_num(-torch.inf).amax((3, 5))
+        x_rec = red.repeat_interleave(4, 2).repeat_interleave(4, 3)[..., :13, :11]
+        torch.testing.assert_close(gw, torch.nn.grad.conv2d_weight(x_rec, w.shape, g, 2, 1))
 
 
 POLICIES_K1 = ["avg1", "max1", "avg1-lowres", "avg1+mask", "max1-lowres+mask", "mask"]
@@ -146,14 +154,36 @@ def test_low_precision_bn_close_and_beta_exact(store):
         assert (o - r).norm() / r.norm() < tol
 
 
+def _grad_cosines(a: nn.Module, b: nn.Module) -> list[float]:
+    return [F.cosine_similarity(p.grad.flatten(), q.grad.flatten(), dim=0).item()
+            for p, q in zip(a.parameters(), b.parameters())]
+
+
 def test_autocast_bf16_and_channels_last_train_step():
-    model = compress_model(build_model("resnet20"), "avg2+mask+bn16").to(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    base = build_model("resnet20").to(memory_format=torch.channels_last)
     x = torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x)
-    F.cross_entropy(out.float(), torch.randint(0, 10, (4,))).backward()
+    y = torch.randint(0, 10, (4,))
+
+    def trained(policy, amp: bool) -> nn.Module:
+        model = copy.deepcopy(base)
+        if policy:
+            compress_model(model, policy)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
+        F.cross_entropy(out.float(), y).backward()
+        return model
+
+    model = trained("avg2+mask+bn16", True)
     for p in model.parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+    plain_bf16 = trained(None, True)
+    # K=1 under autocast: the plain model's bf16 gradients (up to where the casts fall)
+    assert min(_grad_cosines(trained("avg1+mask", True), plain_bf16)) > 0.999
+    # bf16 moves the compressed model's gradients no further from its float32 ones than it moves
+    # the plain model's (a random net at batch 4: both about 0.9 in the worst layer)
+    plain_drift = min(_grad_cosines(plain_bf16, trained(None, False)))
+    assert min(_grad_cosines(model, trained("avg2+mask+bn16", False))) > plain_drift - 0.02
 
 
 def test_convert_back_is_bit_identical():
@@ -233,10 +263,21 @@ def test_unsupported_modules_are_named():
 
 def test_generic_module_of_conv_bn_relu():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
-    compress_model(model, "avg2+mask")
-    out = model(torch.randn(2, 3, 8, 8))
-    out.sum().backward()
-    assert model[3].weight.grad is not None
+    plain = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8, 8)
+    compress_model(model, "avg1+mask")  # K=1: the same gradients as the plain module, bit for bit
+    model(x).sum().backward()
+    plain(x).sum().backward()
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), plain.parameters()))
+    model.zero_grad()
+    compress_model(model, "avg2+mask")  # K=2: the input gradient exact, the last conv's weight gradient
+    x.requires_grad_(True)              # estimated from the 2x2-averaged copy of its input
+    model(x).sum().backward()
+    assert type(model[3]).__name__ == "PooledConv2d" and type(model[2]).__name__ == "MaskReLU"
+    h = plain[2](plain[1](plain[0](x))).detach()
+    h_rec = F.avg_pool2d(h, 2).repeat_interleave(2, 2).repeat_interleave(2, 3)
+    ones = torch.ones(2, 4, 8, 8)
+    torch.testing.assert_close(model[3].weight.grad, torch.nn.grad.conv2d_weight(h_rec, (4, 8, 3, 3), ones, 1, 1))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -246,11 +287,14 @@ def test_backward_inside_an_autocast_region(policy, device):
     """Callers may run backward under autocast too (found on an H200: CUDA autocast runs the
     upsampling in fp32, which broke the weight-gradient convolution); our backward sets dtypes."""
     model = compress_model(build_model("resnet20"), policy).to(device)
-    x = torch.randn(2, 3, 32, 32, device=device)
+    outside = copy.deepcopy(model)
+    x, y = torch.randn(2, 3, 32, 32, device=device), torch.randint(0, 10, (2,), device=device)
     with torch.autocast(device, dtype=torch.bfloat16):
-        out = model(x)
-        F.cross_entropy(out.float(), torch.randint(0, 10, (2,), device=device)).backward()
+        F.cross_entropy(model(x).float(), y).backward()  # backward inside the region
+        out = outside(x)
+    F.cross_entropy(out.float(), y).backward()  # the usual way: backward after it
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert min(_grad_cosines(model, outside)) > 0.999
 
 
 def test_gpu_bit_packing_path_matches_numpy_path():
