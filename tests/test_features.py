@@ -115,8 +115,8 @@ def test_layer_spectra(model):
     spectra = F.layer_spectra(model)
     assert [s["name"] for s in spectra] == F.layer_names(model, "conv")
     for s in spectra:
-        assert 0 <= s["hf_share"] <= 1 and s["power"].sum() == pytest.approx(1.0)
-        assert len(s["freqs"]) == len(s["power"])
+        assert s["hf_share"] == pytest.approx(F.high_frequency_share(model.get_submodule(s["name"]).weight))
+        assert s["power"].sum() == pytest.approx(1.0) and len(s["freqs"]) == len(s["power"])
 
 
 # -- feature maps, predictions -----------------------------------------------------------

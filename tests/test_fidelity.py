@@ -264,7 +264,10 @@ def test_cli_random_init_json_and_table(tmp_path):
 def test_cli_with_a_run(tmp_path):
     from safetensors.torch import save_file
 
-    torch.manual_seed(0)
+    from core.fidelity_cli import _synthetic_batch
+    from core.runs import load_model
+
+    torch.manual_seed(1)  # not the seed-0 model the command builds without --run
     model = build_model("resnet20")
     run = tmp_path / "r20-run"
     run.mkdir()
@@ -274,6 +277,12 @@ def test_cli_with_a_run(tmp_path):
     assert rc == 0, err
     d = json.loads(out)
     assert "trained with avg2+mask" in d["what"] and d["batch"] == 4
+    # the figures are those of the run's weights on the command's batch, not of a fresh model
+    ref = compare_gradients(load_model(run), *_synthetic_batch(4, 32, 10, 0), ["avg2+mask"])
+    assert d["metrics"]["avg2+mask"]["cosine"] == pytest.approx(ref.metrics["avg2+mask"]["cosine"], abs=1e-6)
+    rc, out, err = _cli(["fidelity", "--model", "resnet20", "--dataset", "noise", "--batch", "4",
+                         "--policies", "avg2+mask", "--json"])
+    assert json.loads(out)["metrics"]["avg2+mask"]["cosine"] != pytest.approx(d["metrics"]["avg2+mask"]["cosine"])
 
 
 # ---------------------------------------------------------------------------------------

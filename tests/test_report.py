@@ -1,10 +1,15 @@
 """`python -m core report`: standalone offline HTML figures and CSV tables."""
 
 import csv
+import json
 import re
 from pathlib import Path
 
+import pytest
+from safetensors.torch import load_file
+
 from core.__main__ import main
+from core.features import high_frequency_share
 
 
 def test_report_writes_offline_html_and_csv(tiny_runs, tmp_path, capsys):
@@ -21,7 +26,15 @@ def test_report_writes_offline_html_and_csv(tiny_runs, tmp_path, capsys):
     assert "Plotly.newPlot" in (out / "train_loss.html").read_text()
     rows = list(csv.DictReader(open(out / "runs.csv")))
     assert {r["policy"] for r in rows} == {"none", "avg2+mask"}
-    assert all(0 <= float(r["best_val_acc"]) <= 1 for r in rows)
+    for r in rows:  # each row is its own run's summary
+        summary = json.loads((Path(r["path"]) / "summary.json").read_text())
+        assert float(r["best_val_acc"]) == pytest.approx(summary["best_val_acc"])
+        assert float(r["last_val_acc"]) == pytest.approx(summary["last_val_acc"])
+    # the filter table: first-layer share recomputed from each run's saved weights
+    hf = {(h["run"], h["layer"]): float(h["hf_share"]) for h in csv.DictReader(open(out / "high_frequency_share.csv"))}
+    for r in rows:
+        conv1 = load_file(str(Path(r["path"]) / "model.safetensors"))["conv1.weight"]
+        assert hf[(r["run"], "conv1")] == pytest.approx(high_frequency_share(conv1))
 
 
 def test_report_on_a_missing_run_is_a_one_line_error(tmp_path, capsys):

@@ -57,7 +57,12 @@ def test_groups_pool_seeds_and_skip_unfinished(tiny_runs, tmp_path):
     assert none["data"] == "features10" and none["epochs"] == 2
     assert none["devices"] == ["CPU, float32"] * 2
     # the filter statistic is the first conv's, read from the saved weights
-    assert 0.0 < pooled["hf_share"] < 1.0
+    from safetensors.torch import load_file
+
+    from core.features import high_frequency_share
+
+    conv1 = load_file(str(root / "tiny-avg2_mask" / "model.safetensors"))["conv1.weight"]
+    assert pooled["hf_share"] == pytest.approx(high_frequency_share(conv1))
 
 
 
