@@ -75,6 +75,27 @@ def test_integrated_gradients_completeness(model):
     assert (total - gap).abs().sum() <= 0.05 * gap.abs().sum()
 
 
+
+def test_saliency_is_the_input_gradient_and_occlusion_the_drop_of_the_logit(model, x):
+    """Both maps computed by hand: |d logit / d pixel| summed over colour channels, and, for
+    non-overlapping 8x8 patches, how much the target logit falls when the patch is zeroed."""
+    target = torch.tensor([3, 7])
+    xg = x.clone().requires_grad_(True)
+    logits = model(xg)
+    (grad,) = torch.autograd.grad(logits.gather(1, target.view(-1, 1)).sum(), xg)
+    torch.testing.assert_close(A.attribute(model, x, target, "saliency"), grad.abs().sum(1))
+
+    maps = A.attribute(model, x, target, "occlusion", window=8, stride=8)
+    with torch.no_grad():
+        full = model(x).gather(1, target.view(-1, 1)).squeeze(1)
+        for i in range(0, 32, 8):
+            for j in range(0, 32, 8):
+                hole = x.clone()
+                hole[:, :, i:i + 8, j:j + 8] = 0
+                drop = full - model(hole).gather(1, target.view(-1, 1)).squeeze(1)
+                torch.testing.assert_close(maps[:, i:i + 8, j:j + 8],
+                                           drop.view(2, 1, 1).expand(2, 8, 8), atol=1e-5, rtol=1e-4)
+
 def test_target_none_uses_prediction(model, x):
     pred = model(x).argmax(1)
     assert torch.allclose(A.attribute(model, x, None, "saliency"), A.attribute(model, x, pred, "saliency"))
@@ -137,6 +158,10 @@ def test_compare_models(model, x):
     assert np.allclose(same["spearman"], 1.0) and np.allclose(same["topk_iou"], 1.0)
     diff = res["agreement"][("baseline", "other")]
     assert diff["spearman"].shape == (2,) and (diff["spearman"] < 0.999).all()
+    a_maps, o_maps = res["attributions"]["baseline"], res["attributions"]["other"]
+    for i in range(2):  # per image, on |map|: the pair's figures are those of the two maps
+        assert diff["spearman"][i] == pytest.approx(A.spearman(a_maps[i].abs(), o_maps[i].abs()))
+        assert diff["topk_iou"][i] == pytest.approx(A.topk_iou(a_maps[i].abs(), o_maps[i].abs()))
     names, m = A.agreement_matrix(res, "topk_iou")
     assert names == res["names"] and np.allclose(m, m.T) and np.allclose(np.diag(m), 1)
     res2 = A.compare_models({"a": model, "b": other}, x, "saliency", targets=[4, 4], k=5)

@@ -171,9 +171,16 @@ def test_maximize_activation(model):
 
 
 def test_maximize_activations_batch_and_logits(model):
-    imgs = F.maximize_activations(model, "fc", [0, 5], steps=4)
+    imgs = F.maximize_activations(model, "fc", [0, 5], steps=16)
+    start = F.maximize_activations(model, "fc", [0, 5], steps=0)
     assert imgs.shape == (2, 32, 32, 3)
     assert _all_hooks_empty(model)
+    with torch.no_grad():  # mean/std None: the images are fed as they are
+        gain = model(torch.tensor(imgs).permute(0, 3, 1, 2).float()) - model(
+            torch.tensor(start).permute(0, 3, 1, 2).float())
+    # each image raised its own logit, and more than the other image's channel rose in it
+    assert gain[0, 0] > 0 and gain[1, 5] > 0
+    assert gain[0, 0] - gain[0, 5] > 0 and gain[1, 5] - gain[1, 0] > 0
 
 
 # -- CKA ---------------------------------------------------------------------------------

@@ -78,7 +78,8 @@ def test_ema_and_downsample():
     assert np.allclose(curves.ema(v, 0.0), v)
     s = curves.ema(v, 0.9)
     assert s[0] == pytest.approx(1.0)  # debiased: no pull towards zero
-    assert 1.0 < s[-1] < 5.0
+    # by hand: 0.1 * (0.9^3 + 0.9^2 + 0.9 + 5) / (1 - 0.9^4)
+    assert s[-1] == pytest.approx(0.1 * (0.729 + 0.81 + 0.9 + 5) / (1 - 0.9 ** 4))
     assert math.isnan(curves.ema([1.0, float("nan"), 2.0], 0.5)[1])
     xs, ys = curves.downsample(np.arange(10_000), np.arange(10_000), 2000)
     assert len(xs) <= 2000 and xs[0] == 0 and xs[-1] == 9999

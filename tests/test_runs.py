@@ -214,7 +214,9 @@ def test_evaluate_with_flip_tta_averages_the_mirror_images_probabilities(good_ru
 def test_atomic_writers(tmp_path):
     p = atomic.write_json(tmp_path / "a.json", {"x": float("nan"), "y": torch.tensor(2.5), "z": (1, 2)})
     assert json.loads(p.read_text()) == {"x": None, "y": 2.5, "z": [1, 2]}
-    assert oct(p.stat().st_mode & 0o777) != oct(0o600)  # not mkstemp's private mode
+    umask = os.umask(0)
+    os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~umask  # what open() gives, not mkstemp's private 0o600
     atomic.write_safetensors(tmp_path / "w.safetensors",
                              {"a": torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)},
                              metadata={"k": "v"})
