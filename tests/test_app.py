@@ -222,6 +222,15 @@ def test_memory_ladder_and_planner(app_env):
     at.button(key="mem_measure").click().run()
     no_errors(at)
     assert list(at.dataframe[0].value["policy"]) == ["none", "avg2+mask", "ckpt", "avg4+mask"]
+    # the page's figures are the meter's on that model and batch (measured here the direct way)
+    from core.compression import compress_model
+    from core.memory import saved_activation_bytes
+    from core.models import build_model
+
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    for policy, mib in zip(at.dataframe[0].value["policy"], at.dataframe[0].value["saved MiB"]):
+        direct = saved_activation_bytes(compress_model(build_model("resnet20"), policy), x, y).total_bytes
+        assert mib == round(direct / 2 ** 20, 1), policy
     at.button(key="mem_plan").click().run()
     no_errors(at)
     assert list(at.dataframe[-1].value["policy"]) == ["none", "avg2+mask", "ckpt", "avg4+mask"]
