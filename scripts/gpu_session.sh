@@ -9,6 +9,8 @@
 # as parts of one .tgz; a snapshot is packed every minute, so a command cut short still brings
 # back every epoch that had finished (runs that did not finish keep their resume state).
 #
+# Before: mkdir -p .gpu && cp ../shared/data/cifar10-train-jpeg.zip .gpu/  (.gpu/ is git-ignored, so the
+#         device call must name it in carry: [".gpu"])
 # Usage:  scripts/gpu_session.sh CIFAR_ZIP OUT_DIR [BUDGET_S]      (BUDGET_S: the whole script, default 540)
 # Unpack: cat OUT_DIR/session.tgz.part-* | tar xzf - -C SOMEWHERE   (then train_shipped.py --collect SOMEWHERE/runs)
 # CPU rehearsal: DEVICE=cpu SMOKE_STEPS=3 JOBS=2 scripts/gpu_session.sh ZIP /tmp/out 240
