@@ -381,15 +381,13 @@ IMAGE_SIZES = {"features10": 32, "cifar10": 32, "cifar-10": 32}
 
 def check_config(config) -> list[str]:
     """Problems that would stop `config` from training, found without training: bad values
-    (TrainConfig.validate) and a pooling K larger than a feature map of the model at the
-    dataset's image size (one no-grad forward of a single blank image). [] when fine."""
+    (TrainConfig.validate), a policy naming stages the model lacks, and a pooling K larger than
+    a feature map of the model at the dataset's image size (one no-grad forward of a single
+    blank image). [] when fine."""
     try:
         config.validate()
     except ValueError as e:
         return [str(e)]
-    size = IMAGE_SIZES.get(str(config.dataset).split(":", 1)[0].strip().lower())
-    if size is None:
-        return []  # an image folder: its image size is known only once it is loaded
     import torch
 
     from .compression import CompressionPolicy, PooledConv2d, compress_model
@@ -400,8 +398,9 @@ def check_config(config) -> list[str]:
         model = compress_model(build_model(config.model, stem=config.stem), policy)
     except ValueError as e:  # an unknown model, or stages the model does not have (PolicyError)
         return [str(e)]
-    if policy.pool is None or policy.k == 1:
-        return []
+    size = IMAGE_SIZES.get(str(config.dataset).split(":", 1)[0].strip().lower())
+    if size is None or policy.pool is None or policy.k == 1:
+        return []  # (an image folder's image size is known only once it is loaded)
     too_big: list[str] = []
 
     def hook(module, args):

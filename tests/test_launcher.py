@@ -74,6 +74,8 @@ def test_check_config_reports_problems():
     assert check_config(TrainConfig(model="resnet18", policy="avg8+mask+stages=1,2")) == []
     assert "batch_size" in check_config(TrainConfig(batch_size=0))[0]
     assert "stages are 1, 2, 3" in check_config(TrainConfig(model="resnet20", policy="avg2+mask+stages=4"))[0]
+    assert "stages are 1, 2, 3" in check_config(TrainConfig(model="resnet20", dataset="imagefolder:/some/where",
+                                                            policy="avg2+mask+stages=4"))[0]
 
 
 def test_one_at_a_time_then_queue(tmp_path, fake_spawn):
