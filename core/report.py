@@ -13,7 +13,7 @@ import io
 from pathlib import Path
 
 from . import atomic
-from .runs import RunError, inspect_run, load_model, read_metrics, resolve_run, run_label
+from .runs import RunError, inspect_run, load_model, read_metrics, resolve_run, run_labels
 
 
 def rows_to_csv(rows: list[dict]) -> str:
@@ -27,21 +27,6 @@ def rows_to_csv(rows: list[dict]) -> str:
     for r in rows:
         writer.writerow({k: "" if r.get(k) is None else r.get(k) for k in keys})
     return buf.getvalue()
-
-
-def _unique_labels(runs: list) -> dict:
-    """{label: run}: run_label, plus the folder name where two runs would share one (a 20- and a
-    30-epoch run of the same policy and seed), plus a number where even that repeats."""
-    first = [run_label(r) for r in runs]
-    labels = {}
-    for label, run in zip(first, runs):
-        if first.count(label) > 1:
-            label = f"{label} · {run.name}"
-        base, i = label, 2
-        while label in labels:
-            label, i = f"{base} ({i})", i + 1
-        labels[label] = run
-    return labels
 
 
 def build_report(run_refs: list[str], out: str | Path, thresholds=(0.5, 0.8, 0.9)) -> list[Path]:
@@ -58,7 +43,7 @@ def build_report(run_refs: list[str], out: str | Path, thresholds=(0.5, 0.8, 0.9
         raise RunError("no runs given")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    labels = _unique_labels(runs)
+    labels = {label: run for run, label in zip(runs, run_labels(runs).values())}
     metrics = {label: list(read_metrics(r)) for label, r in labels.items()}
     colors = plots.color_map(list(labels))
 

@@ -400,6 +400,51 @@ def run_label(run: Run) -> str:
     return label + (" [shipped]" if run.is_shipped else "")
 
 
+def dataset_label(name) -> str:
+    """'features10', 'cifar10', or an image folder by its last meaningful parts ('cifar/train')."""
+    name = str(name or "?")
+    if not name.startswith("imagefolder:"):
+        return name
+    parts = Path(name.split(":", 1)[1].rstrip("/\\")).parts
+    keep = parts[-2:] if parts and parts[-1].lower() in ("train", "val", "test", "images", "data") else parts[-1:]
+    return "/".join(keep) or "imagefolder"
+
+
+def run_labels(runs: list[Run]) -> dict[str, str]:
+    """Run folder -> a short unique display name: 'avg2+mask · features10', with the model, the
+    epochs ('· 30 ep') and the seed only when the runs differ in them (then on every name, so a
+    legend reads alike); runs still alike get their start time, then their folder. The app's
+    legends and `core report` both use it."""
+    cfgs = {str(r.path): (r.config or {}) for r in runs}
+    models = {c.get("model") for c in cfgs.values() if c}
+    epochs = {c.get("epochs") for c in cfgs.values() if c}
+    seeds = {c.get("seed", 0) for c in cfgs.values() if c}
+
+    def short(r: Run) -> str:
+        c = cfgs[str(r.path)]
+        if not c.get("model"):
+            return r.name
+        text = (f"{c['model']} " if len(models) > 1 else "") + f"{c.get('policy', 'none')} · "
+        text += dataset_label(c.get("dataset"))
+        text += f" · {c['epochs']} ep" if len(epochs) > 1 and c.get("epochs") else ""
+        return text + (f" · s{c.get('seed', 0)}" if len(seeds) > 1 else "")
+
+    base = {str(r.path): short(r) for r in runs}
+    for extra in ("time", "folder"):  # still alike: the start time, then the folder
+        count: dict[str, int] = {}
+        for v in base.values():
+            count[v] = count.get(v, 0) + 1
+        for r in runs:
+            key = str(r.path)
+            if count[base[key]] > 1:
+                when = str(cfgs[key].get("created", ""))[11:19]
+                if extra == "time" and when:
+                    base[key] += f" · {when}"
+                elif extra == "folder":
+                    base[key] += f" ({r.name})"
+    return base
+
+
 def run_mtime_key(run) -> float:
     """mtime of model.safetensors (0.0 when absent): a cache key that changes with the weights."""
     try:

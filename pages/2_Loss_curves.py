@@ -4,6 +4,7 @@ import streamlit as st
 
 from core import curves, plots
 from core.reproduction import trained_on
+from core.runs import dataset_label
 from ui import common as ui
 
 runs = ui.page("Loss curves", "Training loss, validation loss and validation accuracy of the selected runs.")
@@ -60,7 +61,7 @@ if ui.need_runs(runs, "loss curves"):
         {n: ((r.config or {}).get("classes"), (r.summary or {}).get("per_class_val_acc")) for n, r in by_name.items()})
     for i, group in enumerate(groups):
         in_group = list(group["runs"])
-        data = ui.dataset_label((by_name[in_group[0]].config or {}).get("dataset"))
+        data = dataset_label((by_name[in_group[0]].config or {}).get("dataset"))
         reference = None
         if len(in_group) > 1:  # a difference to one run shows which classes a setting costs
             baseline = next((n for n in in_group if (by_name[n].config or {}).get("policy") == "none"), None)

@@ -451,7 +451,7 @@ def test_shipped_cifar_runs_show_on_every_page_without_their_dataset(tmp_path, m
 
 def test_labels_name_what_differs_then_the_start_time(tmp_path):
     from core.runs import Run
-    from ui.common import labels
+    from core.runs import run_labels as labels
 
     def run(name, epochs, created):
         return Run(path=tmp_path / name, name=name, status="finished", config={
