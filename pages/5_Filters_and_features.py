@@ -25,6 +25,13 @@ def dream(path: str, mtime: float, layer: str, channels: tuple, steps: int, _run
                                          mean=cfg.get("mean"), std=cfg.get("std"), size=size)
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def channels_at(path: str, mtime: float, layer: str, _run) -> int:
+    """Channels of a block's output: one forward of a small blank image, hooked, so on a private
+    copy of the shared model; once per run and layer."""
+    return features.feature_maps(ui.model_of(_run, private=True), layer, torch.zeros(1, 3, 16, 16)).shape[1]
+
+
 @st.cache_data(show_spinner=False, max_entries=16)
 def cka(path_a: str, mtime_a: float, path_b: str, mtime_b: float, n: int, _a, _b):
     x, _, _, problem = ui.pick_images(_a, n)
@@ -88,9 +95,9 @@ if ui.need_runs(runs, "filters"):
         blocks = [*features.layer_names(models[who], "block"), "fc"]
         am_layer = c2.selectbox("Layer", blocks, index=len(blocks) - 2, key="ff_am_layer")
         with ui.guard("Cannot read that layer"):
-            # channels: one forward of a small blank image, hooked, so on a private copy of the shared model
-            n_ch = (models[who].fc.out_features if am_layer == "fc" else features.feature_maps(
-                ui.model_of(by_name[who], private=True), am_layer, torch.zeros(1, 3, 16, 16)).shape[1])
+            run = by_name[who]
+            n_ch = (models[who].fc.out_features if am_layer == "fc" else
+                    channels_at(str(run.path), run_mtime_key(run), am_layer, run))
             chans = c3.multiselect("Channels", list(range(n_ch)), default=list(range(min(4, n_ch))), key="ff_am_ch",
                                    max_selections=16)
             steps = st.select_slider("Optimisation steps", [32, 64, 128, 256], 64, key="ff_am_steps")

@@ -65,7 +65,6 @@ def test_groups_pool_seeds_and_skip_unfinished(tiny_runs, tmp_path):
     assert pooled["hf_share"] == pytest.approx(high_frequency_share(conv1))
 
 
-
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
