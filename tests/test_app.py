@@ -3,8 +3,9 @@ bad input gives a message, and the Train page goes through the launcher.
 
 Two tiny runs are trained once per session (conftest's tiny_runs), and the app is pointed at
 them with POOLPROP_RUN_DIRS (new runs and the launcher's queue: POOLPROP_RUNS_ROOT, per test).
-AppTest renders no charts: figures are covered by tests/test_plots.py and the browser test;
-here we check text, widgets and state.
+AppTest draws no charts but keeps each figure's plotly spec, which some tests read; how figures
+look is covered by tests/test_plots.py and the browser test. Here we check text, widgets, state
+and the numbers a page shows.
 """
 
 from __future__ import annotations
@@ -244,6 +245,52 @@ def test_gradient_fidelity(app_env):
     at.button(key="fid_go").click().run()
     no_errors(at)
     assert at.selectbox(key="fid_one").options == ["avg2+mask", "max4+mask"]
+
+
+def test_gradient_fidelity_heatmap_matches_gradients_from_averaged_inputs(app_env):
+    """The heatmap's avg2+mask cosines, recomputed another way: one exact pass captures each conv's
+    input and output gradient; the weight gradient from the input averaged over 2x2 blocks and
+    repeated back is compared with the one from the exact input. (The mask and the input gradient
+    are exact under avg2+mask, so both share the output gradient.)"""
+    from core.runs import inspect_run, load_model
+    from ui.common import pick_images, to_input
+
+    run_dir = app_env / "tiny-avg2_mask"
+    at = AppTest.from_file(str(ROOT / PAGES["fidelity"]), default_timeout=300)
+    at.session_state["selected_runs"] = [str(run_dir)]
+    at.run()
+    at.select_slider(key="fid_batch").set_value(8)
+    at.multiselect(key="fid_settings").set_value(["avg2+mask"])
+    at.button(key="fid_go").click().run()
+    no_errors(at)
+    heat = next(t for c in at.get("plotly_chart") for t in json.loads(c.proto.spec)["data"] if t["type"] == "heatmap")
+    shown = dict(zip(heat["y"], (row[0] for row in heat["z"])))
+
+    run = inspect_run(run_dir)
+    x_uint8, y, _, problem = pick_images(run, 8)
+    assert problem is None
+    model = load_model(run_dir).train()
+    seen = {}
+
+    def keep(name):
+        def hook(module, inputs, out):
+            out.register_hook(lambda g: seen.__setitem__(name, (module, inputs[0].detach(), g)))
+        return hook
+
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(keep(name))
+    torch.nn.functional.cross_entropy(model(to_input(x_uint8, run)), torch.as_tensor(y)).backward()
+    assert set(seen) == set(shown)
+    for name, (m, x, g) in seen.items():
+        h, w = x.shape[2:]
+        blocks = torch.nn.functional.avg_pool2d(x, 2, ceil_mode=True)
+        x2 = blocks.repeat_interleave(2, 2).repeat_interleave(2, 3)[:, :, :h, :w]
+        exact, approx = (torch.nn.grad.conv2d_weight(v, m.weight.shape, g, m.stride, m.padding).double().flatten()
+                         for v in (x, x2))
+        cosine = float(exact @ approx / (exact.norm() * approx.norm()))
+        assert shown[name] == pytest.approx(cosine, abs=1e-4), name
+    assert min(shown.values()) < 0.999  # pooling really changed some gradient
 
 
 def test_filters_activation_maximisation_and_cka(app_env, monkeypatch):
