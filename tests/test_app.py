@@ -97,6 +97,12 @@ def test_home_elements(app_env):
     no_errors(at)
     at.selectbox(key="home_model").set_value("untrained ResNet-20").run()
     no_errors(at)
+    # ResNet-20 on 32x32 images: stage 2 opens with a stride-2 conv on stage 1's 16x32x32 output
+    for layer, shape in [("layer2.0.conv1", "16 channels × 32×32"), ("layer2.0.conv2", "32 channels × 16×16"),
+                         ("layer3.2.conv2", "64 channels × 8×8")]:
+        at.selectbox(key="home_layer").set_value(layer).run()
+        no_errors(at)
+        assert f"**{shape}**" in texts(at.markdown), layer
 
 
 def test_selection_persists_and_a_deleted_run_gives_a_message(app_env, tmp_path, monkeypatch):
