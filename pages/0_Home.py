@@ -7,6 +7,7 @@ import streamlit as st
 
 from core import plots
 from core.features import layer_names
+from core.runs import dataset_label
 from ui import common as ui
 from ui.navigation import VIEWS
 
@@ -73,12 +74,12 @@ datasets = sorted({str((r.config or {}).get("dataset")) for r in prows_all if (r
 if datasets:
     first = str((runs[0].config or {}).get("dataset")) if runs else None  # start on the picked runs' dataset
     start = datasets.index(first) if first in datasets else 0
-    ds = st.selectbox("Dataset for the accuracy-vs-memory plot", datasets, index=start, key="home_pareto_ds") \
-        if len(datasets) > 1 else datasets[0]
+    ds = st.selectbox("Dataset for the accuracy-vs-memory plot", datasets, index=start, key="home_pareto_ds",
+                      format_func=dataset_label) if len(datasets) > 1 else datasets[0]
     subset = [r for r in prows_all if str((r.config or {}).get("dataset")) == ds]
     prow = ui.pareto_rows(subset)
     ui.show(plots.pareto_scatter(prow, "saved activations per training image", colors=ui.colors_for(subset),
-                                 title=f"Accuracy vs memory · {ds}"), "pareto",
+                                 title=f"Accuracy vs memory · {dataset_label(ds)}"), "pareto",
             "Each dot is a run: further left keeps less for backward, higher is more accurate; "
             "diamonds on the dashed line are the best trade-offs.")
 

@@ -496,6 +496,7 @@ def test_shipped_cifar_runs_show_on_every_page_without_their_dataset(tmp_path, m
         if name == "home":  # the accuracy-vs-memory plot starts on the picked runs' dataset
             shipped_dataset = json.loads((SHIPPED_CIFAR[0] / "config.json").read_text())["dataset"]
             assert at.selectbox(key="home_pareto_ds").value == shipped_dataset
+            assert "cifar10-jpeg/train" in at.selectbox(key="home_pareto_ds").options  # the short name shows
         if name in ("fidelity", "attributions"):
             at.button[0].click().run()
             no_errors(at)
