@@ -43,7 +43,8 @@ def build_report(run_refs: list[str], out: str | Path, thresholds=(0.5, 0.8, 0.9
         raise RunError("no runs given")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    labels = {label: run for run, label in zip(runs, run_labels(runs).values())}
+    names = run_labels(runs)  # keyed by folder, so a run given twice cannot shift the names
+    labels = {names[str(r.path)]: r for r in runs}
     metrics = {label: list(read_metrics(r)) for label, r in labels.items()}
     colors = plots.color_map(list(labels))
 

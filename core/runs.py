@@ -414,7 +414,8 @@ def run_labels(runs: list[Run]) -> dict[str, str]:
     """Run folder -> a short unique display name: 'avg2+mask · features10', with the model, the
     epochs ('· 30 ep') and the seed only when the runs differ in them (then on every name, so a
     legend reads alike); runs still alike get their start time, then their folder. The app's
-    legends and `core report` both use it."""
+    legends and `core report` both use it. A run listed twice gets one name."""
+    runs = list({str(r.path): r for r in runs}.values())
     cfgs = {str(r.path): (r.config or {}) for r in runs}
     models = {c.get("model") for c in cfgs.values() if c}
     epochs = {c.get("epochs") for c in cfgs.values() if c}

@@ -56,3 +56,15 @@ def test_report_keeps_runs_whose_labels_would_coincide(tiny_runs, tmp_path):
     assert sorted(r["path"] for r in rows) == sorted([str(first), str(twin)])
     # told apart as the app's legends tell them apart: by the folder, once all else is alike
     assert len({r["run"] for r in rows}) == 2 and all(Path(r["path"]).name in r["run"] for r in rows)
+
+
+def test_report_names_each_run_by_its_own_folder_when_one_is_given_twice(tiny_runs, tmp_path):
+    import shutil
+
+    first = sorted(p for p in tiny_runs.iterdir() if p.is_dir())[0]
+    twin = shutil.copytree(first, tmp_path / "runs" / (first.name + "-again"))
+    out = tmp_path / "report"
+    assert main(["report", "--runs", str(first), str(first), str(twin), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "runs.csv")))
+    assert sorted(r["path"] for r in rows) == sorted([str(first), str(twin)])
+    assert all(r["run"].endswith(f"({Path(r['path']).name})") for r in rows)

@@ -100,7 +100,7 @@ def usable_runs() -> list[Run]:
 
 def _all_labels(extra: list[Run] = ()) -> dict[str, str]:
     """Display names made unique over every run on disk (so a name never changes with the selection)."""
-    return run_labels(list({str(r.path): r for r in [*all_runs(), *extra]}.values()))
+    return run_labels([*all_runs(), *extra])
 
 
 def label_of(run: Run) -> str:
