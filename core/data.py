@@ -827,14 +827,13 @@ def _decode_images(root: Path, rel_paths: list[str]) -> torch.Tensor:
     except Exception as e:  # noqa: BLE001
         raise DatasetError(f"imagefolder: cannot read image {first} ({type(e).__name__}: {e})") from None
     side = w if w == h else None
-    blobs, any_resized, any_kept = [], False, False
+    blobs, any_resized = [], False
     for i, (data, extra) in enumerate(_pool_map(_decode_one, [(str(root / p), side) for p in rel_paths],
                                                  f"decoding {root.name}")):
         if data is None:
             raise DatasetError(f"imagefolder: cannot read image {root / rel_paths[i]} ({extra})")
         blobs.append((data, extra))
         any_resized |= extra
-        any_kept |= not extra
     S = FALLBACK_SIZE if any_resized else side
     out = np.empty((len(blobs), 3, S, S), dtype=np.uint8)
     for i, (data, resized) in enumerate(blobs):

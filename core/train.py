@@ -325,11 +325,6 @@ def training_subprocess_env(base: dict | None = None) -> dict:
     return env
 
 
-def train_command(config: TrainConfig, python: str | None = None) -> list[str]:
-    """argv to train this config in a separate process (the app goes through core/launcher.py)."""
-    return [python or sys.executable, "-m", "core", "train", *config.to_argv()]
-
-
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -663,7 +658,6 @@ class Trainer:
         from . import data as data_mod
 
         self._stop_reason = None
-        self.start_time = time.perf_counter()
         self.resume_tensors = self.resume_meta = None
         if self.resume_dir is not None and (Path(self.resume_dir) / "resume.safetensors").exists():
             self.resume_tensors, self.resume_meta = load_resume(self.resume_dir)
