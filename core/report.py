@@ -57,11 +57,11 @@ def build_report(run_refs: list[str], out: str | Path, thresholds=(0.5, 0.8, 0.9
     pareto_rows, summary_rows = [], []
     for label, run in labels.items():
         s, c = run.summary or {}, run.config or {}
-        acc = s.get("best_val_acc")
+        acc = s.get("last_val_acc")  # the plotted accuracy: the last epoch's, what the weights score
         mem = s.get("saved_activation_bytes") or (c.get("memory") or {}).get("saved_activation_bytes")
         summary_rows.append({"run": label, "path": str(run.path), "status": run.status, "model": c.get("model"),
                              "dataset": c.get("dataset"), "policy": c.get("policy"), "epochs": s.get("epochs_done"),
-                             "best_val_acc": acc, "last_val_acc": s.get("last_val_acc"),
+                             "best_val_acc": s.get("best_val_acc"), "last_val_acc": acc,
                              "saved_activation_bytes": mem, "cuda_peak_bytes": s.get("cuda_peak_bytes"),
                              "wall_s": s.get("wall_s")})
         if acc is not None and mem:

@@ -472,13 +472,13 @@ def cmd_runs(args) -> int:
         where = ", ".join(str(d) for d in (dirs or default_dirs()))
         print(f"no runs in {where}")
         return 0
-    rows = [("run", "status", "model", "policy", "dataset", "epochs", "best acc", "")]
+    rows = [("run", "status", "model", "policy", "dataset", "epochs", "val acc", "")]
     for r in runs:
         cfg, s = r.config or {}, r.summary or {}
         note = r.reason or "; ".join(r.notes)
         rows.append((r.name + (" *" if r.is_shipped else ""), r.status, str(cfg.get("model", "-")),
                      str(cfg.get("policy", "-")), str(cfg.get("dataset", "-")),
-                     f"{s.get('epochs_done', '-')}/{cfg.get('epochs', '-')}", _fmt_acc(s.get("best_val_acc")), note))
+                     f"{s.get('epochs_done', '-')}/{cfg.get('epochs', '-')}", _fmt_acc(s.get("last_val_acc")), note))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + ("  " + row[-1] if row[-1] else ""))

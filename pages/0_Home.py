@@ -61,7 +61,11 @@ st.header("Runs at hand")
 everything = ui.all_runs()
 rows = ui.runs_table(everything)
 if rows:
-    st.dataframe(rows, hide_index=True, column_config={"folder": None})
+    st.dataframe(rows, hide_index=True, column_config={
+        "folder": None,
+        "accuracy %": st.column_config.NumberColumn(
+            help="Validation accuracy after the last finished epoch: what the run's weights score "
+                 "(the best epoch's is on the Loss curves page)", format="%.1f")})
     ui.download_csv(rows, "poolprop-runs.csv")
     broken = [r for r in everything if not r.ok]
     if broken:
@@ -70,7 +74,7 @@ else:
     st.info("No runs yet. The shipped checkpoints go in checkpoints/; train your own on the Train page.")
 
 prows_all = ui.usable_runs()
-datasets = sorted({str((r.config or {}).get("dataset")) for r in prows_all if (r.summary or {}).get("best_val_acc")})
+datasets = sorted({str((r.config or {}).get("dataset")) for r in prows_all if (r.summary or {}).get("last_val_acc")})
 if datasets:
     first = str((runs[0].config or {}).get("dataset")) if runs else None  # start on the picked runs' dataset
     start = datasets.index(first) if first in datasets else 0

@@ -90,7 +90,7 @@ def test_home_elements(app_env):
     assert at.selectbox(key="home_model").options[-1] == "untrained ResNet-20"
     assert "baseline" not in texts(at.error)
     table = at.dataframe[0].value
-    assert len(table) == 2 and {"model", "policy", "best accuracy %", "saved activations MiB", "status"} <= set(table)
+    assert len(table) == 2 and {"model", "policy", "accuracy %", "saved activations MiB", "status"} <= set(table)
     at.select_slider(key="home_k").set_value(4).run()
     at.selectbox(key="home_layer").set_value("layer3.0.conv1").run()
     at.radio(key="home_source").set_value("run's dataset").run()
@@ -501,6 +501,25 @@ def test_shipped_cifar_runs_show_on_every_page_without_their_dataset(tmp_path, m
             at.button[0].click().run()
             no_errors(at)
             assert "not available here" in texts(at.warning)
+
+
+def test_home_table_and_pareto_show_the_accuracy_the_weights_score():
+    """The last epoch's accuracy, as in the README's table, not the best epoch's (which no
+    shipped weights have); the dataset by its short name."""
+    from core.runs import list_runs
+    from ui import common as ui
+
+    runs = [r for r in list_runs([ROOT / "checkpoints"], include_default=False) if r.ok]
+    last = {str(r.path): r.summary["last_val_acc"] for r in runs}
+    # the shipped runs include ones whose best epoch was not the last, so the check can tell
+    assert any(round(100 * r.summary["best_val_acc"], 1) != round(100 * last[str(r.path)], 1) for r in runs)
+    table = ui.runs_table(runs)
+    assert [row["accuracy %"] for row in table] == [round(100 * last[row["folder"]], 1) for row in table]
+    assert {row["dataset"] for row in table} == {"cifar10-jpeg/train", "features10"}
+    labels = {row["run"]: row["folder"] for row in table}
+    pareto = ui.pareto_rows(runs)
+    assert len(pareto) == len(runs)
+    assert all(p["acc"] == last[labels[p["name"]]] for p in pareto)
 
 
 def test_labels_name_what_differs_then_the_start_time(tmp_path):

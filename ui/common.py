@@ -31,7 +31,17 @@ import torch
 from core import plots
 from core.launcher import Launcher, device_key
 from core.report import rows_to_csv
-from core.runs import LOCAL_DIR, Run, RunError, list_runs, load_model, read_metrics, run_labels, run_mtime_key
+from core.runs import (
+    LOCAL_DIR,
+    Run,
+    RunError,
+    dataset_label,
+    list_runs,
+    load_model,
+    read_metrics,
+    run_labels,
+    run_mtime_key,
+)
 
 ENV_RUN_DIRS = "POOLPROP_RUN_DIRS"
 ENV_RUNS_ROOT = "POOLPROP_RUNS_ROOT"
@@ -655,12 +665,13 @@ def runs_table(runs: list[Run]) -> list[dict]:
     for r in runs:
         cfg, s = r.config or {}, r.summary or {}
         saved, batch = saved_bytes_of(r)
-        best = s.get("best_val_acc")
+        acc = s.get("last_val_acc")  # the last epoch's: what the saved weights score (no picking the best)
         rows.append({
-            "run": names.get(str(r.path), r.name), "model": cfg.get("model"), "dataset": cfg.get("dataset"),
+            "run": names.get(str(r.path), r.name), "model": cfg.get("model"),
+            "dataset": dataset_label(cfg["dataset"]) if cfg.get("dataset") else None,
             "policy": cfg.get("policy"),
             "epochs": f"{s.get('epochs_done', 0)}/{cfg.get('epochs', '?')}" if cfg else None,
-            "best accuracy %": round(100 * best, 1) if isinstance(best, (int, float)) else None,
+            "accuracy %": round(100 * acc, 1) if isinstance(acc, (int, float)) else None,
             "saved activations MiB": _mib(saved), "at batch": batch,
             "status": r.status + (" (shipped)" if r.is_shipped else ""),
             "note": r.reason or "; ".join(r.notes) or "", "folder": str(r.path),
@@ -669,13 +680,14 @@ def runs_table(runs: list[Run]) -> list[dict]:
 
 
 def pareto_rows(runs: list[Run]) -> list[dict]:
-    """{"name", "policy", "acc", "memory"} per run with an accuracy: memory is saved activations
-    per training image (runs used different batch sizes), in bytes."""
+    """{"name", "policy", "acc", "memory"} per run with an accuracy (its last epoch's, what its
+    weights score): memory is saved activations per training image (runs used different batch
+    sizes), in bytes."""
     names = _all_labels(runs)
     rows = []
     for r in runs:
         saved, batch = saved_bytes_of(r)
-        acc = (r.summary or {}).get("best_val_acc")
+        acc = (r.summary or {}).get("last_val_acc")
         if saved and batch and isinstance(acc, (int, float)):
             rows.append({"name": names[str(r.path)], "policy": (r.config or {}).get("policy", ""), "acc": acc,
                          "memory": saved / batch})
