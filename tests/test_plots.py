@@ -184,6 +184,11 @@ def test_pareto_scatter():
     fig = P.pareto_scatter(rows + [{"name": "pooled, shorter", "policy": "avg2+mask", "acc": 0.88,
                                     "memory": 200 * 2 ** 20}])
     assert [t.text[0] for t in fig.data[:4]] == ["none", "avg2+mask", "max4", ""]
+    # another policy of the same bytes, less accurate: its label goes beside its marker
+    fig = P.pareto_scatter(rows + [{"name": "max-pooled", "policy": "max2+mask", "acc": 0.89,
+                                    "memory": 200 * 2 ** 20}])
+    assert [(t.text[0], t.textposition) for t in fig.data[:4]] == [
+        ("none", "top center"), ("avg2+mask", "top center"), ("max4", "top center"), ("max2+mask", "middle right")]
 
 
 def test_filter_grid_figure():
