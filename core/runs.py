@@ -388,18 +388,6 @@ def list_runs(dirs=None, include_default: bool = True) -> list[Run]:
     return sorted(runs, key=order)
 
 
-def run_label(run: Run) -> str:
-    """Short display name: 'resnet20 avg2+mask · features10 · s0' (+ ' [shipped]')."""
-    cfg = run.config or {}
-    if not cfg.get("model"):
-        return run.name
-    dataset = str(cfg.get("dataset", "?"))
-    if dataset.startswith("imagefolder:"):
-        dataset = Path(dataset.split(":", 1)[1]).name or "imagefolder"
-    label = f"{cfg['model']} {cfg.get('policy', 'none')} · {dataset} · s{cfg.get('seed', 0)}"
-    return label + (" [shipped]" if run.is_shipped else "")
-
-
 def dataset_label(name) -> str:
     """'features10', 'cifar10', or an image folder by its last meaningful parts ('cifar/train')."""
     name = str(name or "?")
@@ -477,7 +465,7 @@ def cmd_runs(args) -> int:
         cfg, s = r.config or {}, r.summary or {}
         note = r.reason or "; ".join(r.notes)
         rows.append((r.name + (" *" if r.is_shipped else ""), r.status, str(cfg.get("model", "-")),
-                     str(cfg.get("policy", "-")), str(cfg.get("dataset", "-")),
+                     str(cfg.get("policy", "-")), dataset_label(cfg["dataset"]) if cfg.get("dataset") else "-",
                      f"{s.get('epochs_done', '-')}/{cfg.get('epochs', '-')}", _fmt_acc(s.get("last_val_acc")), note))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:

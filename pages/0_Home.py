@@ -74,7 +74,8 @@ else:
     st.info("No runs yet. The shipped checkpoints go in checkpoints/; train your own on the Train page.")
 
 prows_all = ui.usable_runs()
-datasets = sorted({str((r.config or {}).get("dataset")) for r in prows_all if (r.summary or {}).get("last_val_acc")})
+datasets = sorted({str((r.config or {}).get("dataset")) for r in prows_all
+                   if isinstance((r.summary or {}).get("last_val_acc"), (int, float))})
 if datasets:
     first = str((runs[0].config or {}).get("dataset")) if runs else None  # start on the picked runs' dataset
     start = datasets.index(first) if first in datasets else 0

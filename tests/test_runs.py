@@ -27,7 +27,6 @@ from core.runs import (
     load_model,
     read_metrics,
     resolve_run,
-    run_label,
     run_mtime_key,
 )
 from core.train import TrainConfig, train
@@ -124,6 +123,12 @@ def test_cli_runs_lists_with_status(good_run, tmp_path, capsys):
     assert main(["runs", "--dir", str(base)]) == 0
     out = capsys.readouterr().out
     assert "one" in out and "finished" in out and "broken" in out and "not valid JSON" in out
+    cfg = json.loads((base / "one" / "config.json").read_text())
+    cfg["dataset"] = "imagefolder:/home/me/very/long/cifar10-jpeg/train"
+    (base / "one" / "config.json").write_text(json.dumps(cfg))
+    assert main(["runs", "--dir", str(base)]) == 0
+    out = capsys.readouterr().out
+    assert "cifar10-jpeg/train" in out and "/home/me" not in out  # a folder by its short name
     assert main(["runs", "--dir", str(base), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert {r["name"]: r["status"] for r in listed} == {"one": "finished", "two": "broken"}
@@ -146,7 +151,6 @@ def test_load_model_label_and_cache_key(good_run):
     assert not model.training
     comp = load_model(good_run, compressed=True)
     assert type(comp.conv1).__name__ == "PooledConv2d"
-    assert run_label(run) == "resnet20 avg2+mask · features10:train=64,val=48 · s0"
     assert run_mtime_key(run) == (good_run / "model.safetensors").stat().st_mtime
     assert run_mtime_key(good_run / "nowhere") == 0.0
     assert load_config(good_run)["model"] == "resnet20"
