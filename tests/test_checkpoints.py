@@ -103,7 +103,6 @@ def test_cifar_runs_re_evaluate_to_their_summary(path, cifar_val):
     assert res["acc"] == pytest.approx(inspect_run(path).summary["last_val_acc"], abs=tolerance)
 
 
-
 BASELINE_60 = CHECKPOINTS / "r20-cifar-none-e60-s0"
 
 
@@ -115,6 +114,7 @@ def test_readme_headline_tta_accuracy_re_evaluates(cifar_val):
     assert stated, "README no longer states the baseline's accuracy with test-time flipping"
     res = evaluate_run(BASELINE_60, dataset=f"imagefolder:{cifar_val}", device="cpu", tta="flip")
     assert float(stated.group(1)) == round(100 * res["acc"], 1)
+
 
 MEASURED_COLUMNS = (6, 7, 8)  # ResNet-20 / ResNet-18 saved bytes, step-time ratio
 

@@ -143,7 +143,7 @@ def test_cli_piped_into_a_reader_that_stops_ends_without_a_traceback(good_run):
     assert proc.wait(timeout=120) == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
 
 
-def test_load_model_label_and_cache_key(good_run):
+def test_load_model_and_cache_key(good_run):
     run = inspect_run(good_run)
     model = load_model(run)
     state = load_file(str(good_run / "model.safetensors"))
