@@ -320,6 +320,9 @@ def pareto_scatter(rows: Sequence[Mapping], memory_label: str = "saved activatio
                                  mode="lines", name="Pareto front", line=dict(color="gray", dash="dash", width=2),
                                  line_shape="hv", hoverinfo="skip"))
     base_layout(fig, title, f"{memory_label} (MiB)", "accuracy")
+    # legend under the plot: beside it, a dozen long run names take half the width and squeeze
+    # the labelled markers together; a full-width figure fits two or more names per legend row
+    _legend_below(fig, n_entries=-(-len(fig.data) // 2))
     accs = [r["acc"] for r in rows if r.get("acc") is not None]
     if accs and max(accs) <= 1:
         fig.update_yaxes(tickformat=".0%")

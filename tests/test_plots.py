@@ -180,6 +180,7 @@ def test_pareto_scatter():
     assert list(fig.data[-1].x) == [200, 300]
     assert fig.data[1].marker.symbol == "diamond" and fig.data[2].marker.symbol == "circle"
     assert fig.layout.xaxis.title.text == "CUDA peak (MiB)" and fig.layout.yaxis.title.text == "accuracy"
+    assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0  # under the plot, full width to it
     # a second run of a policy, less accurate, at the same memory: its label would cover the first's
     fig = P.pareto_scatter(rows + [{"name": "pooled, shorter", "policy": "avg2+mask", "acc": 0.88,
                                     "memory": 200 * 2 ** 20}])
