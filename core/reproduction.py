@@ -136,7 +136,7 @@ def format_markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['data']} | {r['model']} | `{r['policy']}` | {r['epochs']} | {len(r['accs'])} | {acc} | "
                      f"{_mem(r, 'resnet20')} | {_mem(r, 'resnet18')} | "
                      f"{'—' if ratio is None else f'{ratio:.2f}'} | {r['hf_share']:.2f} | "
-                     f"{'; '.join(dict.fromkeys(r['devices']))} |")
+                     f"{'; '.join(sorted(set(r['devices'])))} |")  # sorted: the same table whatever the run order
     return "\n".join(lines)
 
 

@@ -99,6 +99,16 @@ def test_memory_columns_match_a_direct_measurement_and_skip_what_does_not_fit():
     assert len(table.splitlines()) == 2 + 3 and "—" in table.splitlines()[-1]
 
 
+def test_markdown_row_names_devices_alike_in_any_run_order():
+    """Seeds trained on different devices: the row must not depend on which run was listed first."""
+    row = dict(data="d", model="m", policy="none", epochs=1, accs=[0.5, 0.5], acc_mean=0.5, acc_spread=0.0,
+               hf_share=0.5)
+    one = reproduction.format_markdown([dict(row, devices=["NVIDIA H200, bfloat16", "CPU, float32"])])
+    other = reproduction.format_markdown([dict(row, devices=["CPU, float32", "NVIDIA H200, bfloat16"])])
+    assert one == other
+    assert one.splitlines()[-1].endswith("| CPU, float32; NVIDIA H200, bfloat16 |")
+
+
 def test_cli_refuses_an_empty_folder(tmp_path):
     out = subprocess.run([sys.executable, "-m", "core", "reproduction", "--runs", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True)
