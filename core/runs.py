@@ -322,6 +322,24 @@ def _is_run_dir(p: Path) -> bool:
     return p.is_dir() and any((p / f).exists() for f in RUN_FILES)
 
 
+def run_folders(base: Path) -> list[Path]:
+    """The runs in `base`: base itself if it is a run, else the runs in it and, one level down,
+    in its folders that are not runs (a group such as runs/shipped/, where the retraining
+    script writes). Hidden folders (runs/.launcher) are skipped."""
+    if _is_run_dir(base):
+        return [base]
+    found = []
+    for child in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if _is_run_dir(child):
+            found.append(child)
+            continue
+        try:
+            found += sorted(p for p in child.iterdir() if _is_run_dir(p))
+        except OSError:  # an unreadable folder beside the runs hides nothing else
+            pass
+    return found
+
+
 def inspect_run(path: str | os.PathLike, is_shipped: bool = False) -> Run:
     """Read one run folder into a Run; never raises (a bad run comes back `broken`)."""
     path = Path(path)
@@ -359,7 +377,8 @@ def default_dirs() -> list[Path]:
 
 
 def list_runs(dirs=None, include_default: bool = True) -> list[Run]:
-    """Runs found in checkpoints/ (shipped), runs/ (local) and `dirs` (folders of runs, or runs).
+    """Runs found in checkpoints/ (shipped), runs/ (local) and `dirs` (folders of runs, or runs),
+    one level of group folders deep (`run_folders`).
 
     Sorted shipped first, then newest first. Missing folders are skipped silently.
     """
@@ -370,8 +389,7 @@ def list_runs(dirs=None, include_default: bool = True) -> list[Run]:
         if not base.is_dir():
             continue
         shipped = base.resolve() == SHIPPED_DIR.resolve()
-        candidates = [base] if _is_run_dir(base) else sorted(p for p in base.iterdir() if _is_run_dir(p))
-        for p in candidates:
+        for p in run_folders(base):
             key = p.resolve()
             if key in seen:
                 continue
@@ -477,7 +495,8 @@ def cmd_runs(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("runs", help="list runs (shipped and local) with their status",
-                              description="List runs in checkpoints/ and runs/ (or --dir) with status and accuracy.")
+                              description="List runs in checkpoints/ and runs/ (or --dir), and in their group folders "
+                                          "such as runs/shipped/, with status and accuracy.")
     p.add_argument("--dir", action="append", help="folder of runs (or a run) to list instead; repeatable")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_runs)

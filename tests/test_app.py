@@ -120,6 +120,20 @@ def test_selection_persists_and_a_deleted_run_gives_a_message(app_env, tmp_path,
     assert at.session_state["selected_runs"] == [str(app_env / "tiny-avg2_mask")]
 
 
+def test_the_run_list_notices_a_run_written_into_a_group_folder(app_env, tmp_path, monkeypatch):
+    """A retraining writes runs/shipped/<run>: the cached run list must pick it up on the next
+    rerun, not a minute later."""
+    from ui import common as ui
+
+    runs = tmp_path / "runs"
+    shutil.copytree(app_env / "tiny-none", runs / "direct")
+    (runs / "shipped").mkdir()
+    monkeypatch.setenv("POOLPROP_RUN_DIRS", str(runs))
+    assert [r.name for r in ui.all_runs()] == ["direct"]
+    shutil.copytree(app_env / "tiny-avg2_mask", runs / "shipped" / "retrained")
+    assert sorted(r.name for r in ui.all_runs()) == ["direct", "retrained"]
+
+
 def test_model_of_a_vanished_run_raises_a_clear_error(app_env, tmp_path):
     from core.runs import RunError, inspect_run
     from ui import common as ui

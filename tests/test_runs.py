@@ -115,6 +115,22 @@ def test_list_runs_keeps_the_good_and_explains_the_broken(good_run, tmp_path):
     assert inspect_run(base / "a_good").status == "broken"  # finished but its weights are gone
 
 
+def test_runs_in_a_group_folder_are_listed_one_level_deep(good_run, tmp_path):
+    """runs/shipped/<run> (where scripts/train_shipped.py writes) shows beside runs/<run>; the
+    launcher's hidden runs/.launcher and anything deeper than one group folder do not."""
+    base = tmp_path / "runs"
+    clone(good_run, base / "direct")
+    clone(good_run, base / "shipped" / "retrained")
+    clone(good_run, base / ".launcher" / "hidden")
+    clone(good_run, base / "sweep" / "deeper" / "too_deep")
+    (base / "shipped" / "notes").mkdir()  # neither a run nor a group of runs
+    listed = sorted(str(r.path.relative_to(base)) for r in list_runs([base], include_default=False))
+    assert listed == ["direct", "shipped/retrained"]
+    # a run folder given directly is that run alone, not the group around it
+    assert [r.path for r in list_runs([base / "shipped" / "retrained"], include_default=False)] == [
+        base / "shipped" / "retrained"]
+
+
 def test_cli_runs_lists_with_status(good_run, tmp_path, capsys):
     base = tmp_path / "runs"
     clone(good_run, base / "one")

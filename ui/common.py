@@ -4,7 +4,8 @@ Pages stay thin: widgets -> a core call (through the cached loaders here) -> a f
 core/plots.py. Nothing here trains; the Train page goes through core/launcher.py.
 
 Where runs come from (core.runs.list_runs):
-    default                      checkpoints/ (shipped) and runs/ (made here)
+    default                      checkpoints/ (shipped) and runs/ (made here), each with one
+                                 level of group folders (runs/shipped/<run>)
     POOLPROP_RUN_DIRS=A:B        only these folders (of runs, or runs themselves): tests, demos
     POOLPROP_RUNS_ROOT=DIR       where the Train page writes new runs and its queue (default runs/);
                                  always listed too
@@ -39,6 +40,7 @@ from core.runs import (
     list_runs,
     load_model,
     read_metrics,
+    run_folders,
     run_labels,
     run_mtime_key,
 )
@@ -78,7 +80,7 @@ def _signature(dirs: list[str], include_default: bool) -> tuple:
     sig = []
     for base in bases:
         try:
-            entries = [base] + sorted(e.path for e in os.scandir(base) if e.is_dir())
+            entries = [base] + [str(p) for p in run_folders(Path(base))]
         except OSError:
             continue
         for d in entries:
