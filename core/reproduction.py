@@ -152,16 +152,12 @@ def register(subparsers) -> None:
 
 
 def _expand(refs) -> list:
-    runs = []
+    """Runs and folders of runs, listed together so that a copy of a run found in two of them
+    (runs/shipped/ and checkpoints/ after a collect) counts once, not as a second seed."""
     for ref in refs:
-        path = Path(ref)
-        if not path.exists():
+        if not Path(ref).exists():
             raise FileNotFoundError(f"no such run or folder: {ref}")
-        if (path / "config.json").exists():
-            runs.append(inspect_run(path))
-        else:
-            runs += list_runs([path], include_default=False)
-    return runs
+    return list_runs([Path(ref) for ref in refs], include_default=False)
 
 
 def run(args) -> int:

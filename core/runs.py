@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -372,6 +373,15 @@ def inspect_run(path: str | os.PathLike, is_shipped: bool = False) -> Run:
     return run
 
 
+def _same_run_key(r: Run) -> tuple | None:
+    """What two folders holding the same run share: name, start time and how far it got
+    (a copy trained on further differs)."""
+    if not (r.config or {}).get("created"):
+        return None
+    s = r.summary or {}
+    return r.name, r.config["created"], s.get("status"), s.get("epochs_done"), s.get("last_val_acc")
+
+
 def default_dirs() -> list[Path]:
     return [SHIPPED_DIR, LOCAL_DIR]
 
@@ -380,7 +390,9 @@ def list_runs(dirs=None, include_default: bool = True) -> list[Run]:
     """Runs found in checkpoints/ (shipped), runs/ (local) and `dirs` (folders of runs, or runs),
     one level of group folders deep (`run_folders`).
 
-    Sorted shipped first, then newest first. Missing folders are skipped silently.
+    Sorted shipped first, then newest first. Missing folders are skipped silently. A copy of a
+    run (the same run, as `train_shipped.py --collect` leaves one in runs/shipped/ and one in
+    checkpoints/) is listed once, the shipped one kept.
     """
     bases = (default_dirs() if include_default or dirs is None else []) + [Path(d) for d in (dirs or [])]
     seen: set[Path] = set()
@@ -395,6 +407,13 @@ def list_runs(dirs=None, include_default: bool = True) -> list[Run]:
                 continue
             seen.add(key)
             runs.append(inspect_run(p, is_shipped=shipped))
+    copies: set[tuple] = set()
+    for r in sorted(runs, key=lambda r: not r.is_shipped):
+        same = _same_run_key(r)
+        if same in copies:
+            runs.remove(r)
+        elif same:
+            copies.add(same)
 
     def order(r: Run):
         try:
@@ -438,17 +457,16 @@ def run_labels(runs: list[Run]) -> dict[str, str]:
 
     base = {str(r.path): short(r) for r in runs}
     for extra in ("time", "folder"):  # still alike: the start time, then the folder
-        count: dict[str, int] = {}
-        for v in base.values():
-            count[v] = count.get(v, 0) + 1
-        for r in runs:
+        count = Counter(base.values())
+        alike = [r for r in runs if count[base[str(r.path)]] > 1]
+        names = Counter(r.name for r in alike)
+        for r in alike:
             key = str(r.path)
-            if count[base[key]] > 1:
-                when = str(cfgs[key].get("created", ""))[11:19]
-                if extra == "time" and when:
-                    base[key] += f" · {when}"
-                elif extra == "folder":
-                    base[key] += f" ({r.name})"
+            when = str(cfgs[key].get("created", ""))[11:19]
+            if extra == "time" and when:
+                base[key] += f" · {when}"
+            elif extra == "folder":  # with the folder above it where two folders share a name
+                base[key] += f" ({r.name})" if names[r.name] == 1 else f" ({r.path.parent.name}/{r.name})"
     return base
 
 

@@ -554,3 +554,8 @@ def test_labels_name_what_differs_then_the_start_time(tmp_path):
                                                        "avg2+mask · features10 · 4 ep · s1"]
     assert list(labels(runs).values()) == ["none · features10 · 20 ep", "none · features10 · 30 ep · 11:00:00",
                                            "none · features10 · 30 ep · 12:00:00", "none · features10 · 4 ep"]
+    # alike to the second, even in folder name: the folder above tells them apart
+    twins = [Run(path=tmp_path / parent / "a", name="a", status="finished", config=runs[0].config)
+             for parent in ("checkpoints", "shipped")]
+    assert list(labels(twins).values()) == ["none · features10 · 10:00:00 (checkpoints/a)",
+                                            "none · features10 · 10:00:00 (shipped/a)"]

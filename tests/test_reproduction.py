@@ -65,6 +65,14 @@ def test_groups_pool_seeds_and_skip_unfinished(tiny_runs, tmp_path):
     assert pooled["hf_share"] == pytest.approx(high_frequency_share(conv1))
 
 
+def test_a_run_found_in_two_folders_counts_once(tiny_runs, tmp_path):
+    """checkpoints/ and runs/shipped/ both hold a collected run: one seed, not two."""
+    shutil.copytree(tiny_runs, tmp_path / "shipped")
+    shutil.copytree(tiny_runs / "tiny-none", tmp_path / "collected" / "tiny-none")
+    rows = reproduction.group_runs(reproduction._expand([tmp_path / "shipped", tmp_path / "collected"]))
+    assert [(r["policy"], r["seeds"]) for r in rows] == [("none", [0]), ("avg2+mask", [0])]
+
+
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 

@@ -131,6 +131,17 @@ def test_runs_in_a_group_folder_are_listed_one_level_deep(good_run, tmp_path):
         base / "shipped" / "retrained"]
 
 
+def test_a_copy_of_a_run_is_listed_once_unless_it_trained_further(good_run, tmp_path):
+    """`train_shipped.py --collect` copies runs/shipped/X to checkpoints/X: one run, listed once.
+    A copy resumed for more epochs is a run of its own."""
+    clone(good_run, tmp_path / "shipped" / "x")
+    clone(good_run, tmp_path / "local" / "x")
+    assert len(list_runs([tmp_path / "shipped", tmp_path / "local"], include_default=False)) == 1
+    further = tmp_path / "local" / "x" / "summary.json"
+    further.write_text(json.dumps({**json.loads(further.read_text()), "epochs_done": 2}))
+    assert len(list_runs([tmp_path / "shipped", tmp_path / "local"], include_default=False)) == 2
+
+
 def test_cli_runs_lists_with_status(good_run, tmp_path, capsys):
     base = tmp_path / "runs"
     clone(good_run, base / "one")
