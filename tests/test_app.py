@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -132,6 +133,22 @@ def test_the_run_list_notices_a_run_written_into_a_group_folder(app_env, tmp_pat
     assert [r.name for r in ui.all_runs()] == ["direct"]
     shutil.copytree(app_env / "tiny-avg2_mask", runs / "shipped" / "retrained")
     assert sorted(r.name for r in ui.all_runs()) == ["direct", "retrained"]
+
+
+def test_sidebar_shows_a_run_training_outside_the_app(app_env, tmp_path, monkeypatch):
+    """A run started by `core train` or train_shipped.py (not in the app's queue) still shows as
+    training, with how far it is; once it has finished, nothing is."""
+    live = tmp_path / "runs" / "live"
+    shutil.copytree(app_env / "tiny-none", live)
+    summary = json.loads((live / "summary.json").read_text())
+    (live / "summary.json").write_text(json.dumps({**summary, "status": "running", "pid": os.getpid()}))
+    monkeypatch.setenv("POOLPROP_RUN_DIRS", str(live.parent))
+    at = page("loss")
+    sidebar = texts(at.sidebar.markdown)
+    assert "(started outside the app)" in sidebar and "none · features10" in sidebar
+    (live / "summary.json").write_text(json.dumps(summary))  # finished
+    at = page("loss")
+    assert "**Training** · none running" in texts(at.sidebar.markdown)
 
 
 def test_model_of_a_vanished_run_raises_a_clear_error(app_env, tmp_path):

@@ -305,7 +305,8 @@ def progress_fraction(p: dict) -> float:
 
 @st.fragment(run_every=5)
 def status_panel() -> None:
-    """Device and training status (polled every 5 s; reads the launcher's queue on disk)."""
+    """Device and training status (polled every 5 s; reads the launcher's queue on disk, else
+    the runs listed, for a run started from the command line or by scripts/train_shipped.py)."""
     st.markdown(f"**Device** · {device_label()}")
     try:
         jobs = launcher().jobs(device_key("auto"))
@@ -318,6 +319,13 @@ def status_panel() -> None:
         p = live_progress(running[0].run_dir)
         st.markdown(f"**Training** · {running[0].label}")
         st.progress(progress_fraction(p), text=f"step {p['step']} of {p['total_steps'] or '?'}")
+    elif outside := [r for r in all_runs() if r.status == "running"]:
+        p = live_progress(outside[0].path)
+        st.markdown(f"**Training** · {label_of(outside[0])} (started outside the app)")
+        st.progress(progress_fraction(p), text=f"epoch {p['epoch']} of {p['epochs'] or '?'}, "
+                                               f"step {p['step']} of {p['total_steps'] or '?'}")
+        if len(outside) > 1:
+            st.caption(f"and {len(outside) - 1} more")
     else:
         st.markdown("**Training** · none running")
     if queued:
