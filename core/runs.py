@@ -407,13 +407,12 @@ def list_runs(dirs=None, include_default: bool = True) -> list[Run]:
                 continue
             seen.add(key)
             runs.append(inspect_run(p, is_shipped=shipped))
-    copies: set[tuple] = set()
-    for r in sorted(runs, key=lambda r: not r.is_shipped):
+    kept, copies = [], set()
+    for r in sorted(runs, key=lambda r: not r.is_shipped):  # the shipped copy of a run wins
         same = _same_run_key(r)
-        if same in copies:
-            runs.remove(r)
-        elif same:
-            copies.add(same)
+        if same not in copies:
+            kept.append(r)
+            copies.add(same or r.path)
 
     def order(r: Run):
         try:
@@ -422,7 +421,7 @@ def list_runs(dirs=None, include_default: bool = True) -> list[Run]:
             mtime = 0.0
         return (not r.is_shipped, -mtime, r.name)
 
-    return sorted(runs, key=order)
+    return sorted(kept, key=order)
 
 
 def dataset_label(name) -> str:
