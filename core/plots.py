@@ -295,12 +295,15 @@ def pareto_scatter(rows: Sequence[Mapping], memory_label: str = "saved activatio
             if pol not in best_of_policy or r["acc"] > rows[best_of_policy[pol]]["acc"]:
                 best_of_policy[pol] = i
     # policies of equal bytes (avg2, max2, avg2-lowres) share a column: only the column's most
-    # accurate label sits above its marker, the others beside theirs, so labels do not stack
-    top_of_column: dict[float, int] = {}
+    # accurate label sits above its marker, the others beside theirs, right and left in turn
+    # (two policies a point apart would otherwise print their labels over each other)
+    columns: dict[float, list[int]] = {}
     for i in best_of_policy.values():
-        m = rows[i]["memory"]
-        if m not in top_of_column or rows[i]["acc"] > rows[top_of_column[m]]["acc"]:
-            top_of_column[m] = i
+        columns.setdefault(rows[i]["memory"], []).append(i)
+    position: dict[int, str] = {}
+    for labelled in columns.values():
+        for rank, i in enumerate(sorted(labelled, key=lambda j: -rows[j]["acc"])):
+            position[i] = "top center" if rank == 0 else ("middle right", "middle left")[(rank - 1) % 2]
     fig = go.Figure()
     for i, r in enumerate(rows):
         if r.get("memory") is None or r.get("acc") is None:
@@ -309,7 +312,7 @@ def pareto_scatter(rows: Sequence[Mapping], memory_label: str = "saved activatio
         fig.add_trace(go.Scatter(
             x=[r["memory"] / 2 ** 20], y=[r["acc"]], mode="markers+text", name=r["name"],
             text=[str(r.get("policy", "")) if i in best_of_policy.values() else ""],
-            textposition="top center" if top_of_column.get(r["memory"]) == i else "middle right",
+            textposition=position.get(i, "top center"),
             textfont=dict(size=TICK_SIZE),
             cliponaxis=False,
             marker=dict(color=cmap[r["name"]], size=20 if on else 14, symbol="diamond" if on else "circle",

@@ -190,6 +190,12 @@ def test_pareto_scatter():
                                     "memory": 200 * 2 ** 20}])
     assert [(t.text[0], t.textposition) for t in fig.data[:4]] == [
         ("none", "top center"), ("avg2+mask", "top center"), ("max4", "top center"), ("max2+mask", "middle right")]
+    # a third policy in that column, less accurate still: its label goes to the other side
+    fig = P.pareto_scatter(rows + [{"name": "max-pooled", "policy": "max2+mask", "acc": 0.89, "memory": 200 * 2 ** 20},
+                                   {"name": "low-res", "policy": "avg2-lowres+mask", "acc": 0.885,
+                                    "memory": 200 * 2 ** 20}])
+    assert [(t.text[0], t.textposition) for t in fig.data[3:5]] == [
+        ("max2+mask", "middle right"), ("avg2-lowres+mask", "middle left")]
 
 
 def test_filter_grid_figure():
