@@ -294,16 +294,19 @@ def pareto_scatter(rows: Sequence[Mapping], memory_label: str = "saved activatio
             pol = str(r.get("policy", ""))
             if pol not in best_of_policy or r["acc"] > rows[best_of_policy[pol]]["acc"]:
                 best_of_policy[pol] = i
-    # policies of equal bytes (avg2, max2, avg2-lowres) share a column: only the column's most
-    # accurate label sits above its marker, the others beside theirs, right and left in turn
-    # (two policies a point apart would otherwise print their labels over each other)
+    # policies of equal bytes (avg2, max2, avg2-lowres) share a column: its most accurate label
+    # sits above its marker, its least accurate below, any between beside theirs (right, left in
+    # turn), so that policies a point apart do not print their labels over each other; beside a
+    # marker on the left side a label would run into the next column's
     columns: dict[float, list[int]] = {}
     for i in best_of_policy.values():
         columns.setdefault(rows[i]["memory"], []).append(i)
     position: dict[int, str] = {}
     for labelled in columns.values():
-        for rank, i in enumerate(sorted(labelled, key=lambda j: -rows[j]["acc"])):
-            position[i] = "top center" if rank == 0 else ("middle right", "middle left")[(rank - 1) % 2]
+        ordered = sorted(labelled, key=lambda j: -rows[j]["acc"])
+        for rank, i in enumerate(ordered):
+            position[i] = ("top center" if rank == 0 else "bottom center" if rank == len(ordered) - 1
+                           else ("middle right", "middle left")[(rank - 1) % 2])
     fig = go.Figure()
     for i, r in enumerate(rows):
         if r.get("memory") is None or r.get("acc") is None:
@@ -325,7 +328,7 @@ def pareto_scatter(rows: Sequence[Mapping], memory_label: str = "saved activatio
     base_layout(fig, title, f"{memory_label} (MiB)", "accuracy")
     # legend under the plot: beside it, a dozen long run names take half the width and squeeze
     # the labelled markers together; a full-width figure fits two or more names per legend row
-    _legend_below(fig, n_entries=-(-len(fig.data) // 2))
+    _legend_below(fig, n_entries=-(-len(fig.data) // 2), height=520)  # taller: labels between markers
     accs = [r["acc"] for r in rows if r.get("acc") is not None]
     if accs and max(accs) <= 1:
         fig.update_yaxes(tickformat=".0%")

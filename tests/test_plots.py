@@ -185,17 +185,18 @@ def test_pareto_scatter():
     fig = P.pareto_scatter(rows + [{"name": "pooled, shorter", "policy": "avg2+mask", "acc": 0.88,
                                     "memory": 200 * 2 ** 20}])
     assert [t.text[0] for t in fig.data[:4]] == ["none", "avg2+mask", "max4", ""]
-    # another policy of the same bytes, less accurate: its label goes beside its marker
+    # another policy of the same bytes, less accurate: its label goes under its marker
     fig = P.pareto_scatter(rows + [{"name": "max-pooled", "policy": "max2+mask", "acc": 0.89,
                                     "memory": 200 * 2 ** 20}])
     assert [(t.text[0], t.textposition) for t in fig.data[:4]] == [
-        ("none", "top center"), ("avg2+mask", "top center"), ("max4", "top center"), ("max2+mask", "middle right")]
-    # a third policy in that column, less accurate still: its label goes to the other side
-    fig = P.pareto_scatter(rows + [{"name": "max-pooled", "policy": "max2+mask", "acc": 0.89, "memory": 200 * 2 ** 20},
-                                   {"name": "low-res", "policy": "avg2-lowres+mask", "acc": 0.885,
-                                    "memory": 200 * 2 ** 20}])
-    assert [(t.text[0], t.textposition) for t in fig.data[3:5]] == [
-        ("max2+mask", "middle right"), ("avg2-lowres+mask", "middle left")]
+        ("none", "top center"), ("avg2+mask", "top center"), ("max4", "top center"), ("max2+mask", "bottom center")]
+    # three policies in that column: the one in the middle has its label beside its marker
+    fig = P.pareto_scatter(rows + [{"name": "low-res", "policy": "avg2-lowres+mask", "acc": 0.885,
+                                    "memory": 200 * 2 ** 20},
+                                   {"name": "max-pooled", "policy": "max2+mask", "acc": 0.89, "memory": 200 * 2 ** 20}])
+    assert [(t.text[0], t.textposition) for t in fig.data[1:5]] == [
+        ("avg2+mask", "top center"), ("max4", "top center"), ("avg2-lowres+mask", "bottom center"),
+        ("max2+mask", "middle right")]
 
 
 def test_filter_grid_figure():
