@@ -103,17 +103,20 @@ def test_cifar_runs_re_evaluate_to_their_summary(path, cifar_val):
     assert res["acc"] == pytest.approx(inspect_run(path).summary["last_val_acc"], abs=tolerance)
 
 
-BASELINE_60 = CHECKPOINTS / "r20-cifar-none-e60-s0"
+BASELINE_100 = CHECKPOINTS / "r20-cifar-none-e100-s0"
 
 
-@pytest.mark.skipif(not BASELINE_60.is_dir(), reason="the 60-epoch baseline is not shipped")
-def test_readme_headline_tta_accuracy_re_evaluates(cifar_val):
-    """The README's answer to the issue's >= 88 % baseline rests on one number measured with
-    `core evaluate --tta flip`: re-measure it."""
-    stated = re.search(r"reached with test-time flipping \(([\d.]+) %\)", README.read_text())
-    assert stated, "README no longer states the baseline's accuracy with test-time flipping"
-    res = evaluate_run(BASELINE_60, dataset=f"imagefolder:{cifar_val}", device="cpu", tta="flip")
-    assert float(stated.group(1)) == round(100 * res["acc"], 1)
+@pytest.mark.skipif(not BASELINE_100.is_dir(), reason="the 100-epoch baseline is not shipped")
+def test_readme_headline_baseline_accuracy_re_evaluates(cifar_val):
+    """The README's answer to the issue's >= 88 % baseline names two numbers of the 100-epoch run:
+    its single-view accuracy (what its summary says; the test above re-computes that) and its
+    accuracy with `core evaluate --tta flip`, re-measured here."""
+    stated = re.search(r"The ≥ 88 % baseline: reached, ([\d.]+) % after 100 epochs \(([\d.]+) % with test-time "
+                       r"flipping\)", README.read_text())
+    assert stated, "README no longer states the 100-epoch baseline's accuracy, single-view and flipped"
+    assert float(stated.group(1)) == round(100 * inspect_run(BASELINE_100).summary["last_val_acc"], 1)
+    res = evaluate_run(BASELINE_100, dataset=f"imagefolder:{cifar_val}", device="cpu", tta="flip")
+    assert float(stated.group(2)) == round(100 * res["acc"], 1)
 
 
 MEASURED_COLUMNS = (6, 7, 8)  # ResNet-20 / ResNet-18 saved bytes, step-time ratio
