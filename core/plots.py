@@ -294,10 +294,9 @@ def pareto_scatter(rows: Sequence[Mapping], memory_label: str = "saved activatio
             pol = str(r.get("policy", ""))
             if pol not in best_of_policy or r["acc"] > rows[best_of_policy[pol]]["acc"]:
                 best_of_policy[pol] = i
-    # policies of equal bytes (avg2, max2, avg2-lowres) share a column: its most accurate label
-    # sits above its marker, its least accurate below, any between beside theirs (right, left in
-    # turn), so that policies a point apart do not print their labels over each other; beside a
-    # marker on the left side a label would run into the next column's
+    # policies of equal bytes (avg2, max2, avg2-lowres) share a column, often a point apart: its
+    # most accurate label sits above its marker, its least accurate below, any between to the
+    # right (to the left a label runs into the neighbouring column's), so labels do not overlap
     columns: dict[float, list[int]] = {}
     for i in best_of_policy.values():
         columns.setdefault(rows[i]["memory"], []).append(i)
@@ -305,8 +304,7 @@ def pareto_scatter(rows: Sequence[Mapping], memory_label: str = "saved activatio
     for labelled in columns.values():
         ordered = sorted(labelled, key=lambda j: -rows[j]["acc"])
         for rank, i in enumerate(ordered):
-            position[i] = ("top center" if rank == 0 else "bottom center" if rank == len(ordered) - 1
-                           else ("middle right", "middle left")[(rank - 1) % 2])
+            position[i] = "top center" if rank == 0 else "bottom center" if rank == len(ordered) - 1 else "middle right"
     fig = go.Figure()
     for i, r in enumerate(rows):
         if r.get("memory") is None or r.get("acc") is None:
@@ -314,7 +312,7 @@ def pareto_scatter(rows: Sequence[Mapping], memory_label: str = "saved activatio
         on = i in front
         fig.add_trace(go.Scatter(
             x=[r["memory"] / 2 ** 20], y=[r["acc"]], mode="markers+text", name=r["name"],
-            text=[str(r.get("policy", "")) if i in best_of_policy.values() else ""],
+            text=[str(r.get("policy", "")) if i in position else ""],
             textposition=position.get(i, "top center"),
             textfont=dict(size=TICK_SIZE),
             cliponaxis=False,
