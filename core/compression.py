@@ -22,16 +22,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quantization import BITS, dequantize, quantize
+
 POOLS = ("avg", "max")
 KS = (1, 2, 4, 8)
 MODES = ("upsample", "lowres")
-BN_STORAGE = {"full": None, "bn16": torch.bfloat16, "bn8": torch.float8_e4m3fn}
+# BatchNorm keeps its normalised input: full, as bfloat16 or float8 (deterministic casts), or as
+# 4/2-bit per-group codes with stochastic rounding (unbiased; core.quantization).
+BN_STORAGE = {"full": None, "bn16": torch.bfloat16, "bn8": torch.float8_e4m3fn, "bn4": 4, "bn2": 2}
 
 _CONV_RE = re.compile(r"^(avg|max)(\d+)(-lowres)?$")
+_QUANT_RE = re.compile(r"^(q|res)(\d+)$")
 _STAGES_RE = re.compile(r"^stages=(\d+(?:,\d+)*)$")
 POLICY_GRAMMAR = (
-    "parts joined by '+': none | avgK | maxK (K in 1,2,4,8) with optional -lowres | mask | "
-    "bn16 | bn8 | ckpt | nostem | stages=1,2 ; e.g. 'avg2+mask', 'avg4-lowres+mask+bn8'"
+    "parts joined by '+': none | avgK | maxK (K in 1,2,4,8) with optional -lowres | qB (the conv input in B bits, "
+    "B in 1,2,4,8) | resB (with avgK: the pooled copy plus the residual in B bits) | mask | bn16 | bn8 | bn4 | bn2 | "
+    "ckpt | nostem | stages=1,2 ; e.g. 'avg2+mask', 'q4+mask+bn8', 'avg2+res2+mask+bn8'"
 )
 
 
@@ -47,9 +53,11 @@ class CompressionPolicy:
     k: int = 1
     mode: str = "upsample"  # weight gradient from the upsampled copy, or at low resolution
     relu_mask: bool = False
-    bn: str = "full"  # "full", "bn16" or "bn8"
+    bn: str = "full"  # "full", "bn16", "bn8", "bn4" or "bn2"
     checkpoint: bool = False
     scope: str = "all"  # "all", "nostem", or "stages=1,2"
+    bits: int | None = None  # qB: the conv keeps its input as B-bit codes
+    residual_bits: int | None = None  # resB (with avgK): pooled copy + residual x - up(pool(x)) in B bits
 
     def __post_init__(self):
         if self.pool is not None and self.pool not in POOLS:
@@ -62,6 +70,19 @@ class CompressionPolicy:
             raise PolicyError(f"unknown BatchNorm storage {self.bn!r}; use {', '.join(BN_STORAGE)}")
         if self.scope not in ("all", "nostem") and not _STAGES_RE.match(self.scope):
             raise PolicyError(f"unknown scope {self.scope!r}; use all, nostem or stages=1,2")
+        for name, b in (("q", self.bits), ("res", self.residual_bits)):
+            if b is not None and b not in BITS:
+                raise PolicyError(f"{name}{b}: {b} bits are not supported; use one of {', '.join(map(str, BITS))}")
+        if self.bits is not None and self.pool is not None:
+            raise PolicyError(f"q{self.bits} and {self.pool}{self.k} are two forms of the conv input; choose one "
+                              f"(or keep the pooled copy plus a low-bit residual: avgK+resB)")
+        if self.residual_bits is not None:
+            if self.pool != "avg" or self.k == 1:
+                raise PolicyError(f"res{self.residual_bits} is the residual of an average-pooled copy; it needs "
+                                  "avgK with K >= 2 (e.g. avg2+res2)")
+            if self.mode == "lowres":
+                raise PolicyError(f"res{self.residual_bits} rebuilds the full-size input; it does not combine "
+                                  "with -lowres")
 
     # -- string form -------------------------------------------------------------------
     @classmethod
@@ -74,12 +95,16 @@ class CompressionPolicy:
         kw: dict = {}
         for part in parts:
             m = _CONV_RE.match(part)
+            q = _QUANT_RE.match(part)
             key = None
             if m:
                 key, val = "pool", dict(pool=m[1], k=int(m[2]), mode="lowres" if m[3] else "upsample")
+            elif q:
+                key, val = ("bits", dict(bits=int(q[2]))) if q[1] == "q" else (
+                    "residual", dict(residual_bits=int(q[2])))
             elif part == "mask":
                 key, val = "relu_mask", dict(relu_mask=True)
-            elif part in ("bn16", "bn8"):
+            elif part in BN_STORAGE and part != "full":
                 key, val = "bn", dict(bn=part)
             elif part == "ckpt":
                 key, val = "checkpoint", dict(checkpoint=True)
@@ -95,14 +120,19 @@ class CompressionPolicy:
             policy = cls(**merged)
         except PolicyError as e:
             raise PolicyError(f"policy {text!r}: {e}") from None
-        if policy.checkpoint and (policy.pool or policy.relu_mask or policy.bn != "full"):
-            raise PolicyError("ckpt recomputes whole blocks; it does not combine with pooling, mask or bn parts")
+        if policy.checkpoint and (policy.pool or policy.bits or policy.relu_mask or policy.bn != "full"):
+            raise PolicyError("ckpt recomputes whole blocks; it does not combine with pooling, quantisation, "
+                              "mask or bn parts")
         return policy
 
     def __str__(self) -> str:
         parts = []
         if self.pool:
             parts.append(f"{self.pool}{self.k}" + ("-lowres" if self.mode == "lowres" else ""))
+        if self.residual_bits is not None:
+            parts.append(f"res{self.residual_bits}")
+        if self.bits is not None:
+            parts.append(f"q{self.bits}")
         if self.relu_mask:
             parts.append("mask")
         if self.bn != "full":
@@ -125,7 +155,21 @@ class CompressionPolicy:
     @property
     def is_exact(self) -> bool:
         """True when every gradient equals plain autograd (up to summation order)."""
-        return (self.pool is None or self.k == 1) and self.bn == "full"
+        return (self.pool is None or self.k == 1) and self.bn == "full" and self.bits is None
+
+    @property
+    def quantises(self) -> bool:
+        """Whether any part keeps B-bit codes (qB, resB, bn4, bn2)."""
+        return self.bits is not None or self.residual_bits is not None or isinstance(BN_STORAGE[self.bn], int)
+
+    @property
+    def compresses_conv_input(self) -> bool:
+        """Whether convs keep something other than their full input."""
+        return self.pool is not None or self.bits is not None
+
+    def conv_form(self) -> ConvInputForm:
+        return ConvInputForm(pool=self.pool, k=self.k, mode=self.mode, bits=self.bits,
+                             residual_bits=self.residual_bits)
 
     def stages(self) -> set[int] | None:
         m = _STAGES_RE.match(self.scope)
@@ -185,11 +229,56 @@ def _lowres_weight_grad(xp, g, weight_shape, stride, padding, dilation, groups, 
     return torch.einsum("iy,jx,ocyx->ocij", ay, ax, c)
 
 
-class PooledConvFunction(torch.autograd.Function):
-    """conv2d whose backward sees only a K-pooled copy of its input."""
+@dataclass(frozen=True)
+class ConvInputForm:
+    """What a compressed conv keeps of its input x (B, C, H, W) and how backward rebuilds it.
+
+    pooled   P_k(x); rebuilt by nearest upsampling (or used as is at low resolution);
+    qB       x as B-bit codes per (sample, channel), stochastic rounding: unbiased;
+    avgK+resB  P_k(x) and the residual x - up(P_k(x)) as B-bit codes: the low frequencies
+             exactly, the high ones coarsely (DIVISION); unbiased as well.
+    """
+
+    pool: str | None = None
+    k: int = 1
+    mode: str = "upsample"
+    bits: int | None = None
+    residual_bits: int | None = None
+
+    @property
+    def pools(self) -> bool:
+        return self.pool is not None and self.k > 1
+
+    def keep(self, x: torch.Tensor) -> tuple[list[torch.Tensor], object]:
+        """-> (tensors to save for backward, what else rebuilding needs)."""
+        if self.bits is not None:
+            packed, lo, scale, info = quantize(x, self.bits)
+            return [packed, lo, scale], info
+        if not self.pools:
+            return [x], None
+        xp = _pool(x, self.pool, self.k)  # (B, C, ceil(H/k), ceil(W/k))
+        if self.residual_bits is None:
+            return [xp], None
+        packed, lo, scale, info = quantize(x - _upsample(xp, self.k, x.shape[2:]), self.residual_bits)
+        return [xp, packed, lo, scale], info
+
+    def rebuild(self, kept: list[torch.Tensor], info, shape: tuple[int, ...]) -> torch.Tensor:
+        """The full-size input the weight gradient is computed from (B, C, H, W)."""
+        if self.bits is not None:
+            return dequantize(*kept, info)
+        if not self.pools:
+            return kept[0]
+        x = _upsample(kept[0], self.k, shape[2:])
+        if self.residual_bits is not None:
+            x = x + dequantize(*kept[1:], info)
+        return x
+
+
+class CompressedConvFunction(torch.autograd.Function):
+    """conv2d whose backward sees only what `form` keeps of its input."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, pool, k, mode):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, form: ConvInputForm):
         dev = x.device.type
         if torch.is_autocast_enabled(dev):  # cast like autocast would, then run plainly
             dt = torch.get_autocast_dtype(dev)
@@ -200,33 +289,34 @@ class PooledConvFunction(torch.autograd.Function):
             ctx.dtypes = None
         with torch.autocast(dev, enabled=False):
             y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        xp = x if k == 1 else _pool(x, pool, k)
-        ctx.save_for_backward(xp, weight)
-        ctx.conf = (tuple(x.shape), stride, padding, dilation, groups, k, mode, bias is not None)
+        kept, info = form.keep(x)
+        ctx.save_for_backward(*kept, weight)
+        ctx.conf = (tuple(x.shape), stride, padding, dilation, groups, form, info, bias is not None)
         return y
 
     @staticmethod
     def backward(ctx, g):
         # Autocast must not re-type our ops (it runs interpolate in fp32): dtypes are set here.
         with torch.autocast(g.device.type, enabled=False):
-            return PooledConvFunction._backward(ctx, g)
+            return CompressedConvFunction._backward(ctx, g)
 
     @staticmethod
     def _backward(ctx, g):
-        xp, weight = ctx.saved_tensors
-        x_shape, stride, padding, dilation, groups, k, mode, has_bias = ctx.conf
+        *kept, weight = ctx.saved_tensors
+        x_shape, stride, padding, dilation, groups, form, info, has_bias = ctx.conf
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         g = g.to(weight.dtype)
-        if mode == "lowres" and k > 1:
+        if form.mode == "lowres" and form.pools:
+            xp = kept[0]
             gx = None
             if need_x:  # exact: needs the weight and the input's shape only
                 gx = torch.ops.aten.convolution_backward(
                     g, xp.new_empty(x_shape), weight, None, list(stride), list(padding), list(dilation),
                     False, [0, 0], groups, [True, False, False])[0]
-            gw = _lowres_weight_grad(xp, g, weight.shape, stride, padding, dilation, groups, k) if need_w else None
+            gw = _lowres_weight_grad(xp, g, weight.shape, stride, padding, dilation, groups, form.k) if need_w else None
             gb = g.sum((0, 2, 3)) if need_b and has_bias else None
         else:
-            x_rec = xp if k == 1 else _upsample(xp, k, x_shape[2:])
+            x_rec = form.rebuild(kept, info, x_shape).to(weight.dtype)
             gx, gw, gb = torch.ops.aten.convolution_backward(
                 g, x_rec, weight, [weight.shape[0]] if has_bias else None, list(stride), list(padding),
                 list(dilation), False, [0, 0], groups, [need_x, need_w, need_b and has_bias])
@@ -235,26 +325,25 @@ class PooledConvFunction(torch.autograd.Function):
             gx = None if gx is None else gx.to(dx)
             gw = None if gw is None else gw.to(dw)
             gb = None if gb is None else gb.to(db)
-        return gx, gw, gb, None, None, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None
 
 
-class PooledConv2d(nn.Conv2d):
-    """A Conv2d (same parameters and state_dict) whose saved input is pooled by `k`."""
+class CompressedConv2d(nn.Conv2d):
+    """A Conv2d (same parameters and state_dict) that keeps only `pp_form` of its input."""
 
-    pp_pool: str = "avg"
-    pp_k: int = 1
-    pp_mode: str = "upsample"
+    pp_form: ConvInputForm = ConvInputForm()
 
     def forward(self, x):
         if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return super().forward(x)
         h, w = x.shape[-2:]
-        if self.pp_k > min(h, w):
+        if self.pp_form.pools and self.pp_form.k > min(h, w):
             raise PolicyError(
-                f"K={self.pp_k} is larger than the {h}x{w} feature map entering {getattr(self, 'pp_name', 'a conv')}; "
-                "use a smaller K or restrict the policy to earlier stages (stages=1,2)")
-        return PooledConvFunction.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                                        self.groups, self.pp_pool, self.pp_k, self.pp_mode)
+                f"K={self.pp_form.k} is larger than the {h}x{w} feature map entering "
+                f"{getattr(self, 'pp_name', 'a conv')}; use a smaller K or restrict the policy to earlier stages "
+                "(stages=1,2)")
+        return CompressedConvFunction.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                            self.groups, self.pp_form)
 
 
 # ---------------------------------------------------------------------------------------
@@ -314,7 +403,10 @@ class MaskReLUFunction(torch.autograd.Function):
     def backward(ctx, g):
         (packed,) = ctx.saved_tensors
         shape, cl = ctx.conf
-        return g * unpack_mask(packed, shape, cl)
+        mask = unpack_mask(packed, shape, cl)
+        # The gradient in the input's layout: g may come in without one (the head's mean gives a
+        # stride-0 gradient), and BatchNorm's backward below runs twice as long on NCHW (measured).
+        return torch.mul(g, mask, out=torch.empty_like(mask, dtype=g.dtype))
 
 
 class MaskReLU(nn.ReLU):
@@ -329,31 +421,42 @@ class MaskReLU(nn.ReLU):
 # ---------------------------------------------------------------------------------------
 
 class LowPrecisionBNFunction(torch.autograd.Function):
-    """Training-mode BN that keeps x_hat = (x - mean) * invstd in `store_dtype`.
+    """Training-mode BN that keeps its input in `store` form for backward: x_hat =
+    (x - mean) * invstd as a dtype (bfloat16, float8), or x itself as B-bit codes (an int).
 
-    x_hat has unit variance per channel, which suits bf16/float8 far better than raw x.
-    Exact: beta's gradient. Approximate (rounding of x_hat): gamma's and the input gradient.
+    x_hat has unit variance per channel, which suits bf16/float8 far better than raw x. The
+    codes need no such care: their range is per (sample, channel) already, and x_hat is affine
+    in x per channel, so coding x itself stores the same information with two passes fewer.
+    Exact: beta's gradient. Approximate (rounding): gamma's and the input gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, store_dtype):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, store):
         out, mean, invstd = torch.ops.aten.native_batch_norm(
             x, weight, bias, running_mean, running_var, True, momentum, eps)
         shape = (1, -1, 1, 1)
-        x_hat = (x - mean.view(shape).to(x.dtype)) * invstd.view(shape).to(x.dtype)
-        if store_dtype == torch.float8_e4m3fn:  # float8 casts are not saturating: keep in range
-            x_hat = x_hat.clamp(-448, 448)
-        x_hat = x_hat.to(store_dtype)
-        ctx.save_for_backward(x_hat, weight, mean, invstd)
-        ctx.conf = (x.dtype, eps)
+        info = None
+        if isinstance(store, int):
+            packed, lo, scale, info = quantize(x, store)
+            kept = [packed, lo, scale]
+        else:
+            x_hat = (x - mean.view(shape).to(x.dtype)) * invstd.view(shape).to(x.dtype)
+            if store == torch.float8_e4m3fn:  # float8 casts are not saturating: keep in range
+                x_hat = x_hat.clamp(-448, 448)
+            kept = [x_hat.to(store)]
+        ctx.save_for_backward(*kept, weight, mean, invstd)
+        ctx.conf = (x.dtype, eps, info)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x_hat, weight, mean, invstd = ctx.saved_tensors
-        dtype, eps = ctx.conf
+        *kept, weight, mean, invstd = ctx.saved_tensors
+        dtype, eps, info = ctx.conf
         shape = (1, -1, 1, 1)
-        x_rec = (x_hat.to(torch.float32) / invstd.view(shape) + mean.view(shape)).to(dtype)
+        if info is not None:
+            x_rec = dequantize(*kept, info)
+        else:
+            x_rec = (kept[0].to(torch.float32) / invstd.view(shape) + mean.view(shape)).to(dtype)
         need = ctx.needs_input_grad
         gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
             g, x_rec, weight, None, None, mean, invstd, True, eps, [need[0], need[1], need[2]])
@@ -433,8 +536,8 @@ def compress_model(model: nn.Module, policy: CompressionPolicy | str) -> nn.Modu
     for name, m in model.named_modules():
         if not in_scope(name, policy, stem_conv):
             continue
-        if isinstance(m, nn.Conv2d) and policy.pool and type(m) is nn.Conv2d:
-            _swap(m, PooledConv2d, pp_pool=policy.pool, pp_k=policy.k, pp_mode=policy.mode, pp_name=name)
+        if isinstance(m, nn.Conv2d) and policy.compresses_conv_input and type(m) is nn.Conv2d:
+            _swap(m, CompressedConv2d, pp_form=policy.conv_form(), pp_name=name)
         elif isinstance(m, nn.ReLU) and policy.relu_mask and type(m) is nn.ReLU:
             _swap(m, MaskReLU)
         elif isinstance(m, nn.BatchNorm2d) and policy.bn != "full" and type(m) is nn.BatchNorm2d:
@@ -451,7 +554,7 @@ def decompress_model(model: nn.Module) -> nn.Module:
         original = m.__dict__.pop(_ORIGINAL, None)
         if original is not None:
             m.__class__ = original
-            for attr in ("pp_pool", "pp_k", "pp_mode", "pp_name", "pp_store"):
+            for attr in ("pp_form", "pp_name", "pp_store"):
                 m.__dict__.pop(attr, None)
         if "checkpointed" in m.__dict__:
             del m.checkpointed

@@ -113,7 +113,7 @@ def _as_tensor(w) -> torch.Tensor:
 def layer_names(model: nn.Module, kind: str = "conv") -> list[str]:
     """Module names for a selector, in forward order.
 
-    conv:  every Conv2d (also shortcut convs; compressed PooledConv2d count too);
+    conv:  every Conv2d (also shortcut convs; compressed CompressedConv2d count too);
     block: the stem's output ReLU(s) (direct ReLU children of the model, e.g. "act1") and
            every residual block -- the representation after each step of depth;
     relu:  every ReLU module (each is its own module in our models);

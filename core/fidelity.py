@@ -26,6 +26,7 @@ and its compression policy.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -39,9 +40,9 @@ from .compression import (
     KS,
     MODES,
     POOLS,
+    CompressedConv2d,
     CompressionPolicy,
     PolicyError,
-    PooledConv2d,
     compress_model,
     decompress_model,
     in_scope,
@@ -235,15 +236,14 @@ def _fit_policy(policy: CompressionPolicy, model, convs, shapes) -> tuple[Compre
             if int(s[5:]) in wanted and not any(n.startswith(s + ".") for n in too_small)]
     if not fits:
         return None, f"K={policy.k} is larger than the {h}x{w} feature map entering {too_small[0]}"
-    narrowed = CompressionPolicy(pool=policy.pool, k=policy.k, mode=policy.mode, relu_mask=policy.relu_mask,
-                                 bn=policy.bn, checkpoint=policy.checkpoint, scope="stages=" + ",".join(map(str, fits)))
+    narrowed = dataclasses.replace(policy, scope="stages=" + ",".join(map(str, fits)))
     note = (f"K={policy.k} is larger than the {h}x{w} feature map entering {too_small[0]}; "
             f"applied as {narrowed} (the stem and the other stages keep exact inputs)")
     return narrowed, note
 
 
 def _pooled_layers(model, convs) -> list[bool]:
-    return [isinstance(m, PooledConv2d) for _, m in convs]
+    return [isinstance(m, CompressedConv2d) for _, m in convs]
 
 
 # ---------------------------------------------------------------------------------------

@@ -390,7 +390,7 @@ def check_config(config) -> list[str]:
         return [str(e)]
     import torch
 
-    from .compression import CompressionPolicy, PooledConv2d, compress_model
+    from .compression import CompressedConv2d, CompressionPolicy, compress_model
     from .models import build_model
 
     policy = CompressionPolicy.parse(config.policy)
@@ -405,10 +405,10 @@ def check_config(config) -> list[str]:
 
     def hook(module, args):
         h, w = args[0].shape[-2:]
-        if module.pp_k > min(h, w):
+        if module.pp_form.pools and module.pp_form.k > min(h, w):
             too_big.append(f"{module.pp_name} ({h}x{w})")
 
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, PooledConv2d)]
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, CompressedConv2d)]
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, 3, size, size))

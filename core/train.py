@@ -716,6 +716,10 @@ class Trainer:
         # model, policy, optimiser
         self.model = build_model(cfg.model, num_classes=self.num_classes, stem=cfg.stem)
         compress_model(self.model, self.policy)
+        if self.policy.quantises and dev.type == "cpu" and os.environ.get("POOLPROP_COMPILE", "1") != "0":
+            from . import quantization
+
+            quantization.use_compiled(True)  # same bytes and results, ~4x faster coding passes
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model = self.model.to(device=dev, memory_format=memory_format)
         decay = [p for p in self.model.parameters() if p.ndim > 1]

@@ -55,6 +55,12 @@ def plan(epochs: int, long_epochs: int, features_epochs: int) -> list[tuple[str,
         cifar(p, epochs, prio="3")
     for p in ("none", "avg2+mask"):
         cifar(p, epochs, seed=1, prio="4 second seed")
+    # compression families (quantised codes): the >= 10x policy with two seeds, the near-exact
+    # >= 6x one with one; and avg2+mask at the length where the baseline has converged
+    for p, seeds in (("q2+mask+bn2", (0, 1)), ("q4+mask+bn4", (0,))):
+        for seed in seeds:
+            cifar(p, epochs, seed=seed, prio="5 families")
+    cifar("avg2+mask", 60, prio="6 converged schedule")
     for p in ("none", "avg2+mask", "avg4+mask", "avg8+mask"):
         runs.append((f"r20-features10-{p}-e{features_epochs}-s0", "features10",
                      ["--dataset", "features10", "--policy", p, "--epochs", str(features_epochs), "--seed", "0"]))

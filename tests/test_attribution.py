@@ -111,7 +111,7 @@ def test_gradient_shap_deterministic_and_rng_untouched(model, x):
 
 def test_compressed_model_gives_the_same_attributions(model, x):
     compressed = compress_model(copy.deepcopy(model), "avg2+mask")
-    assert type(compressed.layer1[0].conv1).__name__ == "PooledConv2d"
+    assert type(compressed.layer1[0].conv1).__name__ == "CompressedConv2d"
     for method in A.METHODS:
         kw = FAST.get(method, {})
         a = A.attribute(model, x, 2, method, **kw)

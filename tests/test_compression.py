@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.compression import (
+    CompressedConvFunction,
     CompressionPolicy,
+    ConvInputForm,
     PolicyError,
-    PooledConvFunction,
     compress_model,
     compressed,
     decompress_model,
@@ -27,7 +28,7 @@ CONV_CASES = [(3, 1, 1, 1, 1), (3, 2, 1, 1, 1), (1, 2, 0, 1, 1), (3, 1, 2, 2, 1)
 
 def _pooled(x, w, b, case, pool, k, mode):
     ks, s, p, d, gr = case
-    return PooledConvFunction.apply(x, w, b, (s, s), (p, p), (d, d), gr, pool, k, mode)
+    return CompressedConvFunction.apply(x, w, b, (s, s), (p, p), (d, d), gr, ConvInputForm(pool, k, mode))
 
 
 @pytest.mark.parametrize("case", CONV_CASES)
@@ -206,7 +207,7 @@ def test_convert_back_is_bit_identical():
 def test_context_manager_restores_plain_model():
     model = build_model("resnet20")
     with compressed(model, "avg2+mask") as m:
-        assert type(m.layer1[0].conv1).__name__ == "PooledConv2d"
+        assert type(m.layer1[0].conv1).__name__ == "CompressedConv2d"
     assert type(model.layer1[0].conv1) is nn.Conv2d
 
 
@@ -214,7 +215,7 @@ def test_scope_nostem_and_stages():
     model = compress_model(build_model("resnet18"), "avg2+mask+nostem")
     assert type(model.conv1) is nn.Conv2d and type(model.layer1[0].conv1) is not nn.Conv2d
     model = compress_model(build_model("resnet18"), "avg2+stages=1,2")
-    assert type(model.layer2[1].conv2).__name__ == "PooledConv2d"
+    assert type(model.layer2[1].conv2).__name__ == "CompressedConv2d"
     assert type(model.layer3[0].conv1) is nn.Conv2d and type(model.conv1) is nn.Conv2d
 
 
@@ -249,7 +250,7 @@ def test_stages_the_model_does_not_have_are_a_clear_error():
     with pytest.raises(PolicyError, match="names stage 4, but this model's stages are 1, 2, 3"):
         compress_model(build_model("resnet20"), "avg2+mask+stages=2,4")
     model = compress_model(build_model("resnet18"), "avg2+mask+stages=4")  # resnet18 has it
-    assert type(model.layer4[0].conv1).__name__ == "PooledConv2d"
+    assert type(model.layer4[0].conv1).__name__ == "CompressedConv2d"
     assert type(model.layer3[0].conv1).__name__ == "Conv2d"
 
 
@@ -273,7 +274,7 @@ def test_generic_module_of_conv_bn_relu():
     compress_model(model, "avg2+mask")  # K=2: the input gradient exact, the last conv's weight gradient
     x.requires_grad_(True)              # estimated from the 2x2-averaged copy of its input
     model(x).sum().backward()
-    assert type(model[3]).__name__ == "PooledConv2d" and type(model[2]).__name__ == "MaskReLU"
+    assert type(model[3]).__name__ == "CompressedConv2d" and type(model[2]).__name__ == "MaskReLU"
     h = plain[2](plain[1](plain[0](x))).detach()
     h_rec = F.avg_pool2d(h, 2).repeat_interleave(2, 2).repeat_interleave(2, 3)
     ones = torch.ones(2, 4, 8, 8)

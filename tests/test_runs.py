@@ -177,7 +177,7 @@ def test_load_model_and_cache_key(good_run):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert not model.training
     comp = load_model(good_run, compressed=True)
-    assert type(comp.conv1).__name__ == "PooledConv2d"
+    assert type(comp.conv1).__name__ == "CompressedConv2d"
     assert run_mtime_key(run) == (good_run / "model.safetensors").stat().st_mtime
     assert run_mtime_key(good_run / "nowhere") == 0.0
     assert load_config(good_run)["model"] == "resnet20"

@@ -352,7 +352,7 @@ def test_layer_gradient_fidelity_is_side_effect_free_and_exact_for_k1():
     layers = layer_gradient_fidelity(model, "avg2+mask", x, y)
     assert len(layers) == 19 and all(p.grad is None for p in model.parameters())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
-    assert type(model.conv1).__name__ == "PooledConv2d"  # compression restored
+    assert type(model.conv1).__name__ == "CompressedConv2d"  # compression restored
     # the same figures as the analysis library's own comparison (core.fidelity, another code path)
     from core.fidelity import compare_gradients
 

@@ -1,0 +1,159 @@
+"""B-bit codes: packing, range, unbiasedness, the compiled passes, and the policies that use them."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core import quantization as Q
+from core.compression import (
+    CompressedConvFunction,
+    CompressionPolicy,
+    ConvInputForm,
+    PolicyError,
+    compress_model,
+    decompress_model,
+)
+from core.memory import forward_saved_bytes
+from core.models import build_model
+
+SHAPES = [(3, 5, 7, 9), (2, 3, 1, 1), (4, 16, 8, 8), (1, 1, 3, 3)]
+
+
+def _layout(x, channels_last):
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.parametrize("bits", Q.BITS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_codes_round_trip_and_are_really_packed(bits, shape, channels_last):
+    x = _layout(torch.randn(shape), channels_last)
+    p, lo, scale, info = Q.quantize(x, bits)
+    assert p.dtype == torch.uint8 and p.numel() == math.ceil(x.numel() * bits / 8)  # 8/B values a byte
+    assert lo.dtype == scale.dtype == torch.bfloat16 and lo.shape == scale.shape == shape[:2]
+    r = Q.dequantize(p, lo, scale, info)
+    assert r.shape == x.shape and r.dtype == x.dtype
+    assert Q.is_channels_last(r) == Q.is_channels_last(x)
+    # every value within one step of the truth, and on the grid lo + q * scale
+    step = scale.float()[:, :, None, None]
+    assert ((r - x).abs() <= step * (1 + 1e-6) + 1e-7).all()
+    if shape[2] * shape[3] == 1:
+        return  # one-value groups: a step of ~1e-7 of the value, below float32's resolution of the grid
+    q = (r.float() - lo.float()[:, :, None, None]) / torch.where(step > 0, step, torch.ones_like(step))
+    assert torch.allclose(q, q.round(), atol=1e-2) and q.min() >= 0 and q.max() <= (1 << bits) - 1 + 1e-2
+
+
+def test_range_is_rounded_outward_so_nothing_clamps():
+    x = torch.tensor([0.1, 0.7, 1.3, 2.9]).view(1, 1, 2, 2) * 1.0001
+    lo, scale = Q.group_range(x, 2)
+    assert lo.float().item() <= x.min().item()
+    assert lo.float().item() + 3 * scale.float().item() >= x.max().item()
+
+
+def test_constant_group_is_exact():
+    x = torch.full((2, 3, 4, 4), 0.25)
+    r = Q.dequantize(*Q.quantize(x, 2))
+    assert torch.equal(r, x)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_reconstruction_is_unbiased(bits):
+    """Mean of many draws equals x within its standard error: a biased rounding (round to
+    nearest, a dither off by half a step, a clamp) fails this. The standard error is the one
+    stochastic rounding has by construction: a value a fraction p of a step above a grid point
+    rounds up with probability p, so one draw has variance p (1 - p) step^2."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 5, generator=g)
+    lo, scale = (t.float()[:, :, None, None] for t in Q.group_range(x, bits))
+    p = torch.frac((x - lo) / scale)
+    draws = 4000
+    mean = sum(Q.dequantize(*Q.quantize(x, bits, generator=g)) for _ in range(draws)) / draws
+    se = scale * (p * (1 - p) / draws).sqrt()
+    z = ((mean - x) / se)[se > 0]
+    assert z.abs().mean() < 1.0  # |N(0,1)| averages 0.80
+    assert z.abs().max() < 5.0
+    # the deterministic alternative is visibly biased on the same data
+    nearest = lo + ((x - lo) / scale).round() * scale
+    assert ((nearest - x) / se)[se > 0].abs().mean() > 10.0
+
+
+def test_compiled_passes_are_bit_identical():
+    x = _layout(torch.randn(4, 8, 6, 6), True)
+    try:
+        compiled = Q.use_compiled(True)
+        if not compiled:
+            pytest.skip("torch.compile unavailable here (no C++ compiler)")
+        a = Q.quantize(x, 2, generator=torch.Generator().manual_seed(5))
+        ra = Q.dequantize(*a)
+    finally:
+        Q.use_compiled(False)
+    b = Q.quantize(x, 2, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    assert torch.equal(ra, Q.dequantize(*b))
+
+
+# ---------------------------------------------------------------------------------------
+# Policies
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["q2", "q4+mask+bn4", "q2+mask+bn2", "avg2+res2+mask+bn8", "avg4+res4",
+                                  "q8+nostem", "q1+mask"])
+def test_policy_round_trips(text):
+    p = CompressionPolicy.parse(text)
+    assert str(p) == text
+    assert CompressionPolicy.from_dict(p.to_dict()) == p
+    assert not p.is_exact
+
+
+@pytest.mark.parametrize("text, words", [("q3", "3 bits"), ("res2", "needs avgK"), ("max2+res2", "needs avgK"),
+                                         ("avg2+q2", "two forms"), ("avg2-lowres+res2", "lowres"),
+                                         ("q2+ckpt", "ckpt"), ("bn3", "unknown policy part"),
+                                         ("avg1+res2", "K >= 2")])
+def test_bad_policies_say_what_conflicts(text, words):
+    with pytest.raises(PolicyError, match=words) as e:
+        CompressionPolicy.parse(text)
+    assert "\n" not in str(e.value)
+
+
+def test_q8_gradient_converges_to_exact():
+    """At 8 bits the weight gradient is off by at most what a one-step error in each input
+    value can change it: |dW| <= sum |g| * step, a bound derived from the code, not guessed."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 10, 10, dtype=torch.float64).requires_grad_()
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 6, 10, 10, dtype=torch.float64)
+    F.conv2d(x, w, None, 1, 1).backward(g)
+    exact_w, exact_x = w.grad.clone(), x.grad.clone()
+    x.grad = w.grad = None
+    CompressedConvFunction.apply(x, w, None, (1, 1), (1, 1), (1, 1), 1, ConvInputForm(bits=8)).backward(g)
+    assert torch.equal(x.grad, exact_x)  # the input gradient needs the weight only: exact
+    step = Q.group_range(x.detach(), 8)[1].double().max()
+    bound = F.conv2d(torch.ones_like(x).transpose(0, 1), g.abs().transpose(0, 1), padding=1).transpose(0, 1) * step
+    assert ((w.grad - exact_w).abs() <= bound + 1e-12).all()
+    assert F.cosine_similarity(w.grad.flatten(), exact_w.flatten(), 0) > 0.9999
+
+
+def test_meter_counts_the_packed_bytes():
+    """One conv with q2: the meter's conv-input bytes equal packed codes + 4 bytes a group,
+    computed by hand."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False))
+    x = torch.randn(4, 3, 9, 9, requires_grad=True)
+    compress_model(model, "q2")
+    rep = forward_saved_bytes(model, x)
+    by_hand = math.ceil(4 * 3 * 9 * 9 * 2 / 8) + 4 * 3 * (2 + 2)
+    assert rep.by_kind["conv input"] == by_hand == Q.packed_bytes((4, 3, 9, 9), 2)
+
+
+def test_families_cut_resnet_bytes_in_the_expected_order():
+    model = build_model("resnet20")
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    total = {}
+    for p in ("none", "avg2+mask", "q4+mask", "q2+mask", "q4+mask+bn4", "q2+mask+bn2", "avg2+res2+mask"):
+        compress_model(model, p)
+        total[p] = forward_saved_bytes(model, x, y).total_bytes
+        decompress_model(model)
+    assert total["q2+mask+bn2"] < total["q4+mask+bn4"] < total["q2+mask"] < total["q4+mask"] < total["none"]
+    assert total["none"] / total["q2+mask+bn2"] > 10
+    assert total["avg2+mask"] < total["avg2+res2+mask"]  # the residual costs bytes on top of the pooled copy
