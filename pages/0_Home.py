@@ -5,9 +5,11 @@ Reached through app.py's navigation (`streamlit run app.py`).
 
 import streamlit as st
 
-from core import plots
-from core.features import layer_names
-from core.runs import dataset_label
+from core.analysis import plots
+from core.analysis.images import to_display
+from core.analysis.layers import layer_names
+from core.analysis.method_picture import method_picture
+from core.engine.runs import dataset_label
 from ui import common as ui
 from ui.navigation import VIEWS
 
@@ -38,11 +40,11 @@ with ui.guard("Cannot show the picture"):
     pool = c_pool.radio("Pooling", ["avg", "max"], horizontal=True, key="home_pool")
     channel = c_ch.number_input("Channel", 0, 511, 0, key="home_channel")
     x = ui.to_input(images[index:index + 1], run)
-    pic = ui.method_picture(model, layer, x, k, pool, channel)
+    pic = method_picture(model, layer, x, k, pool, channel)
     c, h, w = pic["shape"]
     c_note.markdown(f"Layer input: **{c} channels × {h}×{w}**; the picture shows channel {pic['channel']}. "
                     f"Class: *{classes[int(labels_[index])]}*.")
-    ui.show(plots.method_figure(ui.to_display(images[index:index + 1])[0], pic["activation"], pic["pooled"],
+    ui.show(plots.method_figure(to_display(images[index:index + 1])[0], pic["activation"], pic["pooled"],
                                 pic["restored"], k, pool, layer, pic["channel"], pic["bytes"]),
             "method-picture",
             f"The forward pass multiplies the full activation with the weights; a compressed layer keeps only "

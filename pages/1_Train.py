@@ -1,15 +1,17 @@
-"""Train: start a run (a separate process, via core.launcher), watch it live, stop it."""
+"""Train: start a run (a separate process, via core.engine.launcher), watch it live, stop it."""
 
 from pathlib import Path
 
 import streamlit as st
 
-from core import plots
-from core.compression import CompressionPolicy
-from core.launcher import check_config, device_key
-from core.memory import format_bytes
+from core.analysis import plots
+from core.engine.checks import check_config
+from core.engine.config import TrainConfig
+from core.engine.launcher import device_key
+from core.engine.runs import live_progress, progress_fraction
+from core.method import CompressionPolicy
+from core.method.meter import format_bytes
 from core.models import MODEL_NAMES
-from core.train import TrainConfig
 from ui import common as ui
 
 ui.page("Train", "Start a training run and watch it live. It runs in its own process, so closing the tab "
@@ -57,7 +59,7 @@ if submitted:
         if not dataset:
             problems.append("Give the image folder's path for 'image folder…'.")
     try:
-        policy = str(CompressionPolicy.parse(text))
+        policy = CompressionPolicy.parse(text)  # parsed once: the config carries the policy itself
     except ValueError as e:
         problems.append(f"Policy {text!r}: {ui.one_line(e)}")
         policy = None
@@ -104,11 +106,11 @@ def live_view() -> None:
     if job is None:
         st.info("Nothing is training. Fill in the form and press **Start training**.")
         return
-    p = ui.live_progress(job.run_dir)
+    p = live_progress(job.run_dir)
     status = p["status"] or ("starting…" if job.state == "running" else job.state)
     top, stop_col = st.columns([5, 1])
     top.subheader(f"{job.label} — {status}")
-    top.progress(ui.progress_fraction(p), text=f"step {p['step']} of {p['total_steps'] or '?'} · "
+    top.progress(progress_fraction(p), text=f"step {p['step']} of {p['total_steps'] or '?'} · "
                                                f"epoch {p['epoch']} of {p['epochs'] or '?'}")
     if job.state == "running":
         if stop_col.button("Stop", type="primary", key="stop_training"):
@@ -118,7 +120,7 @@ def live_view() -> None:
         st.error(f"The run failed: {job.error}")
     earlier = next((j for j in reversed(jobs) if j.state == "done" and j.id != job.id), None)
     if earlier is not None:
-        how = ui.live_progress(earlier.run_dir)["status"] or "ended"
+        how = live_progress(earlier.run_dir)["status"] or "ended"
         st.caption(f"Before: {earlier.label} — {how}" + (" (weights kept)" if how in ("stopped", "finished") else "")
                    + (f": {earlier.error}" if earlier.error and how not in ("stopped", "finished") else ""))
     records = ui.metrics_of(job.run_dir)

@@ -2,9 +2,9 @@
 
 import streamlit as st
 
-from core import curves, plots
-from core.reproduction import trained_on
-from core.runs import dataset_label
+from core.analysis import curves, plots
+from core.analysis.reproduction import trained_on
+from core.engine.runs import dataset_label
 from ui import common as ui
 
 runs = ui.page("Loss curves", "Training loss, validation loss and validation accuracy of the selected runs.")

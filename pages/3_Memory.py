@@ -3,8 +3,8 @@
 import streamlit as st
 import torch
 
-from core import memory, plots
-from core.compression import CompressionPolicy
+from core.analysis import memory_ladder, planner, plots
+from core.method import CompressionPolicy
 from core.models import MODEL_NAMES
 from ui import common as ui
 
@@ -16,14 +16,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @st.cache_data(show_spinner=False, max_entries=16)
 def ladder(model: str, batch: int, size: int, stem: str, policies: tuple, timed: bool) -> dict:
     # on a CPU the steps are timed at batch <= 16, twice each: the ratio, not the seconds, is the point
-    return memory.memory_ladder(model, batch, size, policies=policies, stem=stem, time_steps=timed,
+    return memory_ladder.memory_ladder(model, batch, size, policies=policies, stem=stem, time_steps=timed,
                                 time_repeats=3 if DEVICE == "cuda" else 2, device=DEVICE,
                                 time_batch=batch if DEVICE == "cuda" else min(batch, 16)).to_dict()
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def plan(model: str, policy: str, size: int, stem: str) -> memory.MemoryPlan:
-    return memory.plan_memory(model, policy, size=size, stem=stem, device=DEVICE,
+def plan(model: str, policy: str, size: int, stem: str) -> planner.MemoryPlan:
+    return planner.plan_memory(model, policy, size=size, stem=stem, device=DEVICE,
                               fit_batches=(4, 8))  # the meter is exactly linear in the batch
 
 
@@ -39,8 +39,8 @@ stem = c4.radio("Stem", ["cifar", "imagenet"], horizontal=True, key="mem_stem",
 if model in ("resnet20", "resnet32", "resnet56"):
     stem = "cifar"
 c5, c6 = st.columns([3, 1])
-CHOICES = list(dict.fromkeys([*memory.LADDER_POLICIES, "avg4+mask", memory.STRONGEST_POLICY]))
-policies = c5.multiselect("Policies", CHOICES, default=list(memory.LADDER_POLICIES), key="mem_policies")
+CHOICES = list(dict.fromkeys([*memory_ladder.LADDER_POLICIES, "avg4+mask", memory_ladder.STRONGEST_POLICY]))
+policies = c5.multiselect("Policies", CHOICES, default=list(memory_ladder.LADDER_POLICIES), key="mem_policies")
 extra = c5.text_input("Add a policy", placeholder="e.g. avg2-lowres+mask", key="mem_extra")
 timed = c6.checkbox("Time the steps", value=True, key="mem_timed",
                     help="Median of interleaved training steps (on a CPU at batch 16 at most; a minute or so)")
@@ -110,12 +110,12 @@ else:
         for pol in ppolicies:
             with ui.guard(f"{pol} left out", warn=True):
                 plans.append(plan(pmodel, pol, psize, pstem))
-        gib = budget * memory.GIB
+        gib = budget * planner.GIB
         ui.show(plots.planner_figure(plans, gib), "planner",
                 f"Predicted training memory of {pmodel} against the batch size, in GiB of "
                 f"{plots.planner_measure(plans)}; each diamond is the largest batch that fits {budget} GiB "
                 "(the table below lists them).")
-        rows = [{"policy": p.policy, "largest batch": memory.largest_batch(p, gib),
+        rows = [{"policy": p.policy, "largest batch": planner.largest_batch(p, gib),
                  "MiB per image": round(p.bytes_per_image / 2 ** 20, 2)} for p in plans]
         st.dataframe(rows, hide_index=True)
         if plans:

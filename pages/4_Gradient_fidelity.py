@@ -3,9 +3,10 @@
 import streamlit as st
 import torch
 
-from core import plots
-from core.fidelity import METRICS, FidelityResult, compare_gradients, fidelity_over_training, sweep_settings
-from core.runs import run_mtime_key
+from core.analysis import plots
+from core.analysis.fidelity import METRICS, FidelityResult, compare_gradients, sweep_settings
+from core.analysis.fidelity_history import fidelity_over_training
+from core.engine.runs import run_mtime_key
 from ui import common as ui
 
 runs = ui.page("Gradient fidelity", "How close each layer's compressed weight gradient is to the exact one, "

@@ -4,8 +4,11 @@ maximisation, CKA between two runs)."""
 import streamlit as st
 import torch
 
-from core import features, plots
-from core.runs import run_mtime_key
+from core.analysis import activation_max, filters, plots
+from core.analysis.cka import cka_matrix
+from core.analysis.images import to_pixels
+from core.analysis.layers import feature_maps, first_conv, layer_names
+from core.engine.runs import run_mtime_key
 from ui import common as ui
 
 runs = ui.page("Filters & features", "What the selected networks learned: their filters, how much fine detail "
@@ -14,14 +17,14 @@ runs = ui.page("Filters & features", "What the selected networks learned: their 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def spectra(path: str, mtime: float, _run) -> list[dict]:
-    return features.layer_spectra(ui.model_of(_run))
+    return filters.layer_spectra(ui.model_of(_run))
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def dream(path: str, mtime: float, layer: str, channels: tuple, steps: int, _run):
     cfg = _run.config or {}
     size = cfg.get("image_size") if isinstance(cfg.get("image_size"), int) else 32
-    return features.maximize_activations(ui.model_of(_run, private=True), layer, list(channels), steps=steps,
+    return activation_max.maximize_activations(ui.model_of(_run, private=True), layer, list(channels), steps=steps,
                                          mean=cfg.get("mean"), std=cfg.get("std"), size=size)
 
 
@@ -29,16 +32,16 @@ def dream(path: str, mtime: float, layer: str, channels: tuple, steps: int, _run
 def channels_at(path: str, mtime: float, layer: str, _run) -> int:
     """Channels of a block's output: one forward of a small blank image, hooked, so on a private
     copy of the shared model; once per run and layer."""
-    return features.feature_maps(ui.model_of(_run, private=True), layer, torch.zeros(1, 3, 16, 16)).shape[1]
+    return feature_maps(ui.model_of(_run, private=True), layer, torch.zeros(1, 3, 16, 16)).shape[1]
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def cka(path_a: str, mtime_a: float, path_b: str, mtime_b: float, n: int, _a, _b):
     x, _, _, problem = ui.pick_images(_a, n)
     # each model normalises the shared pixels its own way (PixelInput); its layers are "net.<name>"
-    la = ["net." + n for n in features.layer_names(ui.model_of(_a), "block")]
-    lb = ["net." + n for n in features.layer_names(ui.model_of(_b), "block")]
-    names_a, names_b, m = features.cka_matrix(ui.pixel_model(_a), ui.pixel_model(_b), ui.to_pixels(x), la, lb)
+    la = ["net." + n for n in layer_names(ui.model_of(_a), "block")]
+    lb = ["net." + n for n in layer_names(ui.model_of(_b), "block")]
+    names_a, names_b, m = cka_matrix(ui.pixel_model(_a), ui.pixel_model(_b), to_pixels(x), la, lb)
     return [n[4:] for n in names_a], [n[4:] for n in names_b], m, problem
 
 
@@ -59,16 +62,16 @@ if ui.need_runs(runs, "filters"):
                     format_func={"per_filter": "each filter stretched", "global": "one scale for all"}.get)
     if models:
         with ui.guard("Cannot draw the filters"):
-            grids = {n: features.filter_grid(m.get_submodule(features.first_conv(m)).weight, norm, scale=6)
+            grids = {n: filters.filter_grid(m.get_submodule(first_conv(m)).weight, norm, scale=6)
                      for n, m in models.items()}
             ui.show(plots.filter_grid_figure(grids, cols=len(grids), colors=colors), "first-layer-filters",
                     "Every tile is one 3×3 colour filter of the first layer; smoother tiles hold less fine detail.")
         if st.toggle("Show a deeper layer", key="ff_deeper"):
             first = next(iter(models.values()))
-            convs = [c for c in features.layer_names(first, "conv") if c != features.first_conv(first)]
+            convs = [c for c in layer_names(first, "conv") if c != first_conv(first)]
             deep = st.selectbox("Layer", convs, key="ff_layer")
             with ui.guard("Cannot draw that layer"):
-                grids = {n: features.channel_grid(m.get_submodule(deep).weight, 8, 16, norm, scale=6)
+                grids = {n: filters.channel_grid(m.get_submodule(deep).weight, 8, 16, norm, scale=6)
                          for n, m in models.items()}
                 ui.show(plots.filter_grid_figure(grids, cols=len(grids), colors=colors), "deep-filters",
                         f"Rows: the first 8 filters of {deep}; columns: their kernels for the first 16 input channels.")
@@ -92,7 +95,7 @@ if ui.need_runs(runs, "filters"):
         st.header("What excites a channel")
         c1, c2, c3 = st.columns([2, 2, 3])
         who = c1.selectbox("Run", list(models), key="ff_am_run")
-        blocks = [*features.layer_names(models[who], "block"), "fc"]
+        blocks = [*layer_names(models[who], "block"), "fc"]
         am_layer = c2.selectbox("Layer", blocks, index=len(blocks) - 2, key="ff_am_layer")
         with ui.guard("Cannot read that layer"):
             run = by_name[who]

@@ -3,13 +3,14 @@
 import numpy as np
 import streamlit as st
 
-from core import plots
-from core.runs import run_mtime_key
+from core.analysis import plots
+from core.analysis.images import UploadError, image_from_upload, to_display, to_pixels
+from core.engine.runs import run_mtime_key
 from ui import common as ui
 
 runs = ui.page("Attributions", "Which pixels each model's decision rests on, for the same images, and how much "
                                "the models agree.")
-# core.attribution.METHODS, with names for people (captum is imported only when needed: it is slow to load)
+# core.analysis.attribution.METHODS, with names for people (captum is imported only when needed: it is slow to load)
 METHODS = {"saliency": "Saliency", "integrated_gradients": "Integrated Gradients", "gradient_shap": "GradientShap",
            "gradcam": "Grad-CAM", "occlusion": "Occlusion"}
 SOURCES = ["run's validation images", "built-in set", "upload an image"]
@@ -20,11 +21,11 @@ def explain(keys: tuple, images: np.ndarray, targets: tuple | None, method: str,
     """compare_models on the runs for one batch of pixels, as numpy for the figures."""
     import torch
 
-    from core.attribution import agreement_matrix, compare_models
+    from core.analysis.attribution import agreement_matrix, compare_models
 
     # every model gets its own normalisation (PixelInput); the baseline is the first run's mean colour
     models = {k[0]: ui.pixel_model(r) for k, r in zip(keys, _runs)}
-    x = ui.to_pixels(images)
+    x = to_pixels(images)
     res = compare_models(models, x, method, targets=None if targets is None else torch.tensor(targets),
                          baseline=ui.mean_image(_runs[0], x))
     out = {"names": res["names"], "targets": res["targets"].numpy(),
@@ -62,11 +63,11 @@ if ui.need_runs(runs, "attributions"):
         up = st.file_uploader("An image (it is cut to a square and resized to 32×32)", key="att_upload")
         if up is not None:
             try:
-                img, notes = ui.image_from_upload(up.getvalue())
+                img, notes = image_from_upload(up.getvalue())
                 images, classes = img.transpose(2, 0, 1)[None], (first.config or {}).get("classes")
                 for note in notes:
                     st.caption(f"Note: {note}.")
-            except ui.UploadError as e:
+            except UploadError as e:
                 st.error(f"{up.name}: {e}")
     else:
         x, y, classes, problem = ui.pick_images(first if source == SOURCES[0] else None, int(n_img),
@@ -89,7 +90,7 @@ if ui.need_runs(runs, "attributions"):
         with ui.guard("Cannot explain"), st.spinner(f"{METHODS[method]} for {len(same)} model(s)…"):
             res = explain(keys, images, targets, method, [r for _, r in same])
             colors = ui.colors_for([r for _, r in same])
-            ui.show(plots.attribution_grid(ui.to_display(images), res["maps"], res["predictions"], classes,
+            ui.show(plots.attribution_grid(to_display(images), res["maps"], res["predictions"], classes,
                                            res["targets"], colors=colors, title=METHODS[method]),
                     f"attributions-{method}",
                     "Each row is an image, each column a model: bright (or red) pixels pushed the model towards "

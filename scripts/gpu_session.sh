@@ -58,7 +58,7 @@ EOF
 cat "$S/gpu.txt"
 python -m zipfile -e "$ZIP" "$DATA/" || { echo "cannot unpack $ZIP (carry .gpu?)"; exit 2; }
 # Decode the JPEGs once, before the runs start side by side (each would otherwise decode them too).
-python -c "import sys; from core.data import load_dataset; print('data', load_dataset(sys.argv[1]).train_x.shape)" \
+python -c "import sys; from core.engine.data import load_dataset; print('data', load_dataset(sys.argv[1]).train_x.shape)" \
   "imagefolder:$DATA/train" || exit 2
 
 ( while sleep 60; do pack > /dev/null; done ) &
@@ -81,15 +81,14 @@ if [ "$DEVICE" = cuda ]; then
   done
   python - > "$S/bench/planner_cuda.json" 2> "$S/bench/planner_cuda.err" <<'EOF'
 import json
-from core import memory
-from core.compression import compress_model
-from core.models import build_model
+from core import build_model, compress_model
+from core.analysis import planner
 out = []
 for name in ("resnet20", "resnet18"):
     for policy in ("none", "avg2+mask", "avg2+mask+bn8"):
-        plan = memory.plan_memory(name, policy, device="cuda")
+        plan = planner.plan_memory(name, policy, device="cuda")
         model = compress_model(build_model(name), policy).cuda()
-        measured = memory.cuda_training_peak(model, 512, 32, 10, device="cuda")
+        measured = planner.cuda_training_peak(model, 512, 32, 10, device="cuda")
         out.append({"model": name, "policy": policy, "batch": 512, "predicted": plan.predict(512),
                     "measured": measured})
 print(json.dumps(out, indent=1))

@@ -4,11 +4,12 @@
     python scripts/train_shipped.py --cifar PATH/train --out-root runs/shipped --jobs 14    # one GPU
 
 PATH/train is the CIFAR-10 JPEG ImageFolder (../shared/data, unzipped); its validation split
-is the fixed one of core.data (images 4500-4999 of each class). Runs start in priority order
+is the fixed one of core.engine.data (images 4500-4999 of each class). Runs start in priority order
 (the issue's list), `--jobs` at a time; on a GPU several small ResNet-20 processes share the
 card well because each one is bound by kernel launches. `--deadline` stops (SIGTERM: status
 "stopped", last epoch kept) whatever has not finished, so a time-boxed machine still returns
-everything. Only the standard library is imported here: each run is `python -m core train`.
+everything. Only the standard library is imported here: each run is a process of PoolProp's job runner
+(`python -m core.engine.jobs --config JSON`, the one the app's launcher uses).
 Run it again after an interruption and it carries on: finished runs are skipped, runs with
 a completed epoch continue with `--resume`, runs cut before their first epoch start afresh.
 `--dry-run` lists what a command line would train, in order, and where each run stands in
@@ -31,21 +32,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# One recipe for every CIFAR run (README: "The shipped checkpoints").
-RECIPE = ["--model", "resnet20", "--batch-size", "256", "--optimizer", "sgd", "--lr", "0.2",
-          "--schedule", "onecycle", "--weight-decay", "5e-4", "--label-smoothing", "0.1",
-          "--log-every", "20", "--fidelity-every", "200", "--no-progress"]
-FEATURES_RECIPE = ["--model", "resnet20", "--dataset", "features10", "--batch-size", "128", "--num-threads", "1",
-                   "--log-every", "10", "--fidelity-every", "50", "--no-progress"]
+# One recipe for every CIFAR run (README: "The shipped checkpoints"), as TrainConfig settings.
+RECIPE = {"model": "resnet20", "batch_size": 256, "optimizer": "sgd", "lr": 0.2, "schedule": "onecycle",
+          "weight_decay": 5e-4, "label_smoothing": 0.1, "log_every": 20, "fidelity_every": 200, "progress": False}
+FEATURES_RECIPE = {"model": "resnet20", "dataset": "features10", "batch_size": 128, "num_threads": 1,
+                   "log_every": 10, "fidelity_every": 50, "progress": False}
 
 
-def plan(epochs: int, long_epochs: int, features_epochs: int) -> list[tuple[str, str, list[str]]]:
-    """(run name, priority, extra args) in the order to start them."""
+def plan(epochs: int, long_epochs: int, features_epochs: int) -> list[tuple[str, str, dict]]:
+    """(run name, priority, extra settings) in the order to start them."""
     runs = []
 
     def cifar(policy, ep, seed=0, prio="1"):
-        runs.append((f"r20-cifar-{policy}-e{ep}-s{seed}", prio,
-                     ["--policy", policy, "--epochs", str(ep), "--seed", str(seed)]))
+        runs.append((f"r20-cifar-{policy}-e{ep}-s{seed}", prio, {"policy": policy, "epochs": ep, "seed": seed}))
 
     for p in ("none", "avg2+mask", "avg4+mask"):
         cifar(p, epochs, prio="1")
@@ -60,14 +59,15 @@ def plan(epochs: int, long_epochs: int, features_epochs: int) -> list[tuple[str,
     for p, seeds in (("q2+mask+bn2", (0, 1)), ("q4+mask+bn4", (0,))):
         for seed in seeds:
             cifar(p, epochs, seed=seed, prio="5 families")
-    cifar("avg2+mask", 60, prio="6 converged schedule")
+    if not any(name == "r20-cifar-avg2+mask-e60-s0" for name, _, _ in runs):
+        cifar("avg2+mask", 60, prio="6 converged schedule")
     for p in ("none", "avg2+mask", "avg4+mask", "avg8+mask"):
         runs.append((f"r20-features10-{p}-e{features_epochs}-s0", "features10",
-                     ["--dataset", "features10", "--policy", p, "--epochs", str(features_epochs), "--seed", "0"]))
+                     {"dataset": "features10", "policy": p, "epochs": features_epochs, "seed": 0}))
     return runs
 
 
-def select_runs(args) -> list[tuple[str, str, list[str]]]:
+def select_runs(args) -> list[tuple[str, str, dict]]:
     """The plan less what the flags leave out: CIFAR runs without --cifar, names that match no
     --only substring, runs already shipped (--missing-only)."""
     return [r for r in plan(args.epochs, args.long_epochs, args.features_epochs)
@@ -79,13 +79,11 @@ def launch(args) -> int:
     out_root = Path(args.out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    py = [sys.executable, "-m", "core", "train"]
-    threads = ["--num-threads", str(args.num_threads)] if args.num_threads else []
-    smoke = (["--steps", str(args.smoke_steps), "--train-subset", "512", "--val-subset", "256"]
-             if args.smoke_steps else [])
-    common = ["--device", args.device] + threads + smoke
+    threads = {"num_threads": args.num_threads} if args.num_threads else {}
+    smoke = {"steps": args.smoke_steps, "train_subset": 512, "val_subset": 256} if args.smoke_steps else {}
+    common = {"device": args.device, **threads, **smoke}
     if args.cifar:  # decode the JPEGs once into the uint8 cache before the runs start in parallel
-        subprocess.run([sys.executable, "-c", "import sys; from core.data import load_dataset; "
+        subprocess.run([sys.executable, "-c", "import sys; from core.engine.data import load_dataset; "
                         "d = load_dataset(sys.argv[1]); print('data', d.train_x.shape, d.val_x.shape)",
                         f"imagefolder:{args.cifar}"], cwd=ROOT, env=env, check=True)
     todo = select_runs(args)
@@ -93,12 +91,19 @@ def launch(args) -> int:
     while todo or running:
         while todo and len(running) < args.jobs:
             name, prio, extra = todo.pop(0)
-            data = [] if "features10" in name else ["--dataset", f"imagefolder:{args.cifar}"]
+            data = {} if "features10" in name else {"dataset": f"imagefolder:{args.cifar}"}
             recipe = FEATURES_RECIPE if "features10" in name else RECIPE
-            cmd = py + recipe + data + extra + common + where_to_write(out_root / name)
-            if cmd[-1] == "finished":
+            where = where_to_write(out_root / name)
+            if where == "finished":
                 print(f"[{time.time() - start:6.0f}s] skip  {name} (finished)", flush=True)
                 continue
+            settings = {**recipe, **data, **extra, **common}
+            cmd = [sys.executable, "-m", "core.engine.jobs"]
+            if where[0] == "resume":
+                cmd += ["--resume", where[1]]
+            else:
+                settings["out"] = where[1]
+            cmd += ["--config", json.dumps(settings)]
             log = open(out_root / f"{name}.log", "a")
             running[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
             print(f"[{time.time() - start:6.0f}s] start {name} (priority {prio})", flush=True)
@@ -150,16 +155,16 @@ def progress(run_dir: Path) -> str:
     return f"resumes after epoch {done} of {total}"
 
 
-def where_to_write(run_dir: Path) -> list[str]:
-    """`--out DIR` for a new run, `--resume DIR` for one with a completed epoch, or
-    ["finished"] for one that is done. A folder cut before its first epoch is cleared."""
+def where_to_write(run_dir: Path) -> tuple[str, str] | str:
+    """("out", DIR) for a new run, ("resume", DIR) for one with a completed epoch, or
+    "finished" for one that is done. A folder cut before its first epoch is cleared."""
     state = stands(run_dir)
     if state == "finished":
-        return ["finished"]
+        return "finished"
     if state == "resumable":
-        return ["--resume", str(run_dir)]
+        return ("resume", str(run_dir))
     shutil.rmtree(run_dir, ignore_errors=True)
-    return ["--out", str(run_dir)]
+    return ("out", str(run_dir))
 
 
 def print_table(out_root: Path) -> None:

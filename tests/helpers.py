@@ -15,7 +15,8 @@ def block_constant(shape, k, dtype=torch.float64, seed=0):
 def make_tiny_runs(root: Path) -> Path:
     """Two finished tiny runs (baseline and avg2+mask), 2 epochs of 2 steps on a 64-image
     features10, under root; returns root."""
-    from core.train import TrainConfig, train
+    from core.engine.config import TrainConfig
+    from core.engine.trainer import train
 
     for policy in ("none", "avg2+mask"):
         cfg = TrainConfig(model="resnet20", dataset="features10:train=64,val=32", policy=policy, epochs=2,

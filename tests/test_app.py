@@ -22,7 +22,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from core.launcher import Job, Launcher
+from core.engine.launcher import Job, Launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = {
@@ -152,7 +152,8 @@ def test_sidebar_shows_a_run_training_outside_the_app(app_env, tmp_path, monkeyp
 
 
 def test_model_of_a_vanished_run_raises_a_clear_error(app_env, tmp_path):
-    from core.runs import RunError, inspect_run
+    from core.engine.runs.listing import inspect_run
+    from core.engine.runs.reader import RunError
     from ui import common as ui
 
     shutil.copytree(app_env / "tiny-none", tmp_path / "gone")
@@ -173,7 +174,7 @@ def fake_launcher(monkeypatch):
     def submit(self, config, label=None):
         calls["submit"].append(config)
         state = "queued" if calls["running"] else "running"
-        return Job(id=f"job{len(calls['submit'])}", device="cpu", run_dir=str(self.root / "new"), argv=[],
+        return Job(id=f"job{len(calls['submit'])}", device="cpu", run_dir=str(self.root / "new"), config={},
                    label=label or "x", state=state, position=1 if state == "queued" else 0)
 
     monkeypatch.setattr(Launcher, "submit", submit)
@@ -194,12 +195,36 @@ def test_train_start_calls_the_launcher(app_env, fake_launcher):
     no_errors(at)
     assert len(fake_launcher["submit"]) == 1
     cfg = fake_launcher["submit"][0]
-    assert (cfg.model, cfg.policy, cfg.epochs) == ("resnet20", "avg2+mask", 2)
+    assert (cfg.model, str(cfg.policy), cfg.epochs) == ("resnet20", "avg2+mask", 2)
     assert "Started" in texts(at.success)
 
 
+def test_a_policy_is_parsed_once_from_the_train_page_to_the_trainer(app_env, fake_launcher, monkeypatch, tmp_path):
+    """Text becomes a CompressionPolicy once where it comes in (the page), travels as the
+    config's JSON, and is parsed once more in the job runner's process, by the trainer: not
+    at every hand-over (validate, check, submit, to_dict, argv, ...)."""
+    from core.engine.jobs import run_training
+    from core.method import CompressionPolicy
+
+    parsed = []
+    real = CompressionPolicy._from_text.__func__
+    monkeypatch.setattr(CompressionPolicy, "_from_text",
+                        classmethod(lambda cls, text: parsed.append(text) or real(cls, text)))
+    at = page("train")
+    at.text_input[1].set_value("avg4+mask")  # the custom policy field
+    _start(at)
+    no_errors(at)
+    assert parsed.count("avg4+mask") == 1  # the page (other parses are of the listed runs' configs)
+    queued = json.loads(json.dumps(fake_launcher["submit"][0].to_dict()))  # what the queue file holds
+    parsed.clear()
+    queued.update(dataset="features10:train=64,val=32", epochs=1, batch_size=32, out=str(tmp_path / "run"),
+                  progress=False, fidelity_every=0)
+    assert run_training(queued) == 0
+    assert parsed == ["avg4+mask"]  # the job runner's process: once, as the trainer resolves the config
+
+
 def test_train_queues_when_a_run_is_active(app_env, fake_launcher):
-    fake_launcher["running"] = Job(id="busy", device="cpu", run_dir=str(app_env / "tiny-none"), argv=[],
+    fake_launcher["running"] = Job(id="busy", device="cpu", run_dir=str(app_env / "tiny-none"), config={},
                                    label="someone else's run", state="running")
     at = page("train")
     assert any(b.label == "Stop" for b in at.button)  # the live view of the active run
@@ -261,9 +286,9 @@ def test_memory_ladder_and_planner(app_env):
     no_errors(at)
     assert list(at.dataframe[0].value["policy"]) == ["none", "avg2+mask", "ckpt", "avg4+mask"]
     # the page's figures are the meter's on that model and batch (measured here the direct way)
-    from core.compression import compress_model
-    from core.memory import saved_activation_bytes
-    from core.models import build_model
+    from core.method.convert import compress_model
+    from core.method.meter import saved_activation_bytes
+    from core.models.resnet import build_model
 
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
     for policy, mib in zip(at.dataframe[0].value["policy"], at.dataframe[0].value["saved MiB"]):
@@ -289,7 +314,8 @@ def test_gradient_fidelity_heatmap_matches_gradients_from_averaged_inputs(app_en
     input and output gradient; the weight gradient from the input averaged over 2x2 blocks and
     repeated back is compared with the one from the exact input. (The mask and the input gradient
     are exact under avg2+mask, so both share the output gradient.)"""
-    from core.runs import inspect_run, load_model
+    from core.engine.runs.listing import inspect_run
+    from core.engine.runs.reader import load_model
     from ui.common import pick_images, to_input
 
     run_dir = app_env / "tiny-avg2_mask"
@@ -331,7 +357,7 @@ def test_gradient_fidelity_heatmap_matches_gradients_from_averaged_inputs(app_en
 
 
 def test_filters_activation_maximisation_and_cka(app_env, monkeypatch):
-    from core import features
+    from core.analysis import activation_max
 
     calls = []
 
@@ -339,7 +365,7 @@ def test_filters_activation_maximisation_and_cka(app_env, monkeypatch):
         calls.append((layer, list(channels), steps))
         return np.full((len(channels), 32, 32, 3), 0.5)
 
-    monkeypatch.setattr(features, "maximize_activations", fake_maximize)
+    monkeypatch.setattr(activation_max, "maximize_activations", fake_maximize)
     at = page("filters")
     at.multiselect(key="ff_am_ch").set_value([0])
     at.select_slider(key="ff_am_steps").set_value(32)
@@ -393,7 +419,7 @@ def _png(mode: str, size=(40, 30), color=None) -> bytes:
 
 
 def test_upload_validation():
-    from ui.common import UploadError, image_from_upload
+    from core.analysis.images import UploadError, image_from_upload
 
     img, notes = image_from_upload(_png("RGB", (64, 64), (255, 0, 0)))
     assert img.shape == (32, 32, 3) and img.dtype == np.uint8 and tuple(img[0, 0]) == (255, 0, 0)
@@ -416,8 +442,8 @@ def test_upload_validation():
 
 
 def test_method_picture_and_bad_k():
-    from core.models import build_model
-    from ui.common import method_picture
+    from core.analysis.method_picture import method_picture
+    from core.models.resnet import build_model
 
     model = build_model("resnet20").eval()
     x = torch.randn(1, 3, 32, 32)
@@ -431,8 +457,8 @@ def test_method_picture_and_bad_k():
 
 
 def test_heldout_images_of_features10_are_its_validation_stream():
-    from core.data import load_dataset
-    from ui.common import _features10_heldout_name
+    from core.engine.data.registry import load_dataset
+    from core.engine.data.samples import features10_heldout_name as _features10_heldout_name
 
     assert _features10_heldout_name("features10:train=64,val=32,seed=3", 5) == "features10:train=1,val=5,seed=3"
     a = load_dataset(_features10_heldout_name("features10:train=64,val=32", 8)).val_x
@@ -455,7 +481,8 @@ def test_another_image_set_gives_other_features10_images():
 def test_live_progress_reads_the_last_step_of_short_and_long_metrics(tmp_path):
     """A run that has logged one step shows step 1 (the first line of a short file counts), and a
     long file is read from its tail only, without its cut first line."""
-    from ui.common import _tail_records, live_progress
+    from core.engine.runs import live_progress
+    from core.engine.runs import tail_records as _tail_records
 
     (tmp_path / "config.json").write_text(json.dumps({"total_steps": 100, "epochs": 2}))
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"type": "step", "step": 1, "loss": 2.3}) + "\n")
@@ -468,8 +495,9 @@ def test_live_progress_reads_the_last_step_of_short_and_long_metrics(tmp_path):
     assert live_progress(tmp_path)["step"] == 500
 
 def test_csv_and_default_selection(runs_dir):
-    from core.runs import list_runs
-    from ui.common import csv_bytes, default_selection
+    from core.analysis.run_views import default_selection
+    from core.engine.runs.listing import list_runs
+    from ui.common import csv_bytes
 
     assert csv_bytes([{"a": 1, "b": None}, {"a": 2, "c": "x"}]).decode().splitlines() == ["a,b,c", "1,,", "2,,x"]
     runs = list_runs([runs_dir], include_default=False)
@@ -480,8 +508,8 @@ def test_csv_and_default_selection(runs_dir):
 def test_default_selection_prefers_real_images_and_one_run_per_policy(tmp_path):
     """Two shipped groups of four: the real-image one wins, and it shows baseline, avg2 and avg4
     from its usual 20-epoch schedule, not the baseline twice."""
-    from core.runs import Run
-    from ui.common import default_selection
+    from core.analysis.run_views import default_selection
+    from core.engine.runs.reader import Run
 
     def run(dataset: str, policy: str, epochs: int) -> Run:
         path = tmp_path / f"{dataset.split(':')[0]}-{policy}-e{epochs}"
@@ -537,7 +565,7 @@ def test_shipped_cifar_runs_show_on_every_page_without_their_dataset(tmp_path, m
 def test_home_table_and_pareto_show_the_accuracy_the_weights_score():
     """The last epoch's accuracy, as in the README's table, not the best epoch's (which no
     shipped weights have); the dataset by its short name."""
-    from core.runs import list_runs
+    from core.engine.runs.listing import list_runs
     from ui import common as ui
 
     runs = [r for r in list_runs([ROOT / "checkpoints"], include_default=False) if r.ok]
@@ -554,8 +582,8 @@ def test_home_table_and_pareto_show_the_accuracy_the_weights_score():
 
 
 def test_labels_name_what_differs_then_the_start_time(tmp_path):
-    from core.runs import Run
-    from core.runs import run_labels as labels
+    from core.engine.runs.listing import run_labels as labels
+    from core.engine.runs.reader import Run
 
     def run(name, epochs, created):
         return Run(path=tmp_path / name, name=name, status="finished", config={

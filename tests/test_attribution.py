@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from core import attribution as A
-from core.compression import compress_model
-from core.models import build_model
+from core.analysis import attribution as A
+from core.method.convert import compress_model
+from core.models.resnet import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

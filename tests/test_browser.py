@@ -44,7 +44,7 @@ from helpers import make_tiny_runs  # noqa: E402
 ROOT = bs.ROOT
 pytestmark = pytest.mark.browser
 TIMINGS: dict[str, float] = {}
-# OpenMP threads that sleep instead of spinning while they wait (as core.train gives the trainer):
+# OpenMP threads that sleep instead of spinning while they wait (as core.engine.environment gives the trainer):
 # on a busy 2-core machine, with a training run beside it, spinning made activation maximisation
 # 10x slower (92 s instead of 9 s). The app itself does not set this yet (see docs/app.md).
 SERVER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
@@ -297,7 +297,7 @@ def app(browser_runs):
 def _stop_training(runs_root: Path) -> None:
     """Stop any job the Train page started (the test normally stops it itself)."""
     with contextlib.suppress(Exception):
-        from core.launcher import Launcher
+        from core.engine.launcher import Launcher
 
         launcher = Launcher(runs_root)
         for job in launcher.jobs():

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.compression import CompressionPolicy, compress_model
-from core.evaluate import evaluate_run
-from core.memory import saved_activation_bytes
-from core.models import build_model
-from core.runs import inspect_run, load_model, read_metrics
+from core.engine.evaluate import evaluate_run
+from core.engine.runs.listing import inspect_run
+from core.engine.runs.reader import load_model, read_metrics
+from core.method.convert import compress_model
+from core.method.meter import saved_activation_bytes
+from core.method.policy import CompressionPolicy
+from core.models.resnet import build_model
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 RUNS = sorted(p for p in CHECKPOINTS.iterdir() if p.is_dir()) if CHECKPOINTS.is_dir() else []
@@ -132,7 +134,7 @@ def test_readme_reproduction_table_matches_the_shipped_runs():
     """The README's table is `python -m core reproduction --runs checkpoints` pasted in: its rows,
     accuracies, seeds, filter shares and devices must follow the shipped summaries and weights.
     (Memory and step-time columns are measurements of the policy, guarded by the benchmarks.)"""
-    from core.reproduction import format_markdown, group_runs
+    from core.analysis.reproduction import format_markdown, group_runs
 
     expected = [_cells(line) for line in format_markdown(group_runs(RUNS)).splitlines()[2:]]
     in_readme = [_cells(line) for line in README.read_text().splitlines()
@@ -157,7 +159,7 @@ def _missing_from_the_plan() -> list[tuple[str, int]]:
     missing = []
     for name, _, args in script.plan(20, 30, 4):
         if "-cifar-" in name and not script.is_finished(CHECKPOINTS / name):
-            missing.append((args[args.index("--policy") + 1], int(args[args.index("--seed") + 1])))
+            missing.append((args["policy"], int(args["seed"])))
     return missing
 
 

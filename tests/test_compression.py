@@ -7,18 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.compression import (
-    CompressedConvFunction,
-    CompressionPolicy,
-    ConvInputForm,
-    PolicyError,
-    compress_model,
-    compressed,
-    decompress_model,
-    pack_mask,
-    unpack_mask,
-)
-from core.models import build_model
+from core.method.conv import CompressedConvFunction, ConvInputForm
+from core.method.convert import compress_model, compressed, decompress_model
+from core.method.masks import pack_mask, unpack_mask
+from core.method.policy import CompressionPolicy, PolicyError
+from core.models.resnet import build_model
 
 from helpers import block_constant
 
@@ -299,7 +292,7 @@ def test_backward_inside_an_autocast_region(policy, device):
 
 
 def test_gpu_bit_packing_path_matches_numpy_path():
-    from core.compression import _pack_bits_torch, _unpack_bits_torch
+    from core.method.masks import _pack_bits_torch, _unpack_bits_torch
 
     flat = torch.rand(1003) > 0.5
     packed = pack_mask(flat.view(1, 1, 17, 59))

@@ -26,9 +26,10 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from core.__main__ import main
-from core.runs import list_runs, read_metrics
-from core.train import training_subprocess_env
+from core.cli import main
+from core.engine.environment import training_subprocess_env
+from core.engine.runs.listing import list_runs
+from core.engine.runs.reader import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLS = 4

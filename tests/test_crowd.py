@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core.launcher import Launcher
-from core.train import TrainConfig, train
+from core.engine.config import TrainConfig
+from core.engine.launcher import Launcher
+from core.engine.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SESSIONS = 20
@@ -48,7 +49,7 @@ def _rss_mib() -> float:
 
 @pytest.mark.parametrize("page", ["app.py", "pages/2_Loss_curves.py"])
 def test_twenty_sessions_share_one_model(runs_dir, monkeypatch, page):
-    from core.runs import run_mtime_key
+    from core.engine.runs.listing import run_mtime_key
     from ui import common as ui
 
     monkeypatch.setenv("POOLPROP_RUN_DIRS", str(runs_dir))

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from core import data as D
+from core.engine import data as D
+from core.engine.data import cifar10, features10, imagefolder
 
 torch.set_num_threads(1)
 
@@ -115,7 +116,7 @@ def test_features10_frequency_table_matches_images():
 
 
 def test_features10_noise_has_no_structure():
-    n = D._uniform_noise((400, 3, 32, 32), torch.full((400,), 0.05), seed=5)
+    n = features10._uniform_noise((400, 3, 32, 32), torch.full((400,), 0.05), seed=5)
     assert abs(float(n.std()) - 0.05) < 1e-3
     # no periodic bias in any pixel position (a 63-bit source once made every 8th column darker)
     assert float(n.mean((0, 1, 2)).abs().max()) < 0.004
@@ -247,7 +248,7 @@ def _write_fake_cifar(root: Path, per_batch=6, monkeypatch=None) -> dict:
     as in the real files (dicts with b"data" (N, 3072) uint8 and b"labels"); registers their
     md5s as the published ones (in this test only). Pickle is the format of these files;
     PoolProp's own files never use it."""
-    folder = root / D.CIFAR10_FOLDER
+    folder = root / cifar10.CIFAR10_FOLDER
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     batches = {}
@@ -267,19 +268,20 @@ def _write_fake_cifar(root: Path, per_batch=6, monkeypatch=None) -> dict:
 def _register_md5s(folder: Path, monkeypatch):
     """The fake files' md5s stand in for the published ones, in this test only."""
     md5 = lambda n: hashlib.md5((folder / n).read_bytes()).hexdigest()
-    monkeypatch.setattr(D, "CIFAR10_TRAIN_FILES", [(f"data_batch_{j}", md5(f"data_batch_{j}")) for j in range(1, 6)])
-    monkeypatch.setattr(D, "CIFAR10_TEST_FILES", [("test_batch", md5("test_batch"))])
-    monkeypatch.setattr(D, "CIFAR10_META_FILE", ("batches.meta", md5("batches.meta")))
+    monkeypatch.setattr(cifar10, "CIFAR10_TRAIN_FILES",
+                        [(f"data_batch_{j}", md5(f"data_batch_{j}")) for j in range(1, 6)])
+    monkeypatch.setattr(cifar10, "CIFAR10_TEST_FILES", [("test_batch", md5("test_batch"))])
+    monkeypatch.setattr(cifar10, "CIFAR10_META_FILE", ("batches.meta", md5("batches.meta")))
 
 
 def test_cifar10_checksums_are_torchvisions():
     from torchvision.datasets import CIFAR10
 
-    assert [list(e) for e in D.CIFAR10_TRAIN_FILES] == CIFAR10.train_list
-    assert [list(e) for e in D.CIFAR10_TEST_FILES] == CIFAR10.test_list
-    assert D.CIFAR10_META_FILE == (CIFAR10.meta["filename"], CIFAR10.meta["md5"])
-    assert CIFAR10.filename == D.CIFAR10_ARCHIVE and CIFAR10.base_folder == D.CIFAR10_FOLDER
-    assert CIFAR10.url == D.CIFAR10_URL and CIFAR10.tgz_md5 == D.CIFAR10_ARCHIVE_MD5
+    assert [list(e) for e in cifar10.CIFAR10_TRAIN_FILES] == CIFAR10.train_list
+    assert [list(e) for e in cifar10.CIFAR10_TEST_FILES] == CIFAR10.test_list
+    assert cifar10.CIFAR10_META_FILE == (CIFAR10.meta["filename"], CIFAR10.meta["md5"])
+    assert CIFAR10.filename == cifar10.CIFAR10_ARCHIVE and CIFAR10.base_folder == cifar10.CIFAR10_FOLDER
+    assert CIFAR10.url == cifar10.CIFAR10_URL and CIFAR10.tgz_md5 == cifar10.CIFAR10_ARCHIVE_MD5
 
 
 def test_cifar10_from_archive_offline(tmp_path, monkeypatch):
@@ -291,13 +293,14 @@ def test_cifar10_from_archive_offline(tmp_path, monkeypatch):
     batches = _write_fake_cifar(src, per_batch=2, monkeypatch=monkeypatch)
     data = tmp_path / "data"
     data.mkdir()
-    with tarfile.open(data / D.CIFAR10_ARCHIVE, "w:gz") as tar:
-        tar.add(src / D.CIFAR10_FOLDER, arcname=D.CIFAR10_FOLDER)
+    with tarfile.open(data / cifar10.CIFAR10_ARCHIVE, "w:gz") as tar:
+        tar.add(src / cifar10.CIFAR10_FOLDER, arcname=cifar10.CIFAR10_FOLDER)
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("network used"))
     with pytest.raises(D.DatasetError, match="corrupt or incomplete") as e:  # not the published archive
         D.load_dataset("cifar10", data_dir=str(data))
     one_line(e.value)
-    monkeypatch.setattr(D, "CIFAR10_ARCHIVE_MD5", hashlib.md5((data / D.CIFAR10_ARCHIVE).read_bytes()).hexdigest())
+    archive_md5 = hashlib.md5((data / cifar10.CIFAR10_ARCHIVE).read_bytes()).hexdigest()
+    monkeypatch.setattr(cifar10, "CIFAR10_ARCHIVE_MD5", archive_md5)
     d = D.load_dataset("cifar10", data_dir=str(data), download=False)
     assert d.val_y.tolist() == batches["test_batch"][1] and len(d.train_y) == 10
 
@@ -318,29 +321,29 @@ def test_cifar10_fake_on_disk_loads_with_layout_and_cache(tmp_path, monkeypatch)
     # cached as safetensors; the second load reads it (and the batches are not parsed again)
     files = list((tmp_path / "cache").glob("cifar10-*.safetensors"))
     assert len(files) == 1 and _is_safetensors(files[0])
-    monkeypatch.setattr(D, "_read_cifar_pickle", lambda p: pytest.fail("cache not used"))
+    monkeypatch.setattr(cifar10, "_read_cifar_pickle", lambda p: pytest.fail("cache not used"))
     d2 = D.load_dataset("cifar10", data_dir=str(tmp_path / "data"), download=False)
     assert torch.equal(d2.train_x, d.train_x) and d2.classes == d.classes and d2.mean == d.mean
 
 
 def test_cifar10_corrupt_file_is_reported(tmp_path, monkeypatch):
     _write_fake_cifar(tmp_path, monkeypatch=monkeypatch)
-    with open(tmp_path / D.CIFAR10_FOLDER / "data_batch_3", "r+b") as f:
+    with open(tmp_path / cifar10.CIFAR10_FOLDER / "data_batch_3", "r+b") as f:
         f.seek(100)
         f.write(b"\x00\x01\x02")
     with pytest.raises(D.DatasetError, match="data_batch_3 is corrupt") as e:
         D.load_dataset("cifar10", data_dir=str(tmp_path))
     one_line(e.value)
-    (tmp_path / D.CIFAR10_FOLDER / "data_batch_4").unlink()
+    (tmp_path / cifar10.CIFAR10_FOLDER / "data_batch_4").unlink()
     with pytest.raises(D.DatasetError, match="incomplete.*data_batch_4"):
         D.load_dataset("cifar10", data_dir=str(tmp_path))
 
 
 def test_cifar10_malformed_batch_is_reported(tmp_path, monkeypatch):
     _write_fake_cifar(tmp_path, monkeypatch=monkeypatch)
-    with open(tmp_path / D.CIFAR10_FOLDER / "test_batch", "wb") as f:
+    with open(tmp_path / cifar10.CIFAR10_FOLDER / "test_batch", "wb") as f:
         pickle.dump({b"data": np.zeros((4, 100), np.uint8), b"labels": [0, 1, 2, 3]}, f, protocol=2)
-    _register_md5s(tmp_path / D.CIFAR10_FOLDER, monkeypatch)
+    _register_md5s(tmp_path / cifar10.CIFAR10_FOLDER, monkeypatch)
     with pytest.raises(D.DatasetError, match="cannot read .*test_batch") as e:
         D.load_dataset("cifar10", data_dir=str(tmp_path))
     one_line(e.value)
@@ -353,9 +356,9 @@ def test_cifar10_pickle_cannot_run_code(tmp_path, monkeypatch):
         def __reduce__(self):
             return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
 
-    with open(tmp_path / D.CIFAR10_FOLDER / "data_batch_1", "wb") as f:
+    with open(tmp_path / cifar10.CIFAR10_FOLDER / "data_batch_1", "wb") as f:
         pickle.dump({b"data": Evil(), b"labels": []}, f)
-    _register_md5s(tmp_path / D.CIFAR10_FOLDER, monkeypatch)
+    _register_md5s(tmp_path / cifar10.CIFAR10_FOLDER, monkeypatch)
     with pytest.raises(D.DatasetError, match="not allowed"):
         D.load_dataset("cifar10", data_dir=str(tmp_path))
     assert not (tmp_path / "pwned").exists()
@@ -374,7 +377,7 @@ def test_cifar10_offline_gives_clear_error(tmp_path, monkeypatch):
     msg = one_line(e.value)
     assert "could not download" in msg and "cifar-10-batches-py" in msg and "cifar-10-python.tar.gz" in msg
     assert "imagefolder:PATH" in msg and str(tmp_path / "nowhere") in msg
-    assert not (tmp_path / "nowhere" / D.CIFAR10_ARCHIVE).exists()  # no partial download left behind
+    assert not (tmp_path / "nowhere" / cifar10.CIFAR10_ARCHIVE).exists()  # no partial download left behind
     with pytest.raises(D.DatasetError, match="download is off") as e:
         D.load_dataset("cifar10", data_dir=str(tmp_path / "nowhere"), download=False)
     one_line(e.value)
@@ -475,12 +478,12 @@ def test_imagefolder_parallel_decoding(tmp_path, monkeypatch, mode):
         _img(root / f"c{i % 3}" / f"{i:02d}.png", (i * 20, 255 - i * 20, 7))
     want = D.load_dataset(f"imagefolder:{root}")
     monkeypatch.setenv("POOLPROP_CACHE", str(tmp_path / f"cache-{mode}"))
-    monkeypatch.setattr(D, "PARALLEL_MIN_FILES", 0)
-    monkeypatch.setattr(D.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(imagefolder, "PARALLEL_MIN_FILES", 0)
+    monkeypatch.setattr(imagefolder.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     if mode == "threads":  # as inside Streamlit: a multi-threaded process must not fork
-        monkeypatch.setattr(D.threading, "active_count", lambda: 2)
-        monkeypatch.setattr(D.multiprocessing, "get_context", lambda *a: pytest.fail("forked"))
-    elif not D.sys.platform.startswith("linux"):
+        monkeypatch.setattr(imagefolder.threading, "active_count", lambda: 2)
+        monkeypatch.setattr(imagefolder.multiprocessing, "get_context", lambda *a: pytest.fail("forked"))
+    elif not imagefolder.sys.platform.startswith("linux"):
         pytest.skip("fork is used on Linux only")
     got = D.load_dataset(f"imagefolder:{root}")
     assert torch.equal(got.train_x, want.train_x) and torch.equal(got.val_x, want.val_x)
@@ -519,12 +522,12 @@ def test_imagefolder_cache_is_safetensors_and_invalidated_by_changes(tmp_path, m
     caches = list((tmp_path / "cache" / "imagefolder").glob("*.safetensors"))
     assert len(caches) == 1 and _is_safetensors(caches[0])
     # the second load decodes nothing
-    real = D._decode_images
-    monkeypatch.setattr(D, "_decode_images", lambda *a: pytest.fail("decoded again"))
+    real = imagefolder._decode_images
+    monkeypatch.setattr(imagefolder, "_decode_images", lambda *a: pytest.fail("decoded again"))
     d2 = D.load_dataset(f"imagefolder:{root}")
     assert torch.equal(d.train_x, d2.train_x) and d2.classes == d.classes
     # a changed file (new content, new mtime) is decoded again, and the old cache is removed
-    monkeypatch.setattr(D, "_decode_images", real)
+    monkeypatch.setattr(imagefolder, "_decode_images", real)
     _img(root / "x" / "0.png", (99, 5, 5))
     st = os.stat(root / "x" / "0.png")
     os.utime(root / "x" / "0.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
@@ -566,7 +569,7 @@ def test_real_cifar_jpeg_split_rule_counts():
     assert all(int(fn[:4]) >= 4500 for _, fn, _ in val) and all(int(fn[:4]) < 4500 for _, fn, _ in train)
     assert ("cat", "4500.jpg", 3) in val and ("cat", "4499.jpg", 3) in train
     if UNPACKED.is_dir():  # the unpacked copy: the real scanner (no image decoded)
-        scan = D._scan_imagefolder(UNPACKED)
+        scan = imagefolder._scan_imagefolder(UNPACKED)
         assert len(scan["train"]) == 45_000 and len(scan["val"]) == 5_000
         assert "airplane/4500.jpg" in {e[0] for e in scan["val"]}
 

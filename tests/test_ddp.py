@@ -16,6 +16,7 @@ Also: only rank 0 wrote the run directory, once; `--resume` of a torchrun run wo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -27,8 +28,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from core.runs import list_runs, read_metrics
-from core.train import TrainConfig, Trainer, training_subprocess_env
+from core.engine.config import TrainConfig
+from core.engine.environment import training_subprocess_env
+from core.engine.runs.listing import list_runs
+from core.engine.runs.reader import read_metrics
+from core.engine.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DS = "features10:train=64,val=16"
@@ -84,18 +88,30 @@ def split_step(trainer: Trainer):
     return step
 
 
+def flags(cfg: TrainConfig) -> list[str]:
+    """`python -m core train` flags for the settings of `cfg` that differ from the defaults."""
+    out, defaults = [], TrainConfig()
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if v is None or v == getattr(defaults, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        out += [flag if v else "--no-" + f.name.replace("_", "-")] if isinstance(v, bool) else [flag, str(v)]
+    return out
+
+
 def run_in_process(out, step_fn=None) -> dict:
     t = Trainer(config(out))
     t.setup()
     if step_fn is not None:
-        t._train_step = step_fn(t)
+        t.train_step = step_fn(t)
     assert t.run().status == "finished"
     return load_file(str(Path(out) / "model.safetensors"))
 
 
 def test_torchrun_two_processes_equals_the_shard_averaged_reference(tmp_path):
     out = tmp_path / "ddp"
-    p = torchrun(*config(out).to_argv())
+    p = torchrun(*flags(config(out)))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Traceback" not in p.stderr
     assert p.stdout.count("finished:") == 1, p.stdout  # rank 0 speaks for all
@@ -123,7 +139,7 @@ def test_torchrun_two_processes_equals_the_shard_averaged_reference(tmp_path):
 
 def test_torchrun_resume_and_bad_batch(tmp_path):
     out = tmp_path / "ddp"
-    p = torchrun(*config(out, steps=None, epochs=1).to_argv())
+    p = torchrun(*flags(config(out, steps=None, epochs=1)))
     assert p.returncode == 0, p.stderr[-3000:]
     p = torchrun("--resume", str(out), "--epochs", "2", "--no-progress")
     assert p.returncode == 0, p.stderr[-3000:]
@@ -131,6 +147,6 @@ def test_torchrun_resume_and_bad_batch(tmp_path):
     assert s["status"] == "finished" and s["epochs_done"] == 2
     assert [r["epoch"] for r in read_metrics(out).evals] == [1, 2]
 
-    p = torchrun(*config(tmp_path / "odd", batch_size=15).to_argv())
+    p = torchrun(*flags(config(tmp_path / "odd", batch_size=15)))
     assert p.returncode != 0 and "multiple" in p.stderr
     assert not (tmp_path / "odd").exists()

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from core import features as F
-from core.compression import compress_model
-from core.models import build_model
+from core.analysis import activation_max, cka, filters, layers
+from core.method.convert import compress_model
+from core.models.resnet import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,14 +34,14 @@ def model():
 # -- layer names -------------------------------------------------------------------------
 
 def test_layer_names(model):
-    convs = F.layer_names(model, "conv")
+    convs = layers.layer_names(model, "conv")
     assert convs[0] == "conv1" and len(convs) == 19
-    assert len(F.layer_names(model, "relu")) == 19
-    blocks = F.layer_names(model, "block")
+    assert len(layers.layer_names(model, "relu")) == 19
+    blocks = layers.layer_names(model, "block")
     assert blocks[0] == "act1" and blocks[1] == "layer1.0" and blocks[-1] == "layer3.2" and len(blocks) == 10
-    assert F.layer_names(model, "stage") == ["layer1", "layer2", "layer3"]
+    assert layers.layer_names(model, "stage") == ["layer1", "layer2", "layer3"]
     with pytest.raises(ValueError):
-        F.layer_names(model, "attention")
+        layers.layer_names(model, "attention")
 
 
 # -- filter grids ------------------------------------------------------------------------
@@ -49,21 +49,21 @@ def test_layer_names(model):
 def test_filter_grid_layout_and_range(model):
     w = model.conv1.weight  # (16, 3, 3, 3)
     for norm in ("per_filter", "global"):
-        g = F.filter_grid(w, normalize=norm)
+        g = filters.filter_grid(w, normalize=norm)
         assert g.shape == (4 * 3 + 3, 4 * 3 + 3, 3)  # 4x4 tiles of 3x3 with 1 px gaps
         assert g.min() >= 0 and g.max() <= 1
         assert np.all(g[3, :, :] == 1.0) and np.all(g[:, 3, :] == 1.0)  # white gaps
-    g = F.filter_grid(w, normalize="per_filter")
+    g = filters.filter_grid(w, normalize="per_filter")
     tile = g[:3, :3]
     assert tile.min() == 0 and tile.max() == 1  # each filter stretched on its own
-    assert F.filter_grid(w, scale=4).shape == (60, 60, 3)
+    assert filters.filter_grid(w, scale=4).shape == (60, 60, 3)
     with pytest.raises(ValueError):
-        F.filter_grid(model.layer1[0].conv1.weight)
+        filters.filter_grid(model.layer1[0].conv1.weight)
 
 
 def test_channel_grid(model):
     w = model.layer2[0].conv2.weight  # (32, 32, 3, 3)
-    g = F.channel_grid(w, n_filters=8, n_channels=16)
+    g = filters.channel_grid(w, n_filters=8, n_channels=16)
     assert g.shape == (8 * 4 - 1, 16 * 4 - 1)
     assert g.min() >= 0 and g.max() <= 1
 
@@ -77,19 +77,19 @@ def _checkerboard(k):
 
 def test_constant_filter_energy_at_dc():
     w = torch.ones(4, 3, 8, 8)
-    freqs, power = F.radial_power_spectrum(w, pad_to=8)  # no padding: a periodic tile
+    freqs, power = filters.radial_power_spectrum(w, pad_to=8)  # no padding: a periodic tile
     assert freqs[0] == 0 and power[0] > 0 and np.allclose(power[1:], 0, atol=1e-9)
-    assert F.high_frequency_share(w, pad_to=8) == pytest.approx(0.0, abs=1e-12)
+    assert filters.high_frequency_share(w, pad_to=8) == pytest.approx(0.0, abs=1e-12)
     # zero-padded 3x3 box (the frequency response): peak at DC, little above half Nyquist
-    freqs, power = F.radial_power_spectrum(torch.ones(3, 3))
+    freqs, power = filters.radial_power_spectrum(torch.ones(3, 3))
     assert np.argmax(power) == 0 and freqs[0] == 0
-    assert F.high_frequency_share(torch.ones(3, 3)) < 0.25
+    assert filters.high_frequency_share(torch.ones(3, 3)) < 0.25
 
 
 def test_checkerboard_energy_at_nyquist():
-    assert F.high_frequency_share(_checkerboard(8), pad_to=8) == pytest.approx(1.0)
-    assert F.high_frequency_share(_checkerboard(3)) > 0.9
-    freqs, power = F.radial_power_spectrum(_checkerboard(3))
+    assert filters.high_frequency_share(_checkerboard(8), pad_to=8) == pytest.approx(1.0)
+    assert filters.high_frequency_share(_checkerboard(3)) > 0.9
+    freqs, power = filters.radial_power_spectrum(_checkerboard(3))
     assert freqs[np.argmax(power)] >= 0.5  # the corner (0.5, 0.5) of the spectrum
     assert freqs.max() <= 0.5 * math.sqrt(2) + 1 / 16
 
@@ -98,7 +98,7 @@ def test_checkerboard_energy_at_nyquist():
 def test_grating_peaks_at_its_frequency(k, f):
     x = torch.arange(k, dtype=torch.float64)
     grating = torch.cos(2 * math.pi * f * x).view(1, -1).repeat(k, 1)  # varies along x only
-    freqs, power = F.radial_power_spectrum(grating, pad_to=16)
+    freqs, power = filters.radial_power_spectrum(grating, pad_to=16)
     assert freqs[np.argmax(power)] == pytest.approx(f, abs=1 / 16 + 1e-9)
     if k >= 8:
         assert freqs[np.argmax(power)] == pytest.approx(f)
@@ -106,16 +106,16 @@ def test_grating_peaks_at_its_frequency(k, f):
 
 def test_spectrum_bins_and_normalize():
     w = torch.randn(8, 3, 3, 3)
-    freqs, power = F.radial_power_spectrum(w, n_bins=10, normalize=True)
+    freqs, power = filters.radial_power_spectrum(w, n_bins=10, normalize=True)
     assert len(freqs) <= 10 and power.sum() == pytest.approx(1.0)
     assert np.all(np.diff(freqs) > 0)
 
 
 def test_layer_spectra(model):
-    spectra = F.layer_spectra(model)
-    assert [s["name"] for s in spectra] == F.layer_names(model, "conv")
+    spectra = filters.layer_spectra(model)
+    assert [s["name"] for s in spectra] == layers.layer_names(model, "conv")
     for s in spectra:
-        assert s["hf_share"] == pytest.approx(F.high_frequency_share(model.get_submodule(s["name"]).weight))
+        assert s["hf_share"] == pytest.approx(filters.high_frequency_share(model.get_submodule(s["name"]).weight))
         assert s["power"].sum() == pytest.approx(1.0) and len(s["freqs"]) == len(s["power"])
 
 
@@ -126,13 +126,13 @@ def test_feature_maps_restore_state(model):
     bn_before = model.layer2[0].bn1.running_mean.clone()
     try:
         x = torch.randn(2, 3, 32, 32)
-        out = F.feature_maps(model, "layer2.0", x)
+        out = layers.feature_maps(model, "layer2.0", x)
         assert out.shape == (2, 32, 16, 16) and not out.requires_grad
         assert model.training and all(m.training for m in model.modules())
         assert torch.equal(model.layer2[0].bn1.running_mean, bn_before)  # ran in eval mode
         assert _all_hooks_empty(model)
         with pytest.raises(ValueError):
-            F.feature_maps(model, "layer9", x)
+            layers.feature_maps(model, "layer9", x)
         assert _all_hooks_empty(model)
     finally:
         model.eval()
@@ -140,11 +140,11 @@ def test_feature_maps_restore_state(model):
 
 def test_prediction_and_denormalize(model):
     x = torch.rand(3, 3, 32, 32)
-    p = F.prediction(model, x)
+    p = layers.prediction(model, x)
     assert p.shape == (3, 10) and torch.allclose(p.sum(1), torch.ones(3))
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     xn = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    img = F.denormalize(xn, mean, std)
+    img = layers.denormalize(xn, mean, std)
     assert img.shape == (3, 32, 32, 3) and np.allclose(img, x.permute(0, 2, 3, 1).numpy(), atol=1e-6)
 
 
@@ -153,10 +153,10 @@ def test_prediction_and_denormalize(model):
 def test_maximize_activation(model):
     grads = {n: p.grad for n, p in model.named_parameters()}
     mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
-    a = F.maximize_activation(model, "layer2.1", channel=3, steps=24, seed=0, mean=mean, std=std)
-    b = F.maximize_activation(model, "layer2.1", channel=3, steps=24, seed=0, mean=mean, std=std)
-    c = F.maximize_activation(model, "layer2.1", channel=3, steps=24, seed=1, mean=mean, std=std)
-    start = F.maximize_activation(model, "layer2.1", channel=3, steps=0, seed=0, mean=mean, std=std)
+    a = activation_max.maximize_activation(model, "layer2.1", channel=3, steps=24, seed=0, mean=mean, std=std)
+    b = activation_max.maximize_activation(model, "layer2.1", channel=3, steps=24, seed=0, mean=mean, std=std)
+    c = activation_max.maximize_activation(model, "layer2.1", channel=3, steps=24, seed=1, mean=mean, std=std)
+    start = activation_max.maximize_activation(model, "layer2.1", channel=3, steps=0, seed=0, mean=mean, std=std)
     assert a.shape == (32, 32, 3) and a.min() >= 0 and a.max() <= 1
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert _all_hooks_empty(model)
@@ -165,14 +165,14 @@ def test_maximize_activation(model):
     def act(img):
         x = (torch.tensor(img).permute(2, 0, 1)[None].float() - torch.tensor(mean).view(1, 3, 1, 1)) \
             / torch.tensor(std).view(1, 3, 1, 1)
-        return F.feature_maps(model, "layer2.1", x)[0, 3].mean().item()
+        return layers.feature_maps(model, "layer2.1", x)[0, 3].mean().item()
 
     assert act(a) > act(start) + 0.1
 
 
 def test_maximize_activations_batch_and_logits(model):
-    imgs = F.maximize_activations(model, "fc", [0, 5], steps=16)
-    start = F.maximize_activations(model, "fc", [0, 5], steps=0)
+    imgs = activation_max.maximize_activations(model, "fc", [0, 5], steps=16)
+    start = activation_max.maximize_activations(model, "fc", [0, 5], steps=0)
     assert imgs.shape == (2, 32, 32, 3)
     assert _all_hooks_empty(model)
     with torch.no_grad():  # mean/std None: the images are fed as they are
@@ -191,35 +191,35 @@ def test_linear_cka_properties():
     Y = X[:, :10] @ torch.randn(10, 15, generator=g, dtype=torch.float64) + 0.5 * torch.randn(64, 15, generator=g,
                                                                                                dtype=torch.float64)
     Q, _ = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64))
-    base = F.linear_cka(X, Y)
-    assert F.linear_cka(X, X) == pytest.approx(1.0)
+    base = cka.linear_cka(X, Y)
+    assert cka.linear_cka(X, X) == pytest.approx(1.0)
     assert 0 < base < 1
-    assert F.linear_cka(X @ Q, Y) == pytest.approx(base, rel=1e-9)  # orthogonal transform
-    assert F.linear_cka(3.7 * X, Y) == pytest.approx(base, rel=1e-9)  # isotropic scaling
-    assert F.linear_cka(X + 5.0, Y) == pytest.approx(base, rel=1e-9)  # centring
+    assert cka.linear_cka(X @ Q, Y) == pytest.approx(base, rel=1e-9)  # orthogonal transform
+    assert cka.linear_cka(3.7 * X, Y) == pytest.approx(base, rel=1e-9)  # isotropic scaling
+    assert cka.linear_cka(X + 5.0, Y) == pytest.approx(base, rel=1e-9)  # centring
     d = torch.ones(20, dtype=torch.float64)
     d[:5] = 10.0
-    assert abs(F.linear_cka(X * d, Y) - base) > 1e-2  # anisotropic scaling changes it
-    assert F.linear_cka(Y, X) == pytest.approx(base, rel=1e-12)  # symmetric
-    assert F.linear_cka(X.numpy(), Y.numpy()) == pytest.approx(base)
+    assert abs(cka.linear_cka(X * d, Y) - base) > 1e-2  # anisotropic scaling changes it
+    assert cka.linear_cka(Y, X) == pytest.approx(base, rel=1e-12)  # symmetric
+    assert cka.linear_cka(X.numpy(), Y.numpy()) == pytest.approx(base)
     with pytest.raises(ValueError):
-        F.linear_cka(X, Y[:10])
+        cka.linear_cka(X, Y[:10])
 
 
 def test_cka_matrix(model):
     torch.manual_seed(1)
     other = build_model("resnet20").eval()
     x = torch.randn(24, 3, 32, 32)
-    na, nb, m = F.cka_matrix(model, model, x, batch_size=10)
-    assert na == nb == F.layer_names(model, "block") and m.shape == (10, 10)
+    na, nb, m = cka.cka_matrix(model, model, x, batch_size=10)
+    assert na == nb == layers.layer_names(model, "block") and m.shape == (10, 10)
     assert np.allclose(np.diag(m), 1.0) and np.allclose(m, m.T)
-    na, nb, m2 = F.cka_matrix(model, other, x, layers_b=["layer1.0", "layer3.2"])
+    na, nb, m2 = cka.cka_matrix(model, other, x, layers_b=["layer1.0", "layer3.2"])
     assert nb == ["layer1.0", "layer3.2"] and m2.shape == (10, 2)
     assert np.all((m2 >= -1e-9) & (m2 <= 1 + 1e-9))
     # the matrix agrees with linear_cka on flattened activations
-    fa = F.feature_maps(model, "layer1.1", x).reshape(24, -1)
-    fb = F.feature_maps(other, "layer3.2", x).reshape(24, -1)
-    assert m2[na.index("layer1.1"), 1] == pytest.approx(F.linear_cka(fa, fb), rel=1e-5)
+    fa = layers.feature_maps(model, "layer1.1", x).reshape(24, -1)
+    fb = layers.feature_maps(other, "layer3.2", x).reshape(24, -1)
+    assert m2[na.index("layer1.1"), 1] == pytest.approx(cka.linear_cka(fa, fb), rel=1e-5)
     assert _all_hooks_empty(model) and _all_hooks_empty(other)
 
 
@@ -227,8 +227,9 @@ def test_checkpointed_and_compressed_models(model):
     x = torch.randn(2, 3, 32, 32)
     for policy in ("ckpt", "avg2+mask"):
         m = compress_model(copy.deepcopy(model), policy)
-        assert torch.allclose(F.feature_maps(m, "layer2.1.conv1", x), F.feature_maps(model, "layer2.1.conv1", x))
-        img = F.maximize_activation(m, "layer2.1.conv1", 0, steps=2)
+        assert torch.allclose(layers.feature_maps(m, "layer2.1.conv1", x),
+                              layers.feature_maps(model, "layer2.1.conv1", x))
+        img = activation_max.maximize_activation(m, "layer2.1.conv1", 0, steps=2)
         assert img.shape == (32, 32, 3) and _all_hooks_empty(m)
         if policy == "ckpt":
             assert m.layer2[1].checkpointed is True  # switched off only inside the call

@@ -1,4 +1,4 @@
-"""core.fidelity: exact vs compressed gradients per layer, the sweep, training records, the CLI
+"""core.analysis.fidelity: exact vs compressed gradients per layer, the sweep, training records, the CLI
 and the fidelity figures. Kept small: ResNet-20 on a few images, tiny custom nets."""
 
 import contextlib
@@ -10,17 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core import plots
-from core.compression import compress_model, model_policy
-from core.fidelity import (
-    METRICS,
-    FidelityResult,
-    compare_gradients,
-    fidelity_over_training,
-    sweep,
-    sweep_settings,
-)
-from core.models import build_model
+from core.analysis import plots
+from core.analysis.fidelity import FidelityResult, compare_gradients, sweep, sweep_settings
+from core.analysis.fidelity_history import fidelity_over_training
+from core.method.convert import compress_model, model_policy
+from core.method.gradients import METRICS
+from core.models.resnet import build_model
 
 from helpers import block_constant
 
@@ -55,7 +50,7 @@ class BlockNet(nn.Module):
 def features_batch(n=16, seed=0):
     """features10 images (real spatial structure), normalised per batch; smooth noise if data is absent."""
     try:
-        from core.data import generate_features10
+        from core.engine.data.features10 import generate_features10
 
         x, y = generate_features10(n, seed=seed)
         x = x.float() / 255
@@ -238,7 +233,7 @@ def test_fidelity_over_training():
 
 
 def _cli(argv):
-    from core.__main__ import main
+    from core.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -264,8 +259,8 @@ def test_cli_random_init_json_and_table(tmp_path):
 def test_cli_with_a_run(tmp_path):
     from safetensors.torch import save_file
 
-    from core.fidelity_cli import _synthetic_batch
-    from core.runs import load_model
+    from core.cli.fidelity import _synthetic_batch
+    from core.engine.runs.reader import load_model
 
     torch.manual_seed(1)  # not the seed-0 model the command builds without --run
     model = build_model("resnet20")

@@ -8,7 +8,7 @@ a config.json that is not JSON, a config naming an unknown model, and a metrics.
 whose last line was cut mid-write. Every payload, if unpickled, creates a marker file;
 after every step the test checks that the marker does not exist.
 
-Checked: core.runs.list_runs (one-line reasons, the good run kept), load_model,
+Checked: core.engine.runs.list_runs (one-line reasons, the good run kept), load_model,
 `python -m core runs --dir D` and `python -m core evaluate --run BAD` (one line, exit 2,
 no traceback), the app's home page through Streamlit's AppTest (renders, shows the broken
 runs as broken), and the CIFAR-10 reader's restricted unpickler (refuses the payload).
@@ -29,10 +29,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.__main__ import main
-from core.models import build_model
-from core.runs import RunError, list_runs, load_model, read_metrics
-from core.train import TrainConfig, train
+from core.cli import main
+from core.engine.config import TrainConfig
+from core.engine.runs.listing import list_runs
+from core.engine.runs.reader import RunError, load_model, read_metrics
+from core.engine.trainer import train
+from core.models.resnet import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DS = "features10:train=32,val=16"
@@ -212,7 +214,7 @@ def test_app_lists_the_broken_runs_without_crashing(hostile, monkeypatch):
 
 
 def test_cifar_reader_refuses_the_payload(tmp_path):
-    from core.data import _read_cifar_pickle
+    from core.engine.data.cifar10 import _read_cifar_pickle
 
     marker = tmp_path / "PWNED"
     for i, obj in enumerate([{b"data": _System(marker), b"labels": []}, {b"labels": _Open(marker)}]):

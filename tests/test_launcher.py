@@ -1,4 +1,4 @@
-"""core.launcher: jobs as separate processes, one per device, queued on disk, stopped by SIGTERM.
+"""core.engine.launcher: jobs as separate processes, one per device, queued on disk, stopped by SIGTERM.
 
 The queue logic is tested with a stand-in process (`sleep`); one test trains for real: a
 tiny run started, a second one queued behind it, the first stopped (status "stopped",
@@ -17,9 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.launcher import Job, Launcher, check_config, device_key
-from core.runs import load_model
-from core.train import TrainConfig
+from core.engine.checks import check_config
+from core.engine.config import TrainConfig
+from core.engine.launcher import Job, Launcher, device_key
+from core.engine.runs.reader import load_model
 
 DS = "features10:train=64,val=32"
 
@@ -119,8 +120,8 @@ def test_damaged_state_file(tmp_path):
     (launcher.state_dir / "cpu.json").write_text("{not json")
     assert launcher.jobs("cpu") == []
     # a job written by a later version (a field this one does not know) still reads
-    job = Job.from_dict({"id": "x", "device": "cpu", "run_dir": "r", "argv": ["--epochs", "2"], "extra": 1})
-    assert (job.id, job.device, job.run_dir, job.argv, job.state) == ("x", "cpu", "r", ["--epochs", "2"], "queued")
+    job = Job.from_dict({"id": "x", "device": "cpu", "run_dir": "r", "config": {"epochs": 2}, "extra": 1})
+    assert (job.id, job.device, job.run_dir, job.config, job.state) == ("x", "cpu", "r", {"epochs": 2}, "queued")
     assert not hasattr(job, "extra")
 
 

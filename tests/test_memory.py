@@ -1,4 +1,4 @@
-"""core.memory: the forward-only meter, the ladder, the planner and their figures.
+"""The forward-only meter (core.method.meter), the ladder and the planner (core.analysis) and their figures.
 
 Small on purpose: ResNet-20 at small batches; ResNet-18 only once, at batch 128 (marked slow)."""
 
@@ -7,24 +7,13 @@ import json
 import pytest
 import torch
 
-from core import plots
-from core.compression import compress_model, model_policy
-from core.memory import (
-    BEST_POLICY,
-    GIB,
-    KINDS,
-    LADDER_POLICIES,
-    OUTSIDE,
-    MemoryPlan,
-    forward_saved_bytes,
-    largest_batch,
-    largest_batches,
-    memory_ladder,
-    model_state_bytes,
-    plan_memory,
-    saved_activation_bytes,
-)
-from core.models import build_model
+from core.analysis import plots
+from core.analysis.memory_ladder import BEST_POLICY, LADDER_POLICIES, OUTSIDE, memory_ladder
+from core.analysis.planner import GIB, MemoryPlan, largest_batch, largest_batches, plan_memory
+from core.method.convert import compress_model, model_policy
+from core.method.meter import KINDS, model_state_bytes, saved_activation_bytes
+from core.method.meter import saved_activation_bytes as forward_saved_bytes
+from core.models.resnet import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -169,7 +158,7 @@ def test_largest_batch_is_monotone_and_tight():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_planner_matches_cuda_peak():
     """Fit the peak at 64-128, predict 512 (an H200 gave -7.5..+0.6% for these cases)."""
-    from core.memory import cuda_training_peak
+    from core.analysis.planner import cuda_training_peak
 
     for name, policy in (("resnet20", "none"), ("resnet20", "avg2+mask"), ("resnet18", "avg2+mask+bn8")):
         plan = plan_memory(name, policy, device="cuda")

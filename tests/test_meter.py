@@ -3,9 +3,9 @@
 import torch
 from torch import nn
 
-from core.compression import compress_model
-from core.memory import SavedActivationMeter, cpu_step_peak_bytes, saved_activation_bytes, training_step_fn
-from core.models import build_model
+from core.method.convert import compress_model
+from core.method.meter import SavedActivationMeter, cpu_step_peak_bytes, saved_activation_bytes, training_step_fn
+from core.models.resnet import build_model
 
 
 def test_meter_counts_exactly_what_a_conv_bn_relu_keeps():

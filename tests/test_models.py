@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.models import MODEL_NAMES, build_model
+from core.models.resnet import MODEL_NAMES, build_model
 
 
 def n_params(m):

@@ -5,8 +5,8 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from core import curves
-from core import plots as P
+from core.analysis import curves
+from core.analysis import plots as P
 
 # -- synthetic metrics.jsonl records -------------------------------------------------------
 

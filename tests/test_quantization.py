@@ -6,17 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core import quantization as Q
-from core.compression import (
-    CompressedConvFunction,
-    CompressionPolicy,
-    ConvInputForm,
-    PolicyError,
-    compress_model,
-    decompress_model,
-)
-from core.memory import forward_saved_bytes
-from core.models import build_model
+from core.method import quantize as Q
+from core.method.conv import CompressedConvFunction, ConvInputForm
+from core.method.convert import compress_model, decompress_model
+from core.method.meter import saved_activation_bytes as forward_saved_bytes
+from core.method.policy import CompressionPolicy, PolicyError
+from core.models.resnet import build_model
 
 SHAPES = [(3, 5, 7, 9), (2, 3, 1, 1), (4, 16, 8, 8), (1, 1, 3, 3)]
 

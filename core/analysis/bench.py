@@ -1,0 +1,121 @@
+"""`python -m core bench {memory,speed}`: policies side by side, measured in one run.
+
+memory: saved-activation bytes (the meter), model-state bytes, their sum and the cut
+        against `none`; on CUDA also `max_memory_allocated` of a full training step,
+        on the CPU the step's peak of live tensor bytes from the profiler.
+speed:  training-step time as a ratio to `none`, from interleaved repeats (median), so
+        that a noisy machine slows every policy alike.
+Gradient checkpointing (`ckpt`) is the exact reference row a user would otherwise pick.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from ..engine.environment import pick_device
+from ..method import CompressionPolicy, compress_model
+from ..method.meter import (
+    cpu_step_peak_bytes,
+    cuda_step_peak_bytes,
+    model_state_bytes,
+    saved_activation_bytes,
+    training_step_fn,
+)
+from ..models import build_model
+
+DEFAULT_POLICIES = ("none", "avg2", "mask", "avg2+mask", "avg4+mask", "avg2-lowres+mask", "max2+mask",
+                    "avg2+mask+bn16", "avg2+mask+bn8", "avg4+mask+bn8", "ckpt")
+
+
+def _setup(model_name, policy, batch, size, device, stem, channels_last, seed=0):
+    torch.manual_seed(seed)
+    model = compress_model(build_model(model_name, 10, stem), policy).to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    return model, x, y
+
+
+def bench_memory(model_name="resnet18", batch=128, size=32, policies=DEFAULT_POLICIES, device="auto",
+                 stem="cifar", optimizer="sgd", channels_last=True, step_peak=True) -> list[dict]:
+    device = pick_device(device)
+    rows = []
+    for text in policies:
+        policy = CompressionPolicy.parse(text)
+        model, x, y = _setup(model_name, policy, batch, size, device, stem, channels_last)
+        report = saved_activation_bytes(model, x, y)
+        state = model_state_bytes(model, optimizer)
+        row = {"policy": str(policy), "exact": policy.is_exact, "saved_bytes": report.total_bytes,
+               "by_kind": report.by_kind, "state_bytes": state["total"],
+               "total_bytes": report.total_bytes + state["total"]}
+        if step_peak:
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            step = training_step_fn(model, x, y, opt)
+            step()  # warm-up: creates the optimiser state, so the peak is a steady-state step's
+            if device.type == "cuda":
+                row["cuda_peak_bytes"] = cuda_step_peak_bytes(step, device)["peak_bytes"]
+            elif device.type == "cpu":
+                row["cpu_step_peak_bytes"] = cpu_step_peak_bytes(step)["step_peak_bytes"]
+        rows.append(row)
+        del model, x, y
+    base = next((r for r in rows if r["policy"] == "none"), rows[0])
+    for r in rows:
+        for key in ("saved_bytes", "total_bytes", "cuda_peak_bytes", "cpu_step_peak_bytes"):
+            if key in r and base.get(key):
+                r[key.replace("_bytes", "_cut")] = 1 - r[key] / base[key]
+    return rows
+
+
+def bench_speed(model_name="resnet20", batch=128, size=32, policies=DEFAULT_POLICIES, device="auto",
+                stem="cifar", repeats=7, warmup=2, channels_last=True, amp=None) -> list[dict]:
+    """Median step time per policy; repeats interleave the policies (A B C A B C ...)."""
+    device = pick_device(device)
+    amp = (device.type == "cuda") if amp is None else amp
+    setups = {}
+    for text in policies:
+        model, x, y = _setup(model_name, CompressionPolicy.parse(text), batch, size, device, stem, channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        setups[str(CompressionPolicy.parse(text))] = (model, x, y, opt)
+
+    def step(model, x, y, opt):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    # Wall time, and on the CPU also this process's CPU time: on a shared machine the latter
+    # is far less disturbed by other processes (it does not count time spent waiting for a core).
+    times: dict[str, list[float]] = {k: [] for k in setups}
+    cpu_times: dict[str, list[float]] = {k: [] for k in setups}
+    for r in range(warmup + repeats):
+        for name, s in setups.items():
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            step(*s)
+            sync()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+                cpu_times[name].append(time.process_time() - c0)
+    base = statistics.median(times.get("none") or next(iter(times.values())))
+    cpu_base = statistics.median(cpu_times.get("none") or next(iter(cpu_times.values())))
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        row = {"policy": name, "step_s": med, "ratio": med / base, "images_per_s": batch / med,
+               "spread": (max(ts) - min(ts)) / med}
+        if device.type == "cpu":
+            cpu_med = statistics.median(cpu_times[name])
+            row.update(cpu_step_s=cpu_med, cpu_ratio=cpu_med / cpu_base)
+        rows.append(row)
+    return rows

@@ -1,0 +1,170 @@
+"""Colours and layout every figure shares: one colour per run, projector-readable text."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+# D3's ten (plotly's "D3"): no two of them look alike on a white projector screen. (Darker
+# Tol colours were once appended; each had a near-twin here, e.g. #117733 beside #2CA02C.)
+PALETTE = ("#1F77B4", "#FF7F0E", "#2CA02C", "#D62728", "#9467BD", "#8C564B", "#E377C2", "#7F7F7F",
+           "#BCBD22", "#17BECF")
+
+
+FONT_SIZE = 18
+
+
+TICK_SIZE = 16
+
+
+TITLE_SIZE = 24
+
+
+TEMPLATE = "plotly_white"
+
+
+def _hash(name: str) -> int:
+    # not hash(): Python salts str hashes per process, and colours must survive restarts
+    return int.from_bytes(hashlib.sha1(str(name).encode("utf-8")).digest()[:8], "big")
+
+
+def run_color(run_name: str) -> str:
+    """The run's colour, a pure function of its name (same on every page and every day)."""
+    return PALETTE[_hash(run_name) % len(PALETTE)]
+
+
+def color_map(names: Sequence[str]) -> dict[str, str]:
+    """Colours for a selection of runs: each keeps `run_color` unless another run in the
+    selection already has it, then the next free palette colour (probing from its hash).
+    Names are placed in sorted order, so the answer does not depend on the order given.
+    More runs than colours: the extra runs share (their own hashed colour)."""
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    n = len(PALETTE)
+    for name in sorted(set(names), key=str):
+        h = _hash(name)
+        choice = PALETTE[h % n]
+        if choice in used:
+            free = [PALETTE[(h + i) % n] for i in range(1, n) if PALETTE[(h + i) % n] not in used]
+            choice = free[0] if free else choice
+        out[name] = choice
+        used.add(choice)
+    return out
+
+
+def _colors(names: Sequence[str], colors: Mapping[str, str] | None) -> dict[str, str]:
+    auto = color_map(names)
+    return {n: (colors or {}).get(n, auto[n]) for n in names}
+
+
+def _legend_below(fig: go.Figure, n_entries: int | None = None, height: int = 450) -> go.Figure:
+    """Horizontal legend under the plot (after base_layout), so that a half-width figure keeps its
+    plot area: the bottom margin grows by one legend row per entry (the worst case: long run
+    names, one per row) and the figure grows with it."""
+    n = len([t for t in fig.data if t.showlegend is not False]) if n_entries is None else n_entries
+    if n == 0:
+        return fig
+    t = fig.layout.margin.t if fig.layout.margin.t is not None else 80
+    b = 80 + 26 * n
+    total = height + 26 * n
+    plot_h = max(100, total - t - b)
+    fig.update_layout(height=total, margin=dict(b=b),
+                      legend=dict(orientation="h", x=0, xanchor="left", y=-78 / plot_h, yanchor="top",
+                                  font=dict(size=TICK_SIZE)))
+    return fig
+
+
+def _wrap(text: str, width: int = 18, sep: str = " · ") -> str:
+    """Break a long label into lines (plotly's <br>): at `sep` first, then at spaces, and a word
+    longer than `width` after its slashes, colons and hyphens ("cifar10-jpeg/train"), so that
+    no line is much longer than `width` characters. Short labels come back as they are."""
+    text = str(text)
+    if len(text) <= width:
+        return text
+    lines = []
+    for part in text.split(sep):
+        line = ""
+        for word in part.split(" "):
+            pieces = re.split(r"(?<=[/:-])", word) if len(word) > width else [word]
+            for i, piece in enumerate(pieces):
+                joined = (line + piece) if i else (f"{line} {piece}" if line else piece)
+                if line and len(joined) > width:
+                    lines.append(line)
+                    line = piece
+                else:
+                    line = joined
+        lines.append(line)
+    return "<br>".join(lines)
+
+
+def base_layout(fig: go.Figure, title: str | None = None, x_title: str | None = None, y_title: str | None = None,
+                height: int | None = None) -> go.Figure:
+    """White template, large text, tidy margins; sets the title and axis titles given."""
+    fig.update_layout(
+        template=TEMPLATE,
+        font=dict(size=FONT_SIZE),
+        # pinned to the top edge (not the middle of the top margin), so that a taller margin
+        # (subplot titles, notes above the plot) opens room under the title instead of around it
+        title=dict(text=title, font=dict(size=TITLE_SIZE), yref="container", y=1, yanchor="top",
+                   pad=dict(t=18)) if title else None,
+        legend=dict(font=dict(size=FONT_SIZE)),
+        hoverlabel=dict(font=dict(size=FONT_SIZE)),
+        margin=dict(l=70, r=30, t=80 if title else 40, b=60),
+    )
+    if height:
+        fig.update_layout(height=height)
+    fig.update_xaxes(tickfont=dict(size=TICK_SIZE), title_font=dict(size=FONT_SIZE))
+    fig.update_yaxes(tickfont=dict(size=TICK_SIZE), title_font=dict(size=FONT_SIZE))
+    if x_title is not None:
+        fig.update_xaxes(title_text=x_title)
+    if y_title is not None:
+        fig.update_yaxes(title_text=y_title)
+    return fig
+
+
+def _to_uint8(img) -> np.ndarray:
+    """(H, W) or (H, W, 3) floats in [0, 1] -> (H, W, 3) uint8 for go.Image."""
+    a = np.asarray(img, dtype=np.float64)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    return (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _hide_axes(fig: go.Figure) -> None:
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    # square pixels in every subplot
+    fig.for_each_yaxis(lambda ax: ax.update(scaleanchor=ax.anchor or "x", constrain="domain"))
+
+
+def _note_above(fig: go.Figure, text: str, width: int, lines: int) -> None:
+    """A small wrapped note above the plot (the legend sits below it), with room made for it."""
+    fig.add_annotation(text=_wrap(text, width, sep=", "), showarrow=False, xref="paper", yref="paper", x=0,
+                       y=1.01, xanchor="left", yanchor="bottom", font=dict(size=TICK_SIZE - 2))
+    fig.update_layout(margin=dict(t=(fig.layout.margin.t or 40) + 22 * lines))
+
+
+def _matrix_heatmap(fig, z, x, y, zmin, zmax, colorscale, colorbar_title):
+    z = np.asarray(z, dtype=np.float64)
+    show_text = z.size <= 400
+    fig.add_trace(go.Heatmap(z=z, x=list(x), y=list(y), zmin=zmin, zmax=zmax, colorscale=colorscale,
+                             colorbar=dict(title=dict(text=colorbar_title), tickfont=dict(size=TICK_SIZE)),
+                             texttemplate="%{z:.2f}" if show_text else None,
+                             textfont=dict(size=TICK_SIZE) if show_text else None,
+                             hovertemplate="%{y} vs %{x}: %{z:.3f}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+
+
+def _numpy(v):
+    if hasattr(v, "detach"):
+        return v.detach().cpu().numpy()
+    return np.asarray(v)
+
+
+def _plain(obj) -> Mapping:
+    """A result object or its dict form -> dict."""
+    return obj.to_dict() if hasattr(obj, "to_dict") else obj

@@ -1,0 +1,100 @@
+"""Runs as the pages show them: the default selection, the runs table, the rows behind the
+accuracy-vs-memory plot and the memory bars."""
+
+from __future__ import annotations
+
+from ..engine.runs import Run, dataset_label
+
+
+def default_selection(runs: list[Run], n: int = 3) -> list[str]:
+    """A sensible start: the largest group of runs sharing model and dataset (shipped first, real
+    images before the built-in set), then one run per policy - baseline first, then the compressed
+    policies the paper is about - each from the group's usual schedule, so the curves compare."""
+    ok = [r for r in runs if r.ok and (r.path / "model.safetensors").exists()] or [r for r in runs if r.ok]
+    if not ok:
+        return []
+    groups: dict[tuple, list[Run]] = {}
+    for r in ok:
+        cfg = r.config or {}
+        groups.setdefault((cfg.get("model"), cfg.get("dataset")), []).append(r)
+
+    def real_images(g: list[Run]) -> bool:
+        return not str((g[0].config or {}).get("dataset", "")).startswith("features10")
+
+    best = max(groups.values(), key=lambda g: (len(g) >= 2, any(r.is_shipped for r in g), real_images(g), len(g)))
+    epochs = [(r.config or {}).get("epochs") for r in best]
+    usual = max(set(epochs), key=lambda e: (epochs.count(e), -(e or 0)))  # the shorter one on a tie
+    preference = ["none", "avg2+mask", "avg4+mask", "avg2+mask+bn8"]
+
+    def rank(r: Run):
+        cfg = r.config or {}
+        pol = str(cfg.get("policy", ""))
+        return (preference.index(pol) if pol in preference else len(preference), cfg.get("epochs") != usual,
+                not r.is_shipped, r.name)
+
+    ordered = sorted(best, key=rank)
+    first_of_policy: dict = {}
+    for r in ordered:
+        first_of_policy.setdefault((r.config or {}).get("policy"), r)
+    picked = list(first_of_policy.values()) + [r for r in ordered if r not in first_of_policy.values()]
+    return [str(r.path) for r in picked[:n]]
+
+
+def _mib(n) -> float | None:
+    return round(n / 2 ** 20, 1) if isinstance(n, (int, float)) else None
+
+
+def saved_bytes_of(run: Run) -> tuple[int | None, int | None]:
+    """(saved-activation bytes, batch size they were measured at) from summary or config."""
+    s, cfg = run.summary or {}, run.config or {}
+    mem = cfg.get("memory") or {}
+    n = s.get("saved_activation_bytes") or mem.get("saved_activation_bytes")
+    batch = mem.get("measured_batch") or cfg.get("batch_size")
+    return n, batch
+
+
+def runs_table(runs: list[Run], names: dict[str, str]) -> list[dict]:
+    """One row per run (broken ones too) for the home page table and its CSV; `names` maps a
+    run folder to its display name."""
+    rows = []
+    for r in runs:
+        cfg, s = r.config or {}, r.summary or {}
+        saved, batch = saved_bytes_of(r)
+        acc = s.get("last_val_acc")  # the last epoch's: what the saved weights score (no picking the best)
+        rows.append({
+            "run": names.get(str(r.path), r.name), "model": cfg.get("model"),
+            "dataset": dataset_label(cfg["dataset"]) if cfg.get("dataset") else None,
+            "policy": cfg.get("policy"),
+            "epochs": f"{s.get('epochs_done', 0)}/{s.get('epochs', cfg.get('epochs', '?'))}" if cfg else None,
+            "accuracy %": round(100 * acc, 1) if isinstance(acc, (int, float)) else None,
+            "saved activations MiB": _mib(saved), "at batch": batch,
+            "status": r.status + (" (shipped)" if r.is_shipped else ""),
+            "note": r.reason or "; ".join(r.notes) or "", "folder": str(r.path),
+        })
+    return rows
+
+
+def pareto_rows(runs: list[Run], names: dict[str, str]) -> list[dict]:
+    """{"name", "policy", "acc", "memory"} per run with an accuracy (its last epoch's, what its
+    weights score): memory is saved activations per training image (runs used different batch
+    sizes), in bytes."""
+    rows = []
+    for r in runs:
+        saved, batch = saved_bytes_of(r)
+        acc = (r.summary or {}).get("last_val_acc")
+        if saved and batch and isinstance(acc, (int, float)):
+            rows.append({"name": names[str(r.path)], "policy": (r.config or {}).get("policy", ""), "acc": acc,
+                         "memory": saved / batch})
+    return rows
+
+
+def memory_rows(runs: list[Run], names: dict[str, str]) -> list[dict]:
+    """{"name", "saved_bytes", "state_bytes", "batch"} per run, for plots.run_memory_bars."""
+    rows = []
+    for r in runs:
+        saved, batch = saved_bytes_of(r)
+        state = (r.summary or {}).get("model_state_bytes")
+        if state is None:
+            state = (((r.config or {}).get("memory") or {}).get("model_state_bytes") or {}).get("total")
+        rows.append({"name": names[str(r.path)], "saved_bytes": saved, "state_bytes": state, "batch": batch})
+    return rows

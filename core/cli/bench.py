@@ -1,0 +1,95 @@
+"""`python -m core bench {memory,speed}`: policies side by side, measured in one run (tables or JSON)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..analysis.bench import DEFAULT_POLICIES, bench_memory, bench_speed
+from ..engine.environment import pick_device
+from ..method import CompressionPolicy
+from ..method.meter import format_bytes
+
+
+def _table(rows, cols):
+    widths = [max(len(h), *(len(f(r)) for r in rows)) for h, f in cols]
+    lines = ["  ".join(h.ljust(w) for (h, _), w in zip(cols, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in rows:
+        lines.append("  ".join(f(r).ljust(w) for (_, f), w in zip(cols, widths)))
+    return "\n".join(lines)
+
+
+def _pct(v):
+    return "" if v is None else f"{-v:+.1%}" if v else "0.0%"
+
+
+def format_memory(rows, header) -> str:
+    cols = [("policy", lambda r: r["policy"] + ("" if r["exact"] else " *")),
+            ("saved activations", lambda r: format_bytes(r["saved_bytes"])),
+            ("vs none", lambda r: _pct(r.get("saved_cut"))),
+            ("model state", lambda r: format_bytes(r["state_bytes"])),
+            ("sum", lambda r: format_bytes(r["total_bytes"])),
+            ("vs none ", lambda r: _pct(r.get("total_cut")))]
+    peak_key = "cuda_peak_bytes" if any("cuda_peak_bytes" in r for r in rows) else "cpu_step_peak_bytes"
+    if any(peak_key in r for r in rows):
+        label = "CUDA max_memory_allocated" if peak_key.startswith("cuda") else "CPU step peak (profiler)"
+        cols += [(label, lambda r: format_bytes(r[peak_key])),
+                 ("vs none  ", lambda r: _pct(r.get(peak_key.replace("_bytes", "_cut"))))]
+    kinds = ("conv input", "BN input", "ReLU state", "checkpoint input")
+    cols += [(k, lambda r, k=k: format_bytes(r["by_kind"].get(k, 0))) for k in kinds]
+    return (f"{header}\n" + _table(rows, cols) +
+            "\n* = approximate weight gradients (pooled inputs or low-precision BN); unmarked rows are exact."
+            "\nsaved activations: distinct bytes autograd keeps for backward in one forward pass (meter);"
+            "\nmodel state: parameters + gradients + SGD momentum.")
+
+
+def format_speed(rows, header) -> str:
+    cols = [("policy", lambda r: r["policy"]), ("step time", lambda r: f"{r['step_s'] * 1000:.0f} ms"),
+            ("ratio to none", lambda r: f"{r['ratio']:.2f}"), ("images/s", lambda r: f"{r['images_per_s']:.0f}"),
+            ("spread", lambda r: f"{r['spread']:.0%}")]
+    note = "\nmedian of interleaved repeats; spread = (max-min)/median."
+    if all("cpu_ratio" in r for r in rows):
+        cols += [("CPU time", lambda r: f"{r['cpu_step_s'] * 1000:.0f} ms"),
+                 ("CPU-time ratio", lambda r: f"{r['cpu_ratio']:.2f}")]
+        note += "\nCPU time = this process's CPU seconds per step (robust on a shared machine)."
+    return f"{header}\n" + _table(rows, cols) + note
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="memory and speed of policies, side by side")
+    p.add_argument("what", choices=["memory", "speed"])
+    p.add_argument("--model", default=None, help="default: resnet18 for memory, resnet20 for speed")
+    p.add_argument("--stem", default="cifar", choices=["cifar", "imagenet"])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--size", type=int, default=32, help="input height = width")
+    p.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--repeats", type=int, default=7, help="speed: timed repeats per policy")
+    p.add_argument("--no-peak", action="store_true", help="memory: skip the per-step peak (faster)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.batch < 1 or args.size < 8:
+        raise ValueError("--batch must be >= 1 and --size >= 8")
+    policies = [str(CompressionPolicy.parse(p)) for p in args.policies]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    if args.what == "memory":
+        model = args.model or "resnet18"
+        rows = bench_memory(model, args.batch, args.size, policies, device, args.stem, step_peak=not args.no_peak)
+        text = format_memory(rows, f"memory: {model} ({args.stem} stem), batch {args.batch}, "
+                                   f"{args.size}x{args.size}, {device.type}")
+    else:
+        model = args.model or "resnet20"
+        rows = bench_speed(model, args.batch, args.size, policies, device, args.stem, repeats=args.repeats)
+        text = format_speed(rows, f"speed: {model} ({args.stem} stem), batch {args.batch}, {args.size}x{args.size}, "
+                                  f"{device.type}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(json.dumps({"model": model, "batch": args.batch, "size": args.size, "device": device.type,
+                      "torch": torch.__version__, "rows": rows}, indent=1) if args.json else text)
+    return 0

@@ -1,0 +1,136 @@
+"""The compressed convolution: exact forward, a backward that sees only what it kept."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .policy import CompressionPolicy, PolicyError
+from .pooling import lowres_weight_grad, pool, upsample
+from .quantize import dequantize, quantize
+
+
+@dataclass(frozen=True)
+class ConvInputForm:
+    """What a compressed conv keeps of its input x (B, C, H, W) and how backward rebuilds it.
+
+    pooled   P_k(x); rebuilt by nearest upsampling (or used as is at low resolution);
+    qB       x as B-bit codes per (sample, channel), stochastic rounding: unbiased;
+    avgK+resB  P_k(x) and the residual x - up(P_k(x)) as B-bit codes: the low frequencies
+             exactly, the high ones coarsely (DIVISION); unbiased as well.
+    """
+
+    pool: str | None = None
+    k: int = 1
+    mode: str = "upsample"
+    bits: int | None = None
+    residual_bits: int | None = None
+
+    @classmethod
+    def of(cls, policy: CompressionPolicy) -> ConvInputForm:
+        return cls(pool=policy.pool, k=policy.k, mode=policy.mode, bits=policy.bits,
+                   residual_bits=policy.residual_bits)
+
+    @property
+    def pools(self) -> bool:
+        return self.pool is not None and self.k > 1
+
+    def keep(self, x: torch.Tensor) -> tuple[list[torch.Tensor], object]:
+        """-> (tensors to save for backward, what else rebuilding needs)."""
+        if self.bits is not None:
+            packed, lo, scale, info = quantize(x, self.bits)
+            return [packed, lo, scale], info
+        if not self.pools:
+            return [x], None
+        xp = pool(x, self.pool, self.k)  # (B, C, ceil(H/k), ceil(W/k))
+        if self.residual_bits is None:
+            return [xp], None
+        packed, lo, scale, info = quantize(x - upsample(xp, self.k, x.shape[2:]), self.residual_bits)
+        return [xp, packed, lo, scale], info
+
+    def rebuild(self, kept: list[torch.Tensor], info, shape: tuple[int, ...]) -> torch.Tensor:
+        """The full-size input the weight gradient is computed from (B, C, H, W)."""
+        if self.bits is not None:
+            return dequantize(*kept, info)
+        if not self.pools:
+            return kept[0]
+        x = upsample(kept[0], self.k, shape[2:])
+        if self.residual_bits is not None:
+            x = x + dequantize(*kept[1:], info)
+        return x
+
+
+class CompressedConvFunction(torch.autograd.Function):
+    """conv2d whose backward sees only what `form` keeps of its input."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, form: ConvInputForm):
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):  # cast like autocast would, then run plainly
+            dt = torch.get_autocast_dtype(dev)
+            ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+            x, weight = x.to(dt), weight.to(dt)
+            bias = None if bias is None else bias.to(dt)
+        else:
+            ctx.dtypes = None
+        with torch.autocast(dev, enabled=False):
+            y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        kept, info = form.keep(x)
+        ctx.save_for_backward(*kept, weight)
+        ctx.conf = (tuple(x.shape), stride, padding, dilation, groups, form, info, bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        # Autocast must not re-type our ops (it runs interpolate in fp32): dtypes are set here.
+        with torch.autocast(g.device.type, enabled=False):
+            return CompressedConvFunction._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
+        *kept, weight = ctx.saved_tensors
+        x_shape, stride, padding, dilation, groups, form, info, has_bias = ctx.conf
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        g = g.to(weight.dtype)
+        if form.mode == "lowres" and form.pools:
+            xp = kept[0]
+            gx = None
+            if need_x:  # exact: needs the weight and the input's shape only
+                gx = torch.ops.aten.convolution_backward(
+                    g, xp.new_empty(x_shape), weight, None, list(stride), list(padding), list(dilation),
+                    False, [0, 0], groups, [True, False, False])[0]
+            gw = lowres_weight_grad(xp, g, weight.shape, stride, padding, dilation, groups, form.k) if need_w else None
+            gb = g.sum((0, 2, 3)) if need_b and has_bias else None
+        else:
+            x_rec = form.rebuild(kept, info, x_shape).to(weight.dtype)
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                g, x_rec, weight, [weight.shape[0]] if has_bias else None, list(stride), list(padding),
+                list(dilation), False, [0, 0], groups, [need_x, need_w, need_b and has_bias])
+        if ctx.dtypes is not None:
+            dx, dw, db = ctx.dtypes
+            gx = None if gx is None else gx.to(dx)
+            gw = None if gw is None else gw.to(dw)
+            gb = None if gb is None else gb.to(db)
+        return gx, gw, gb, None, None, None, None, None
+
+
+class CompressedConv2d(nn.Conv2d):
+    """A Conv2d (same parameters and state_dict) that keeps only `pp_form` of its input."""
+
+    pp_form: ConvInputForm = ConvInputForm()
+
+    def forward(self, x):
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return super().forward(x)
+        h, w = x.shape[-2:]
+        if self.pp_form.pools and self.pp_form.k > min(h, w):
+            raise PolicyError(
+                f"K={self.pp_form.k} is larger than the {h}x{w} feature map entering "
+                f"{getattr(self, 'pp_name', 'a conv')}; use a smaller K or restrict the policy to earlier stages "
+                "(stages=1,2)")
+        return CompressedConvFunction.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                            self.groups, self.pp_form)
+

@@ -1,0 +1,25 @@
+"""Memory order of a (N, C, H, W) tensor: what packed storage (masks, codes) follows, so that
+packing never transposes (NCHW, or NHWC for channels_last)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def memory_order_flat(t: torch.Tensor, channels_last: bool | None = None) -> torch.Tensor:
+    """The elements in memory order, as a 1-D tensor (a view when `t` has that layout;
+    `channels_last` defaults to t's own)."""
+    cl = is_channels_last(t) if channels_last is None else channels_last
+    return t.permute(0, 2, 3, 1).reshape(-1) if cl else t.reshape(-1)
+
+
+def from_memory_order(flat: torch.Tensor, shape, channels_last: bool) -> torch.Tensor:
+    """Inverse of memory_order_flat: a (N, C, H, W) view of `flat` in the given layout."""
+    if channels_last:
+        b, c, h, w = shape
+        return flat.view(b, h, w, c).permute(0, 3, 1, 2)
+    return flat.view(shape)

@@ -1,0 +1,226 @@
+"""What training memory is, measured (docs/fidelity_and_memory.md).
+
+- saved activations: distinct bytes of the tensors autograd keeps for backward during one
+  forward pass, via `saved_tensors_hooks`, deduplicated by storage, parameters excluded.
+  Exact and device-independent: it works on a laptop CPU. Packed storage (masks, codes) is
+  counted at the bytes it really holds.
+- model state: parameters + gradients + optimiser state.
+- peak: on CUDA `torch.cuda.max_memory_allocated` over a training step; on the CPU the peak
+  of live tensor bytes during a step from torch.profiler's memory timeline.
+Process RSS is deliberately not used: the allocator keeps freed blocks.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .snapshot import preserved
+
+# Non-reentrant checkpointing keeps each block's input by reference, outside
+# saved_tensors_hooks; a checkpointed block calls `note_checkpoint_input` so that the meters
+# listening here still count it.
+_checkpoint_listeners: list = []
+
+
+def note_checkpoint_input(x: torch.Tensor) -> None:
+    for listener in _checkpoint_listeners:
+        listener(x)
+
+
+KINDS = ("conv input", "BN input", "ReLU state", "linear input", "checkpoint input", "other")
+
+
+def _kind_of(module: nn.Module | None) -> str:
+    if isinstance(module, nn.Conv2d):
+        return "conv input"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return "BN input"
+    if isinstance(module, nn.ReLU):
+        return "ReLU state"
+    if isinstance(module, nn.Linear):
+        return "linear input"
+    return "other"
+
+
+@dataclass
+class SavedActivationReport:
+    """Bytes kept for backward by one forward pass."""
+
+    total_bytes: int
+    by_kind: dict[str, int]
+    by_layer: dict[str, int]  # leaf module name -> bytes first saved while it ran
+    by_layer_kind: dict[str, dict[str, int]] = field(default_factory=dict)
+    tensors: int = 0
+
+    def to_dict(self) -> dict:
+        return {"total_bytes": self.total_bytes, "by_kind": self.by_kind, "by_layer": self.by_layer,
+                "by_layer_kind": self.by_layer_kind, "tensors": self.tensors}
+
+
+class SavedActivationMeter:
+    """Context manager recording what autograd saves; removes every hook on exit."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._stack: list[tuple[str, nn.Module]] = []
+        self._seen: set[int] = set()
+        self._param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self._param_ptrs |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+        self.by_layer: dict[str, int] = defaultdict(int)
+        self.by_layer_kind: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.by_kind: dict[str, int] = defaultdict(int)
+        self.tensors = 0
+        self._handles = []
+
+    def _record(self, t: torch.Tensor, kind: str | None = None) -> None:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in self._param_ptrs or ptr in self._seen or storage.nbytes() == 0:
+            return
+        self._seen.add(ptr)
+        name, module = self._stack[-1] if self._stack else ("(outside modules)", None)
+        kind = kind or _kind_of(module)
+        n = storage.nbytes()
+        self.by_layer[name] += n
+        self.by_layer_kind[name][kind] += n
+        self.by_kind[kind] += n
+        self.tensors += 1
+
+    def _pack(self, t):
+        # A detached view (same storage, same version counter, no grad_fn): handing autograd the
+        # tensor itself makes a cycle for a saved *output* (ReLU keeps its result: tensor ->
+        # grad_fn -> saved tensor) through C++ objects Python's collector cannot see, so a graph
+        # dropped without backward was never freed (seen on CUDA). The bytes are the same.
+        self._record(t)
+        return t.detach() if isinstance(t, torch.Tensor) else t
+
+    def _enter_hook(self, name):
+        def hook(module, args):
+            self._stack.append((name, module))
+        return hook
+
+    def _exit_hook(self, module, args, output):
+        self._stack.pop()
+
+    def __enter__(self):
+        for name, m in self.model.named_modules():
+            if len(list(m.children())) == 0:
+                self._handles.append(m.register_forward_pre_hook(self._enter_hook(name)))
+                self._handles.append(m.register_forward_hook(self._exit_hook))
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        self._listener = lambda t: self._record(t, "checkpoint input")
+        _checkpoint_listeners.append(self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        _checkpoint_listeners.remove(self._listener)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return False
+
+    def report(self) -> SavedActivationReport:
+        return SavedActivationReport(
+            total_bytes=sum(self.by_kind.values()),
+            by_kind={k: self.by_kind.get(k, 0) for k in KINDS if self.by_kind.get(k, 0)},
+            by_layer=dict(self.by_layer),
+            by_layer_kind={k: dict(v) for k, v in self.by_layer_kind.items()},
+            tensors=self.tensors,
+        )
+
+
+def saved_activation_bytes(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None
+                           ) -> SavedActivationReport:
+    """Run one training-mode forward (and the loss) and report what it keeps for backward.
+
+    The graph is dropped without running backward (the meter only needs the forward), which
+    frees what it saved; `.grad` is never touched, and buffers (BatchNorm statistics) and the
+    train/eval mode are restored, so the model is left as it was.
+    """
+    with preserved(model, grads=False, policy=False):
+        model.train()
+        with SavedActivationMeter(model) as meter:
+            out = model(inputs)
+            loss = nn.functional.cross_entropy(out, targets) if targets is not None else out.float().sum()
+        del out, loss  # frees the graph and what it saved
+    return meter.report()
+
+
+def optimizer_state_bytes_per_param(optimizer: str) -> int:
+    """fp32 buffers an optimiser keeps per parameter element (SGD momentum 1, AdamW 2)."""
+    return {"sgd": 1, "sgd-nesterov": 1, "adamw": 2, "none": 0}[optimizer]
+
+
+def model_state_bytes(model: nn.Module, optimizer: str = "sgd") -> dict[str, int]:
+    """Parameters + gradients + optimiser state, in bytes."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    opt = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad) * optimizer_state_bytes_per_param(
+        optimizer)
+    return {"params": params, "grads": grads, "optimizer": opt, "total": params + grads + opt}
+
+
+def cuda_step_peak_bytes(step_fn, device=None) -> dict[str, int]:
+    """`max_memory_allocated` over one call of `step_fn` (a full training step), CUDA only."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step_fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return {"peak_bytes": peak, "baseline_bytes": base, "step_extra_bytes": peak - base}
+
+
+def cpu_step_peak_bytes(step_fn) -> dict[str, int]:
+    """Peak of live tensor bytes allocated during `step_fn` on the CPU (transients included).
+
+    From the CPU allocator's events that torch.profiler records with `profile_memory=True`:
+    each `[memory]` event is one allocation (+bytes) or free (-bytes); their running sum in
+    time order is the live total above what existed before the step. (The events must be
+    sorted: forward and backward run on different threads.) Checked against the meter in
+    tests: the peak is never below the saved-activation bytes of the same step.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step_fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _t, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return {"step_peak_bytes": peak, "net_bytes": live}
+
+
+def training_step_fn(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, optimizer=None):
+    """A closure doing forward, loss, backward (and optimiser step when given)."""
+
+    def step():
+        out = model(inputs)
+        loss = nn.functional.cross_entropy(out, targets)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            for p in model.parameters():
+                p.grad = None
+
+    return step
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

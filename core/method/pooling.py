@@ -1,0 +1,58 @@
+"""Pooling a conv's input and rebuilding it: the paper's compression, and its low-resolution
+weight gradient (exact for inputs constant over each K x K block)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def pool(x: torch.Tensor, pool: str, k: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, ceil(H/k), ceil(W/k)); partial edge blocks pool what they hold."""
+    if pool == "avg":
+        return F.avg_pool2d(x, k, k, ceil_mode=True, count_include_pad=False)
+    return F.max_pool2d(x, k, k, ceil_mode=True)
+
+
+def upsample(xp: torch.Tensor, k: int, size: tuple[int, int]) -> torch.Tensor:
+    """Piecewise-constant reconstruction of the pooled copy, cropped to the original size."""
+    x = F.interpolate(xp, scale_factor=k, mode="nearest")  # one kernel, keeps channels_last
+    return x[:, :, : size[0], : size[1]]
+
+
+def _lowres_taps(k: int, stride: int, offsets: list[int]):
+    """For each tap offset t, how the k output positions of a block split over input blocks.
+
+    Output p = kP + r (r < k) reads input u = stride*p + t, whose block is
+    stride*P + floor((stride*r + t) / k). A[t, d] counts the r landing on block offset d,
+    so for block-constant input and output gradient: dW[t] = sum_d A[t, d] * C[d] with
+    C[d] = sum_P G[P] X[stride*P + d] -- exact, for every tap, not just the centre one.
+    """
+    deltas = sorted({(stride * r + t) // k for t in offsets for r in range(k)})
+    a = torch.zeros(len(offsets), len(deltas))
+    for i, t in enumerate(offsets):
+        for r in range(k):
+            a[i, deltas.index((stride * r + t) // k)] += 1
+    return a, deltas[0], deltas[-1]
+
+
+def lowres_weight_grad(xp, g, weight_shape, stride, padding, dilation, groups, k):
+    gp = F.avg_pool2d(g, k, k, ceil_mode=True, count_include_pad=False)  # (B, O, Hg, Wg)
+    dims = []
+    for axis in range(2):
+        offsets = [i * dilation[axis] - padding[axis] for i in range(weight_shape[2 + axis])]
+        dims.append(_lowres_taps(k, stride[axis], offsets))
+    (ay, lo_y, hi_y), (ax, lo_x, hi_x) = dims
+    # Pad (or crop) X so that a dense correlation over [lo, hi] at `stride` has Gp's size.
+    hg, wg = gp.shape[2:]
+    need_h = stride[0] * (hg - 1) + (hi_y - lo_y) + 1
+    need_w = stride[1] * (wg - 1) + (hi_x - lo_x) + 1
+    xpad = F.pad(xp, (-lo_x, need_w - xp.shape[3] + lo_x, -lo_y, need_h - xp.shape[2] + lo_y))
+    kernel = (weight_shape[0], weight_shape[1], hi_y - lo_y + 1, hi_x - lo_x + 1)
+    c = torch.ops.aten.convolution_backward(
+        gp, xpad, gp.new_empty(kernel), None, list(stride), [0, 0], [1, 1], False, [0, 0], groups,
+        [False, True, False])[1]  # (O, C/g, dy, dx)
+    ay, ax = ay.to(c), ax.to(c)
+    return torch.einsum("iy,jx,ocyx->ocij", ay, ax, c)
+
+

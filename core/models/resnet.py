@@ -1,0 +1,171 @@
+"""ResNets for CIFAR-sized and ImageNet-sized inputs.
+
+Every ReLU is its own non-in-place module (Captum's DeepLift/GuidedBackprop need that,
+and the mask ReLU swapped in by `compress_model` replaces modules one by one).
+The head averages with a plain mean rather than `AdaptiveAvgPool2d`: the latter keeps
+the last ReLU output alive for its backward, which would hide the savings we measure.
+
+Layout (shared by every model here, relied upon by `compression` and the app):
+    stem:    conv1, bn1, act1 (+ maxpool for the ImageNet stem)
+    stages:  layer1 .. layerN, each a Sequential of residual blocks
+    head:    fc
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..method.meter import note_checkpoint_input
+
+CIFAR_RESNETS = {"resnet20": 3, "resnet32": 5, "resnet56": 9}  # blocks per stage (6n+2 layers)
+IMAGENET_RESNETS = {"resnet18": ("basic", [2, 2, 2, 2]), "resnet34": ("basic", [3, 4, 6, 3]),
+                    "resnet50": ("bottleneck", [3, 4, 6, 3])}
+MODEL_NAMES = tuple(CIFAR_RESNETS) + tuple(IMAGENET_RESNETS)
+STEMS = ("cifar", "imagenet")
+
+
+class ResidualBlock(nn.Module):
+    """Base for blocks: optional gradient checkpointing of the whole block (the exact reference)."""
+
+    checkpointed: bool = False
+
+    def forward(self, x):
+        if self.checkpointed and torch.is_grad_enabled() and x.requires_grad:
+            note_checkpoint_input(x)  # the meter counts what checkpointing keeps by reference
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def _forward(self, x):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class PadShortcut(nn.Module):
+    """He et al. (2016) option A: subsample and zero-pad channels; no parameters."""
+
+    def __init__(self, out_channels: int, stride: int):
+        super().__init__()
+        self.out_channels, self.stride = out_channels, stride
+
+    def forward(self, x):
+        x = x[:, :, :: self.stride, :: self.stride]
+        extra = self.out_channels - x.shape[1]
+        return F.pad(x, (0, 0, 0, 0, extra // 2, extra - extra // 2))
+
+
+class BasicBlock(ResidualBlock):
+    expansion = 1
+
+    def __init__(self, in_ch: int, ch: int, stride: int = 1, shortcut: str = "conv"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(ch)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(ch, ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(ch)
+        self.act2 = nn.ReLU()
+        self.downsample = None
+        if stride != 1 or in_ch != ch:
+            if shortcut == "pad":
+                self.downsample = PadShortcut(ch, stride)
+            else:
+                self.downsample = nn.Sequential(nn.Conv2d(in_ch, ch, 1, stride, bias=False), nn.BatchNorm2d(ch))
+
+    def _forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.act2(out + identity)
+
+
+class Bottleneck(ResidualBlock):
+    expansion = 4
+
+    def __init__(self, in_ch: int, ch: int, stride: int = 1, shortcut: str = "conv"):
+        super().__init__()
+        out_ch = ch * self.expansion
+        self.conv1 = nn.Conv2d(in_ch, ch, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(ch)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(ch, ch, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(ch)
+        self.act2 = nn.ReLU()
+        self.conv3 = nn.Conv2d(ch, out_ch, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_ch)
+        self.act3 = nn.ReLU()
+        self.downsample = None
+        if stride != 1 or in_ch != out_ch:
+            self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+
+    def _forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.act2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.act3(out + identity)
+
+
+class ResNet(nn.Module):
+    def __init__(self, block, layers, widths, num_classes=10, stem="cifar", shortcut="conv"):
+        super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
+        self.stem_kind = stem
+        if stem == "cifar":
+            self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+            self.maxpool = None
+        else:
+            self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.act1 = nn.ReLU()
+        in_ch = widths[0]
+        self.stage_names = []
+        for i, (n_blocks, width) in enumerate(zip(layers, widths)):
+            stride = 1 if i == 0 else 2
+            blocks = []
+            for b in range(n_blocks):
+                blocks.append(block(in_ch, width, stride if b == 0 else 1, shortcut))
+                in_ch = width * block.expansion
+            name = f"layer{i + 1}"
+            setattr(self, name, nn.Sequential(*blocks))
+            self.stage_names.append(name)
+        self.num_features = in_ch
+        self.fc = nn.Linear(in_ch, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x):  # (B, 3, H, W) -> (B, C, h, w)
+        x = self.act1(self.bn1(self.conv1(x)))
+        if self.maxpool is not None:
+            x = self.maxpool(x)
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        return x
+
+    def forward_head(self, x):  # (B, C, h, w) -> (B, classes)
+        return self.fc(x.mean(dim=(2, 3)))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def build_model(name: str, num_classes: int = 10, stem: str = "cifar") -> ResNet:
+    """`resnet20/32/56` (CIFAR, 3 stages of 16/32/64, option-A shortcuts; `stem` must be
+    "cifar") or `resnet18/34/50` with the CIFAR stem (3x3 conv, no max-pool) or ImageNet stem."""
+    if name in CIFAR_RESNETS:
+        if stem != "cifar":
+            raise ValueError(f"{name} is a CIFAR ResNet and only has the 'cifar' stem")
+        n = CIFAR_RESNETS[name]
+        return ResNet(BasicBlock, [n, n, n], [16, 32, 64], num_classes, "cifar", shortcut="pad")
+    if name in IMAGENET_RESNETS:
+        kind, layers = IMAGENET_RESNETS[name]
+        block = BasicBlock if kind == "basic" else Bottleneck
+        return ResNet(block, layers, [64, 128, 256, 512], num_classes, stem)
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
