@@ -88,7 +88,7 @@ for name in ("resnet20", "resnet18"):
     for policy in ("none", "avg2+mask", "avg2+mask+bn8"):
         plan = planner.plan_memory(name, policy, device="cuda")
         model = compress_model(build_model(name), policy).cuda()
-        measured = planner.cuda_training_peak(model, 512, 32, 10, device="cuda")
+        measured = planner.training_peak(model, 512, 32, 10, device="cuda")
         out.append({"model": name, "policy": policy, "batch": 512, "predicted": plan.predict(512),
                     "measured": measured})
 print(json.dumps(out, indent=1))

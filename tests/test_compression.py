@@ -247,12 +247,25 @@ def test_stages_the_model_does_not_have_are_a_clear_error():
     assert type(model.layer3[0].conv1).__name__ == "Conv2d"
 
 
-def test_unsupported_modules_are_named():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Sequential(nn.LayerNorm(4)), nn.ReLU(inplace=True))
+class _Custom(nn.Module):
+    def forward(self, x):
+        return x * x.sigmoid()
+
+
+def test_unsupported_modules_are_named_and_the_model_is_left_as_it_was():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.PReLU(), nn.Sequential(nn.Upsample(scale_factor=2)), _Custom(),
+                          nn.ReLU(inplace=True))
+    types = [type(m) for m in model.modules()]
     with pytest.raises(PolicyError) as e:
         compress_model(model, "avg2+mask")
     msg = str(e.value)
-    assert "1 (GELU)" in msg and "2.0 (LayerNorm)" in msg and "3 (in-place ReLU)" in msg
+    assert "3 modules" in msg and "1 (PReLU)" in msg and "2.0 (Upsample)" in msg and "3 (_Custom)" in msg
+    assert "\n" not in msg
+    assert [type(m) for m in model.modules()] == types and not hasattr(model, "pp_policy")
+    # on request they stay exact, and the model says which (the meter reports their bytes as such)
+    compress_model(model, "avg2+mask", unsupported="exact")
+    assert model.pp_uncompressed == ["1", "2.0", "3"]
+    assert type(model[0]).__name__ == "CompressedConv2d" and type(model[4]).__name__ == "MaskReLU"
 
 
 def test_generic_module_of_conv_bn_relu():

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..engine.environment import pick_device
-from ..method import CompressionPolicy, compress_model
+from ..method import CompressionPolicy, compress_model, quantize
 from ..method.meter import (
     cpu_step_peak_bytes,
     cuda_step_peak_bytes,
@@ -28,7 +28,8 @@ from ..method.meter import (
 from ..models import build_model
 
 DEFAULT_POLICIES = ("none", "avg2", "mask", "avg2+mask", "avg4+mask", "avg2-lowres+mask", "max2+mask",
-                    "avg2+mask+bn16", "avg2+mask+bn8", "avg4+mask+bn8", "ckpt")
+                    "avg2+mask+bn16", "avg2+mask+bn8", "avg4+mask+bn8", "q8+mask", "q4+mask", "q4+mask+bn4",
+                    "q2+mask+bn2", "avg2+res4+mask", "avg2+res2+mask", "avg2+res2+mask+bn4", "ckpt")
 
 
 def _setup(model_name, policy, batch, size, device, stem, channels_last, seed=0):
@@ -42,9 +43,21 @@ def _setup(model_name, policy, batch, size, device, stem, channels_last, seed=0)
     return model, x, y
 
 
+def _fast_path(policies, device, reference: bool) -> None:
+    if reference:
+        quantize.use_compiled(False)
+    elif any(CompressionPolicy.parse(p).quantises for p in policies):
+        quantize.use_compiled_on(device)  # as the trainer does: the codes are the same, the passes faster
+
+
 def bench_memory(model_name="resnet18", batch=128, size=32, policies=DEFAULT_POLICIES, device="auto",
-                 stem="cifar", optimizer="sgd", channels_last=True, step_peak=True) -> list[dict]:
+                 stem="cifar", optimizer="sgd", channels_last=True, step_peak=True, reference=False) -> list[dict]:
+    """Per policy: saved bytes (the meter), model state, and (step_peak) the peak of one
+    training step: CUDA max_memory_allocated or the CPU profiler's live bytes; `transient_bytes`
+    is that peak minus the saved bytes, what the backward builds on the way. `reference`: the
+    PyTorch reference passes only (no compiled or fused kernels)."""
     device = pick_device(device)
+    _fast_path(policies, device, reference)
     rows = []
     for text in policies:
         policy = CompressionPolicy.parse(text)
@@ -59,9 +72,12 @@ def bench_memory(model_name="resnet18", batch=128, size=32, policies=DEFAULT_POL
             step = training_step_fn(model, x, y, opt)
             step()  # warm-up: creates the optimiser state, so the peak is a steady-state step's
             if device.type == "cuda":
-                row["cuda_peak_bytes"] = cuda_step_peak_bytes(step, device)["peak_bytes"]
+                peak = cuda_step_peak_bytes(step, device)
+                row["cuda_peak_bytes"] = peak["peak_bytes"]
+                row["transient_bytes"] = peak["step_extra_bytes"] - report.total_bytes
             elif device.type == "cpu":
                 row["cpu_step_peak_bytes"] = cpu_step_peak_bytes(step)["step_peak_bytes"]
+                row["transient_bytes"] = row["cpu_step_peak_bytes"] - report.total_bytes
         rows.append(row)
         del model, x, y
     base = next((r for r in rows if r["policy"] == "none"), rows[0])
@@ -73,9 +89,10 @@ def bench_memory(model_name="resnet18", batch=128, size=32, policies=DEFAULT_POL
 
 
 def bench_speed(model_name="resnet20", batch=128, size=32, policies=DEFAULT_POLICIES, device="auto",
-                stem="cifar", repeats=7, warmup=2, channels_last=True, amp=None) -> list[dict]:
+                stem="cifar", repeats=7, warmup=2, channels_last=True, amp=None, reference=False) -> list[dict]:
     """Median step time per policy; repeats interleave the policies (A B C A B C ...)."""
     device = pick_device(device)
+    _fast_path(policies, device, reference)
     amp = (device.type == "cuda") if amp is None else amp
     setups = {}
     for text in policies:

@@ -14,6 +14,15 @@ numbers per layer say how far apart they are:
   norm_ratio        ||g~|| / ||g|| (= projection / cosine): avg pooling < 1, max pooling > 1
                     (a block's maximum is >= each of its entries; after a ReLU they are >= 0).
 
+And, for the stochastic families (qB, resB, bn4, bn2), over `draws` independent draws of the
+estimate:
+
+  bias              ||mean of the draws - g|| / ||g||: how far the estimate is off on average
+  bias_floor        the part of `bias` that noise alone explains, sqrt(sum of the entries'
+                    variances / draws) / ||g||: an unbiased estimate has bias ~ bias_floor,
+                    falling as 1/sqrt(draws); a biased one (pooling: every draw the same) keeps
+                    bias = rel_error whatever the draws.
+
 Plus the check the method rests on: the gradient with respect to the input image must be
 exact under `upsample` and `lowres` (input gradients need the weights only), as long as
 BatchNorm keeps its full input. With `bn16`/`bn8` it is not, and the report says by how much.
@@ -35,19 +44,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..method import CompressionPolicy, PolicyError, compress_model, decompress_model
+from ..method import CompressionPolicy, PolicyError, compress_model, compressed, decompress_model
 from ..method.conv import CompressedConv2d
 from ..method.gradients import METRICS, compare, gradients, trainable_convs
 from ..method.policy import KS, MODES, POOLS
 from ..method.probe import conv_input_shapes, too_small_for_k
 from ..method.snapshot import preserved
 
+BIAS_METRICS = ("bias", "bias_floor")
 METRIC_LABELS = {
     "cosine": "cosine similarity",
     "rel_error": "relative L2 error",
     "sign_agreement": "sign agreement",
     "projection": "projection ratio <g~,g>/|g|^2",
     "norm_ratio": "norm ratio |g~|/|g|",
+    "bias": "bias |mean(g~)-g|/|g|",
+    "bias_floor": "bias explained by noise",
 }
 
 
@@ -87,6 +99,9 @@ class FidelityResult:
         _check_metric(metric)
         out = {}
         for s in self.settings:
+            if metric not in self.metrics[s]:  # bias metrics: only where draws were made
+                out[s] = None
+                continue
             vals = [v for i, v in enumerate(self.metrics[s][metric])
                     if v is not None and (not compressed_only or self.compressed.get(s, [True] * len(self.layers))[i])]
             out[s] = sum(vals) / len(vals) if vals else None
@@ -96,7 +111,8 @@ class FidelityResult:
         """One setting as [{"name", "cosine", "rel_error", ...}] in layer order."""
         m = self.metrics[setting]
         comp = self.compressed.get(setting, [True] * len(self.layers))
-        return [{"name": n, **{k: m[k][i] for k in METRICS}, "compressed": comp[i]}
+        keys = [k for k in (*METRICS, *BIAS_METRICS) if k in m]
+        return [{"name": n, **{k: m[k][i] for k in keys}, "compressed": comp[i]}
                 for i, n in enumerate(self.layers)]
 
     def to_rows(self) -> list[dict]:
@@ -119,8 +135,8 @@ class FidelityResult:
 
 
 def _check_metric(metric: str) -> None:
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if metric not in METRICS + BIAS_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS + BIAS_METRICS)}")
 
 
 def _loss_fn(loss) -> Callable:
@@ -169,12 +185,14 @@ def _pooled_layers(model, convs) -> list[bool]:
 
 def compare_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                       policies: Iterable[str | CompressionPolicy], loss="ce",
-                      fit_stages: bool = False) -> FidelityResult:
+                      fit_stages: bool = False, draws: int = 1) -> FidelityResult:
     """Per conv layer, the compressed weight gradient of each policy against the exact one.
 
-    One exact forward+backward, then one per policy. A policy whose K does not fit a layer
-    raises PolicyError unless `fit_stages=True`, which narrows it to the stages it fits
-    (or skips it) and notes that in the result.
+    One exact forward+backward, then one per policy (the single-draw metrics: what one
+    training step sees). With `draws` > 1 the bias metrics are added, from `draws` draws of
+    the stochastic policies (the deterministic ones need one: their bias is their error). A
+    policy whose K does not fit a layer raises PolicyError unless `fit_stages=True`, which
+    narrows it to the stages it fits (or skips it) and notes that in the result.
     """
     t0 = time.perf_counter()
     loss_fn = _loss_fn(loss)
@@ -188,7 +206,7 @@ def compare_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         shapes = conv_input_shapes(model, x)
         res.layer_shapes = {n: list(s) for n, s in shapes.items()}
         exact_w, exact_x = gradients(model, convs, x, y, loss_fn)
-        stats = {}
+        stats, bias = {}, {}
         for policy in policies:
             name = str(policy)
             if name in res.settings or name in res.skipped:
@@ -215,6 +233,8 @@ def compare_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             res.compressed[name] = pooled
             stats[name] = ([None if a is None or e is None else compare(a, e) for a, e in zip(approx_w, exact_w)],
                            _rel(approx_x, exact_x) if approx_x is not None and exact_x is not None else None)
+            if draws > 1:
+                bias[name] = _bias(model, run_policy, convs, x, y, loss_fn, approx_w, exact_w, draws)
     # one device->host transfer for everything
     flat = [t for s in res.settings for t in stats[s][0] if t is not None]
     flat += [stats[s][1].reshape(1) for s in res.settings if stats[s][1] is not None]
@@ -232,8 +252,36 @@ def compare_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         res.input_rel_error[s] = None if rel_x is None else _finite(take(1)[0])
         res.metrics[s] = {m: [None if v is None else _finite(v[i]) for v in per_layer[s]]
                           for i, m in enumerate(METRICS)}
+        if s in bias:
+            res.metrics[s].update({k: [None if v is None else _finite(float(v[j])) for v in bias[s]]
+                                   for j, k in enumerate(BIAS_METRICS)})
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _bias(model, policy, convs, x, y, loss_fn, first, exact, draws: int) -> list[tuple[float, float] | None]:
+    """Per layer (bias, bias_floor) from `draws` draws of the estimate, the first already made."""
+    if not policy.quantises:  # deterministic: every draw equals the first
+        return [None if a is None or e is None else (_rel(a, e).item(), 0.0) for a, e in zip(first, exact)]
+    total = [None if a is None else a.double() for a in first]
+    squares = [None if a is None else a.double() ** 2 for a in first]
+    with compressed(model, policy):
+        for _ in range(draws - 1):
+            more, _ = gradients(model, convs, x, y, loss_fn)
+            for i, a in enumerate(more):
+                if a is not None:
+                    total[i] += a.double()
+                    squares[i] += a.double() ** 2
+    out = []
+    for t, q, e in zip(total, squares, exact):
+        if t is None or e is None:
+            out.append(None)
+            continue
+        mean = t / draws
+        var = ((q - draws * mean ** 2) / (draws - 1)).clamp_min(0)  # per entry, unbiased
+        norm = e.double().norm().clamp_min(1e-300)
+        out.append((((mean - e.double()).norm() / norm).item(), ((var.sum() / draws).sqrt() / norm).item()))
+    return out
 
 
 def _finite(v: float) -> float | None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..method import PolicyError, compress_model, model_policy, set_policy
+from ..method import CompressionPolicy, PolicyError, compress_model, model_policy, set_policy
 from ..method.meter import KINDS, saved_activation_bytes, training_step_fn
 from ..method.snapshot import preserved
 from .synthetic import model_label, placed, random_batch
@@ -22,6 +22,14 @@ from .synthetic import model_label, placed, random_batch
 BEST_POLICY = "avg2+mask+bn8"
 STRONGEST_POLICY = "avg4+mask+bn8"
 LADDER_POLICIES = ("none", "avg2", "mask", "avg2+mask", BEST_POLICY, "ckpt")
+# The families side by side, each as the steps that build it up (README, "Compression families").
+FAMILIES = {
+    "pooling": ("avg2+mask", "avg2+mask+bn8", "avg4+mask+bn8"),
+    "quantisation": ("q8+mask", "q4+mask", "q4+mask+bn4", "q2+mask+bn2"),
+    "pooled + residual": ("avg2+res4+mask", "avg2+res2+mask", "avg2+res2+mask+bn4"),
+    "checkpointing": ("ckpt",),
+}
+FAMILY_POLICIES = ("none", *(p for steps in FAMILIES.values() for p in steps))
 OUTSIDE = "(outside modules)"  # meter's name for tensors saved outside any leaf module (the loss)
 
 
@@ -42,8 +50,12 @@ class LadderStep:
     step_seconds: float | None = None  # median training-step time (when timed)
     time_ratio: float | None = None  # step time / step time of "none"
 
+    @property
+    def family(self) -> str:
+        return CompressionPolicy.parse(self.policy).family
+
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "family": self.family}
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..method import CompressionPolicy, compress_model, model_policy, set_policy
-from ..method.meter import cuda_step_peak_bytes, model_state_bytes, saved_activation_bytes
+from ..method.meter import cpu_step_peak_bytes, cuda_step_peak_bytes, model_state_bytes, saved_activation_bytes
 from .memory_ladder import LADDER_POLICIES
 from .synthetic import model_label, optimizer_for, placed, random_batch
 
@@ -33,11 +33,13 @@ class MemoryPlan:
     """Predicted peak training memory as a function of the batch size, for one model and policy.
 
     Everywhere: model state (params + grads + optimiser state) + saved activations fitted as
-    a + b*batch from the meter at `fit_batches` -- a lower bound of the true peak (it leaves out
-    transients such as the gradient buffers alive during backward and kernel workspaces).
-    On CUDA the fit is of `max_memory_allocated` over a real training step instead, so the
-    prediction includes those transients and the fixed overhead (the intercept minus the
-    model state).
+    a + b*batch from the meter at `fit_batches`, + the backward's transients (the activation
+    gradients, rebuilt inputs and workspaces alive beside the saved tensors), measured on the
+    CPU as the profiler's step peak minus the saved bytes and the gradients, fitted the same
+    way. On CUDA the fit is of `max_memory_allocated` over a real training step instead, so
+    the prediction includes the CUDA library's own workspaces and the fixed overhead (the
+    intercept minus the model state). Without transients (transients=False) the prediction is
+    a lower bound of the peak.
     """
 
     model: str
@@ -54,16 +56,23 @@ class MemoryPlan:
     peak_fit_batches: list[int] | None = None
     peak_fit: tuple[float, float] | None = None
     overhead_bytes: float | None = None  # CUDA: intercept of peak_fit minus model state
+    transient_bytes: list[int] | None = None  # CPU: step peak - saved - gradients, per fit batch
+    transient_fit: tuple[float, float] | None = None
 
     @property
     def measure(self) -> str:
         if self.peak_fit is not None:
             return "CUDA max_memory_allocated of a training step, fitted linearly in the batch"
+        if self.transient_fit is not None:
+            return ("model state + saved activations (meter) + the backward's transients (CPU step peak), "
+                    "fitted linearly in the batch")
         return "model state + saved activations (meter), fitted linearly in the batch; a lower bound of the peak"
 
     @property
     def bytes_per_image(self) -> float:
-        return (self.peak_fit or self.saved_fit)[1]
+        if self.peak_fit is not None:
+            return self.peak_fit[1]
+        return self.saved_fit[1] + (self.transient_fit[1] if self.transient_fit else 0.0)
 
     def predict_saved(self, batch: float) -> float:
         a, b = self.saved_fit
@@ -74,7 +83,11 @@ class MemoryPlan:
         if self.peak_fit is not None:
             a, b = self.peak_fit
             return a + b * batch
-        return self.model_state["total"] + self.predict_saved(batch)
+        extra = self.transient_fit[0] + self.transient_fit[1] * batch if self.transient_fit else 0.0
+        return self.model_state["total"] + self.predict_saved(batch) + extra
+
+    def fits(self, batch: int, budget_bytes: float) -> bool:
+        return self.predict(batch) <= budget_bytes
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -84,7 +97,7 @@ class MemoryPlan:
 
 def plan_memory(model_name, policy: str, size: int = 32, optimizer: str = "sgd", stem: str = "cifar",
                 fit_batches=(8, 16, 24, 32), device="cpu", num_classes: int = 10, amp: bool = False,
-                cuda_fit_batches=(64, 96, 128)) -> MemoryPlan:
+                cuda_fit_batches=(64, 96, 128), transients: bool = True) -> MemoryPlan:
     """Measure at a few small batches, fit bytes = a + b*batch, predict any batch (see MemoryPlan).
 
     The meter's saved bytes are exactly linear in the batch, so `fit_batches` can be small.
@@ -93,6 +106,7 @@ def plan_memory(model_name, policy: str, size: int = 32, optimizer: str = "sgd",
     batch 128 by 7-20% (ResNet-18/20), while a fit at 64-128 predicted batch 512 within
     -7.5..+0.4%; hence the separate, larger `cuda_fit_batches` for the peak fit.
     `amp` (CUDA): bf16 autocast in the measured steps and the meter, as the trainer does on CUDA.
+    `transients` (CPU): also measure a training step's peak at each fit batch (slower).
     """
     fit_batches = sorted({int(b) for b in fit_batches})
     if len(fit_batches) < 2 or fit_batches[0] < 2:
@@ -114,25 +128,31 @@ def plan_memory(model_name, policy: str, size: int = 32, optimizer: str = "sgd",
                           saved_fit=_linear_fit(fit_batches, saved), model_state=state)
         if dev.type == "cuda":
             plan.peak_fit_batches = sorted({int(b) for b in cuda_fit_batches})
-            plan.peak_bytes = [cuda_training_peak(model, b, size, num_classes, optimizer, dev, amp=amp)
+            plan.peak_bytes = [training_peak(model, b, size, num_classes, optimizer, dev, amp=amp)
                                for b in plan.peak_fit_batches]
             plan.peak_fit = _linear_fit(plan.peak_fit_batches, plan.peak_bytes)
             plan.overhead_bytes = plan.peak_fit[0] - state["total"]
+        elif transients:
+            peaks = [training_peak(model, b, size, num_classes, optimizer, dev) for b in fit_batches]
+            plan.transient_bytes = [max(0, p - s - state["grads"]) for p, s in zip(peaks, saved)]
+            plan.transient_fit = _linear_fit(fit_batches, plan.transient_bytes)
     finally:
         set_policy(model, before)
     return plan
 
 
-def cuda_training_peak(model: nn.Module, batch: int, size: int, num_classes: int, optimizer: str = "sgd",
-                       device=None, amp: bool = False) -> int:
-    """`max_memory_allocated` over one full training step (forward, loss, backward, optimiser
-    step), with the optimiser state already allocated by an untimed warm-up step.
+def training_peak(model: nn.Module, batch: int, size: int, num_classes: int, optimizer: str = "sgd",
+                  device=None, amp: bool = False) -> int:
+    """The peak of one full training step (forward, loss, backward, optimiser step), with the
+    optimiser state already allocated by an untimed warm-up step: on CUDA
+    `max_memory_allocated` (process-wide: whatever else the process holds counts too), on the
+    CPU the profiler's peak of live bytes above what existed before the step.
 
-    Runs on `model` itself (no second copy on the GPU) and puts its weights, buffers and
-    `.grad` back afterwards. The figure is process-wide: whatever else the process holds on the
-    device counts too. `amp`: bf16 autocast, as the trainer uses on CUDA.
+    Runs on `model` itself (no second copy) and puts its weights, buffers and `.grad` back
+    afterwards. `amp`: bf16 autocast, as the trainer uses on CUDA.
     """
     dev = torch.device(device or "cuda")
+    cuda = dev.type == "cuda"
     model.to(dev)
     was_training = model.training
     state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -145,7 +165,7 @@ def cuda_training_peak(model: nn.Module, batch: int, size: int, num_classes: int
     del x, y
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             loss = nn.functional.cross_entropy(model(held["x"]), held["y"])
         loss.backward()
         if held["opt"] is not None:
@@ -157,14 +177,17 @@ def cuda_training_peak(model: nn.Module, batch: int, size: int, num_classes: int
 
     try:
         step()  # warm-up: optimiser state, allocator and library workspaces settle
-        return int(cuda_step_peak_bytes(step, dev)["peak_bytes"])
+        if cuda:
+            return int(cuda_step_peak_bytes(step, dev)["peak_bytes"])
+        return int(cpu_step_peak_bytes(step)["step_peak_bytes"])
     finally:
         held.clear()
         model.load_state_dict(state)
         for p, g in grads.items():
             p.grad = g
         model.train(was_training)
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
 
 
 def largest_batch(plan: MemoryPlan, budget_bytes: float, max_batch: int = 1 << 20) -> int:
@@ -180,6 +203,9 @@ def largest_batch(plan: MemoryPlan, budget_bytes: float, max_batch: int = 1 << 2
 
 
 GIB = 1024 ** 3
+
+
+GPU_SIZES_GB = (4, 6, 8, 12, 16, 24)  # consumer cards: the paper's "smaller GPUs"
 
 
 def largest_batches(model_name, policies=LADDER_POLICIES, budgets_gb=(4, 8, 12, 16, 24, 80), size: int = 32,

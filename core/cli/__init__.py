@@ -1,4 +1,4 @@
-"""The command line: `python -m core {train,evaluate,runs,bench,fidelity,report,reproduction}`.
+"""The command line: `python -m core {train,evaluate,runs,bench,fidelity,report,reproduction,plan}`.
 
 Each command lives in its own module here that exposes `register(subparsers)`; this file only
 dispatches. Thin: flags in, one core call, text out. May use every layer below (method,
@@ -22,6 +22,7 @@ COMMANDS = {
     "report": "core.cli.report",
     "runs": "core.cli.runs",
     "reproduction": "core.cli.reproduction",
+    "plan": "core.cli.plan",
 }
 
 

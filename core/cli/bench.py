@@ -36,13 +36,15 @@ def format_memory(rows, header) -> str:
     if any(peak_key in r for r in rows):
         label = "CUDA max_memory_allocated" if peak_key.startswith("cuda") else "CPU step peak (profiler)"
         cols += [(label, lambda r: format_bytes(r[peak_key])),
-                 ("vs none  ", lambda r: _pct(r.get(peak_key.replace("_bytes", "_cut"))))]
+                 ("vs none  ", lambda r: _pct(r.get(peak_key.replace("_bytes", "_cut")))),
+                 ("transients", lambda r: format_bytes(r["transient_bytes"]))]
     kinds = ("conv input", "BN input", "ReLU state", "checkpoint input")
     cols += [(k, lambda r, k=k: format_bytes(r["by_kind"].get(k, 0))) for k in kinds]
     return (f"{header}\n" + _table(rows, cols) +
-            "\n* = approximate weight gradients (pooled inputs or low-precision BN); unmarked rows are exact."
+            "\n* = approximate weight gradients (pooled, quantised or residual inputs, or low-precision BN);"
+            " unmarked rows are exact."
             "\nsaved activations: distinct bytes autograd keeps for backward in one forward pass (meter);"
-            "\nmodel state: parameters + gradients + SGD momentum.")
+            "\nmodel state: parameters + gradients + SGD momentum; transients: step peak - saved activations.")
 
 
 def format_speed(rows, header) -> str:
@@ -70,6 +72,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-peak", action="store_true", help="memory: skip the per-step peak (faster)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--reference", action="store_true",
+                   help="PyTorch reference passes only (no compiled or fused kernels), to compare against")
     p.set_defaults(func=run)
 
 
@@ -82,14 +86,18 @@ def run(args) -> int:
     device = pick_device(args.device)
     if args.what == "memory":
         model = args.model or "resnet18"
-        rows = bench_memory(model, args.batch, args.size, policies, device, args.stem, step_peak=not args.no_peak)
+        rows = bench_memory(model, args.batch, args.size, policies, device, args.stem, step_peak=not args.no_peak,
+                            reference=args.reference)
         text = format_memory(rows, f"memory: {model} ({args.stem} stem), batch {args.batch}, "
                                    f"{args.size}x{args.size}, {device.type}")
     else:
         model = args.model or "resnet20"
-        rows = bench_speed(model, args.batch, args.size, policies, device, args.stem, repeats=args.repeats)
+        rows = bench_speed(model, args.batch, args.size, policies, device, args.stem, repeats=args.repeats,
+                           reference=args.reference)
         text = format_speed(rows, f"speed: {model} ({args.stem} stem), batch {args.batch}, {args.size}x{args.size}, "
                                   f"{device.type}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    kernels = "PyTorch reference passes" if args.reference else "fast path where available"
     print(json.dumps({"model": model, "batch": args.batch, "size": args.size, "device": device.type,
-                      "torch": torch.__version__, "rows": rows}, indent=1) if args.json else text)
+                      "torch": torch.__version__, "kernels": kernels, "rows": rows}, indent=1)
+          if args.json else text + f"\nkernels: {kernels}.")
     return 0

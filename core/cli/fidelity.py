@@ -16,11 +16,12 @@ import json
 import torch
 import torch.nn.functional as F
 
-from ..analysis.fidelity import METRIC_LABELS, METRICS, FidelityResult, compare_gradients, sweep
+from ..analysis.fidelity import BIAS_METRICS, METRIC_LABELS, METRICS, FidelityResult, compare_gradients, sweep
 from ..engine import atomic
 from ..method import CompressionPolicy
 
-DEFAULT_POLICIES = ("avg2+mask", "max2+mask", "avg2-lowres+mask", "avg4+mask", "avg2+mask+bn8")
+DEFAULT_POLICIES = ("avg2+mask", "max2+mask", "avg2-lowres+mask", "avg4+mask", "avg2+mask+bn8",
+                    "q4+mask+bn4", "q2+mask+bn2", "avg2+res2+mask")
 SYNTHETIC = "noise"  # --dataset noise: smooth random images, for trying the command without data
 
 
@@ -101,9 +102,14 @@ def format_result(res: FidelityResult, metric: str = "cosine") -> str:
     for m in METRICS:
         means = res.mean(m, compressed_only=True)
         lines.append(f"mean {m}".ljust(w_name) + "  " + "  ".join(fmt(means[s]) for s in settings))
+    for m in BIAS_METRICS:
+        if any(m in res.metrics[s] for s in settings):
+            means = res.mean(m, compressed_only=True)
+            lines.append(f"mean {m}".ljust(w_name) + "  " + "  ".join(fmt(means[s]) for s in settings))
     lines.append("input-grad rel err".ljust(w_name) + "  " + "  ".join(
         ("-".rjust(w) if res.input_rel_error[s] is None else f"{res.input_rel_error[s]:{w}.1e}") for s in settings))
-    lines.append("(means over the pooled layers; the input gradient is exact under full BatchNorm)")
+    lines.append("(means over the compressed layers; the input gradient is exact under full BatchNorm; bias ~ its"
+                 " floor: unbiased)")
     for s, note in res.notes.items():
         lines.append(f"note: {s}: {note}")
     for s, why in res.skipped.items():
@@ -137,7 +143,7 @@ def cmd_fidelity(args) -> int:
         policies = args.policies or list(DEFAULT_POLICIES)
         for p in policies:
             CompressionPolicy.parse(p)
-        res = compare_gradients(model, x, y, policies, fit_stages=True)
+        res = compare_gradients(model, x, y, policies, fit_stages=True, draws=args.draws)
     if args.csv:
         write_csv(res, args.csv)
     if args.json:
@@ -171,7 +177,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-mask", action="store_true", help="sweep without the ReLU mask (gradients are the same)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="which images (and the init without --run)")
-    p.add_argument("--metric", default="cosine", choices=METRICS, help="per-layer metric in the table")
+    p.add_argument("--metric", default="cosine", choices=METRICS + BIAS_METRICS, help="per-layer metric in the table")
+    p.add_argument("--draws", type=int, default=8,
+                   help="draws of the stochastic policies for the bias rows (1 = no bias rows)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print the result as JSON")

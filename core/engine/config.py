@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..method import CompressionPolicy
-from ..models import MODEL_NAMES, STEMS
+from ..models import STEMS, is_model_name, model_names_help
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine")
@@ -32,7 +32,7 @@ def _f(default, help: str, **meta):
 class TrainConfig:
     """Everything that defines a run. `None` means "the sensible default" (see `resolved`)."""
 
-    model: str = _f("resnet20", f"one of {', '.join(MODEL_NAMES)}")
+    model: str = _f("resnet20", model_names_help())
     dataset: str = _f("features10", "features10 | cifar10 | imagefolder:PATH")
     policy: str | CompressionPolicy = _f("none", "compression policy, e.g. none, avg2+mask, q4+mask+bn4, "
                                                  "avg4-lowres+mask+bn8")
@@ -60,7 +60,9 @@ class TrainConfig:
     train_subset: int | None = _f(None, "train on a fixed subset of N images (smoke runs, demos)")
     val_subset: int | None = _f(None, "evaluate on a fixed subset of N images")
     time_budget: float | None = _f(None, "seconds of training; the LR schedule then completes within it")
-    stem: str = _f("cifar", "ResNet-18/34/50 stem", choices=STEMS)
+    stem: str = _f("cifar", "ResNet-18/34/50 stem (PoolProp's ResNets; torchvision's keep their own)",
+                   choices=STEMS)
+    weights: str | None = _f(None, "initial weights: a local safetensors state_dict (never downloaded)")
     augment: bool = _f(True, "random crop + flip")
     split_seed: int = _f(0, "seed of the train/val split and subsets")
     eval_batch_size: int = _f(512, "images per evaluation batch")
@@ -86,8 +88,8 @@ class TrainConfig:
         self._check_settings()
 
     def _check_settings(self) -> None:
-        if self.model not in MODEL_NAMES:
-            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+        if not is_model_name(self.model):
+            raise ValueError(f"unknown model {self.model!r}; choose {model_names_help()}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import signal
 import sys
 import threading
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..method import PolicyError, compress_model, model_state_bytes, saved_activation_bytes
+from ..method import PolicyError, compress_model, model_state_bytes, quantize, saved_activation_bytes
 from ..method.gradients import layer_fidelity
 from ..models import build_model
 from . import data as data_mod
@@ -138,12 +137,10 @@ class Trainer:
     def _build_model(self, cfg: TrainConfig) -> None:
         """Model, policy, optimiser, mixed precision."""
         dev = self.device
-        self.model = build_model(cfg.model, num_classes=self.num_classes, stem=cfg.stem)
+        self.model = build_model(cfg.model, num_classes=self.num_classes, stem=cfg.stem, weights=cfg.weights)
         compress_model(self.model, self.policy)
-        if self.policy.quantises and dev.type == "cpu" and os.environ.get("POOLPROP_COMPILE", "1") != "0":
-            from ..method import quantize
-
-            quantize.use_compiled(True)  # the same bytes and results, ~4x faster coding passes
+        if self.policy.quantises:
+            quantize.use_compiled_on(dev)  # the same bytes and results, ~4x faster coding passes
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model = self.model.to(device=dev, memory_format=memory_format)
         decay = [p for p in self.model.parameters() if p.ndim > 1]

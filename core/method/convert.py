@@ -1,75 +1,191 @@
 """Turning a model's layers into their compressed forms and back (`compress_model`).
 
 `compress_model` swaps module classes in place (weights and state_dict keys untouched), so
-one checkpoint loads into both forms and `decompress_model` gives the plain model back.
+one checkpoint loads into both forms and `decompress_model` gives the plain model back. It
+works on PoolProp's ResNets and on torchvision's CNNs as they come: a ReLU module that one
+block uses several times, or in place, becomes a masked ReLU whose every call keeps its own
+mask; smooth activations, LayerNorm/GroupNorm, Linear layers, global pooling, squeeze-
+excitation and ConvNeXt's layer scale each have a compressed form. The whole model is
+planned first and changed only when every module is understood: a refused conversion leaves
+the model as it was.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
+from .activations import SMOOTH, _Coded
+from .checkpointing import Checkpointed
 from .conv import CompressedConv2d, ConvInputForm
-from .masks import MaskReLU
-from .norms import LowPrecisionBatchNorm2d
+from .linear import CompressedLinear
+from .masks import MaskReLU, _Masked
+from .norms import LowPrecisionBatchNorm2d, _LowPrecisionNorm
 from .policy import CompressionPolicy, PolicyError, in_scope
+from .scale import (
+    ShapeOnlyGlobalPool,
+    _CodedLayerScale,
+    _CodedSqueezeExcite,
+    is_global_pool,
+    is_layer_scale_block,
+    is_squeeze_excitation,
+)
 
-# Leaf modules that need no swap and keep nothing worth compressing.
-_PASS_THROUGH = (nn.Linear, nn.Identity, nn.Dropout, nn.Flatten, nn.MaxPool2d, nn.AvgPool2d,
-                 nn.AdaptiveAvgPool2d, nn.Softmax)
+# Leaf modules that keep nothing a policy could shrink (or nothing at all): no swap needed.
+_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Flatten, nn.MaxPool2d, nn.AvgPool2d,
+                 nn.AdaptiveAvgPool2d, nn.Softmax, nn.ZeroPad2d)
+_PASS_THROUGH_NAMES = {"Permute", "StochasticDepth"}  # torchvision.ops, by name: core.method imports no torchvision
+# Residual blocks of torchvision's CNNs that `ckpt` recomputes (PoolProp's own have `checkpointed`).
+_BLOCK_NAMES = {"BasicBlock", "Bottleneck", "InvertedResidual", "MBConv", "FusedMBConv", "CNBlock"}
+_MASKABLE_TYPES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU)
 _ORIGINAL = "_pp_original_class"
+_ATTRS = ("pp_form", "pp_name", "pp_store", "pp_bits", "pp_channels_first", "checkpointed")
+_variants: dict[tuple[type, type], type] = {}
 
 
-def _swap(module: nn.Module, cls: type, **attrs) -> None:
-    if not hasattr(module, _ORIGINAL):
-        setattr(module, _ORIGINAL, type(module))
-    module.__class__ = cls
-    for k, v in attrs.items():
-        setattr(module, k, v)
+def _variant(base: type, mixin: type, prefix: str) -> type:
+    """`base` with `mixin`'s forward in front, made once per pair (so isinstance(base) holds)."""
+    key = (base, mixin)
+    if key not in _variants:
+        _variants[key] = type(f"{prefix}{base.__name__}", (mixin, base), {"__module__": __name__})
+    return _variants[key]
 
 
-def compress_model(model: nn.Module, policy: CompressionPolicy | str) -> nn.Module:
+def _inherits_forward(m: nn.Module, base: type) -> bool:
+    return type(m).forward is base.forward
+
+
+@dataclass
+class _Swap:
+    name: str
+    module: nn.Module
+    cls: type
+    attrs: dict
+
+
+def _is_checkpoint_block(m: nn.Module) -> bool:
+    return type(m).__name__ in _BLOCK_NAMES and not hasattr(m, "checkpointed")
+
+
+def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], list[str], list[str]]:
+    """(the swaps `policy` asks for, modules it cannot handle, modules it leaves exact)."""
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    stem = convs[0] if convs else None
+    form = ConvInputForm.of(policy)
+    code_bits = policy.bits or 8  # what smooth activations and channel scales keep, in bits
+    shrinks = policy != CompressionPolicy()
+    swaps, problems, exact = [], [], []
+    # a squeeze-excitation's 1x1 convs see the squeezed (N, C, 1, 1) vector: nothing to pool
+    excites = [n + "." for n, m in model.named_modules() if n and is_squeeze_excitation(m)]
+    for name, m in model.named_modules():
+        if name and not in_scope(name, policy, stem):
+            continue
+        leaf = len(list(m.children())) == 0
+
+        def swap(cls, name=name, m=m, **attrs):
+            swaps.append(_Swap(name, m, cls, attrs))
+
+        if policy.checkpoint:
+            if hasattr(m, "checkpointed"):
+                swap(type(m), checkpointed=True)
+            elif _is_checkpoint_block(m):
+                swap(_variant(type(m), Checkpointed, "Checkpointed"))
+            continue
+        if is_squeeze_excitation(m) and policy.compresses_conv_input:
+            swap(_variant(type(m), _CodedSqueezeExcite, "Coded"), pp_bits=code_bits)
+        elif is_layer_scale_block(m) and policy.compresses_conv_input:
+            swap(_variant(type(m), _CodedLayerScale, "Coded"), pp_bits=code_bits)
+        if not leaf:
+            continue
+        if isinstance(m, nn.Conv2d) and _inherits_forward(m, nn.Conv2d):
+            if m.padding_mode != "zeros" or isinstance(m.padding, str):
+                problems.append(f"{name} (Conv2d with padding={m.padding!r}, mode {m.padding_mode})")
+            elif any(name.startswith(e) for e in excites):
+                if policy.bits is not None:
+                    swap(CompressedConv2d, pp_form=ConvInputForm(bits=policy.bits), pp_name=name)
+            elif policy.compresses_conv_input:
+                swap(CompressedConv2d, pp_form=form, pp_name=name)
+        elif isinstance(m, nn.Linear) and _inherits_forward(m, nn.Linear):
+            if policy.compresses_conv_input:
+                swap(CompressedLinear, pp_form=form, pp_name=name)
+        elif isinstance(m, nn.BatchNorm2d) and _inherits_forward(m, nn.modules.batchnorm._BatchNorm):
+            if policy.bn != "full":
+                swap(LowPrecisionBatchNorm2d, pp_store=policy.bn)
+        elif (isinstance(m, nn.GroupNorm) and _inherits_forward(m, nn.GroupNorm)) or (isinstance(m, nn.LayerNorm) and (
+                _inherits_forward(m, nn.LayerNorm) or type(m).__name__ == "LayerNorm2d")):
+            if policy.bn != "full":  # torchvision's LayerNorm2d normalises (N, C, H, W) over C
+                swap(_variant(type(m), _LowPrecisionNorm, "LowPrecision"), pp_store=policy.bn,
+                     pp_channels_first=type(m).__name__ == "LayerNorm2d")
+        elif type(m) in _MASKABLE_TYPES:
+            if policy.relu_mask:
+                swap(MaskReLU if type(m) is nn.ReLU else _variant(type(m), _Masked, "Masked"))
+        elif isinstance(m, SMOOTH) and type(m) in SMOOTH:
+            if policy.relu_mask:
+                swap(_variant(type(m), _Coded, "Coded"), pp_bits=code_bits)
+        elif is_global_pool(m):
+            if shrinks:
+                swap(ShapeOnlyGlobalPool)
+        elif isinstance(m, _PASS_THROUGH) or type(m).__name__ in _PASS_THROUGH_NAMES or \
+                getattr(m, "pp_keeps_nothing", False):
+            pass
+        else:
+            problems.append(f"{name} ({type(m).__name__})")
+            exact.append(name)
+    return swaps, problems, exact
+
+
+def compress_model(model: nn.Module, policy: CompressionPolicy | str, unsupported: str = "error") -> nn.Module:
     """Swap layers in place to keep what `policy` says for backward; returns `model`.
 
-    Parameters, buffers and state_dict keys are untouched. Raises PolicyError naming every
-    module it cannot handle rather than skipping it.
+    Parameters, buffers and state_dict keys are untouched. A module the converter does not
+    know raises one PolicyError naming every such module by name and type, and the model is
+    left as it was; with unsupported="exact" those modules are left exact instead, named in
+    `model.pp_uncompressed`, and the meter reports their bytes as "left exact".
     """
+    if unsupported not in ("error", "exact"):
+        raise ValueError(f"unsupported={unsupported!r}: use 'error' or 'exact'")
     policy = CompressionPolicy.parse(policy)
-    decompress_model(model)
-    unsupported = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            if m.padding_mode != "zeros" or isinstance(m.padding, str):
-                unsupported.append(f"{name} (Conv2d with padding={m.padding!r}, mode {m.padding_mode})")
-        elif isinstance(m, nn.ReLU):
-            if m.inplace:
-                unsupported.append(f"{name} (in-place ReLU)")
-        elif isinstance(m, nn.BatchNorm2d) or isinstance(m, _PASS_THROUGH):
-            pass
-        elif len(list(m.children())) == 0 and type(m).__module__.startswith("torch.nn"):
-            unsupported.append(f"{name} ({type(m).__name__})")
-    if unsupported:
-        raise PolicyError("compress_model cannot handle: " + "; ".join(unsupported))
-
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    stem_conv = convs[0] if convs else None
     missing = sorted(s for s in policy.stages() or () if not any(n.startswith(f"layer{s}.") for n in convs))
     if missing:
         have = sorted({int(n[5:].split(".")[0]) for n in convs if n.startswith("layer") and n[5:6].isdigit()})
         raise PolicyError(f"{policy} names stage {', '.join(map(str, missing))}, but this model's stages are "
                           f"{', '.join(map(str, have)) or 'none'}")
-    for name, m in model.named_modules():
-        if not in_scope(name, policy, stem_conv):
-            continue
-        if isinstance(m, nn.Conv2d) and policy.compresses_conv_input and type(m) is nn.Conv2d:
-            _swap(m, CompressedConv2d, pp_form=ConvInputForm.of(policy), pp_name=name)
-        elif isinstance(m, nn.ReLU) and policy.relu_mask and type(m) is nn.ReLU:
-            _swap(m, MaskReLU)
-        elif isinstance(m, nn.BatchNorm2d) and policy.bn != "full" and type(m) is nn.BatchNorm2d:
-            _swap(m, LowPrecisionBatchNorm2d, pp_store=policy.bn)
-        elif policy.checkpoint and hasattr(m, "checkpointed"):
-            m.checkpointed = True
+    before = model_policy(model)
+    decompress_model(model)
+    swaps, problems, exact = _plan(model, policy)
+    if policy == CompressionPolicy():
+        problems, exact = [], []  # nothing to compress: nothing to refuse
+    if problems and unsupported == "error":
+        if before != CompressionPolicy():
+            compress_model(model, before, unsupported="exact")  # as it came
+        raise PolicyError(f"compress_model cannot handle {len(problems)} module{'s' if len(problems) > 1 else ''}: "
+                          + "; ".join(problems) + " (compress_model(..., unsupported='exact') leaves them exact)")
+    if policy.checkpoint and not any(s.attrs.get("checkpointed") or s.cls.__name__.startswith("Checkpointed")
+                                     for s in swaps):
+        if before != CompressionPolicy():
+            compress_model(model, before, unsupported="exact")
+        raise PolicyError("ckpt recomputes residual blocks, and this model has none PoolProp knows "
+                          f"({', '.join(sorted(_BLOCK_NAMES))})")
+    try:
+        for s in swaps:
+            if s.cls is not type(s.module):
+                _swap(s.module, s.cls)
+            for k, v in s.attrs.items():
+                setattr(s.module, k, v)
+    except Exception:
+        decompress_model(model)
+        raise
     model.pp_policy = policy
+    model.pp_uncompressed = exact if problems else []
     return model
+
+
+def _swap(module: nn.Module, cls: type) -> None:
+    if not hasattr(module, _ORIGINAL):
+        setattr(module, _ORIGINAL, type(module))
+    module.__class__ = cls
 
 
 def decompress_model(model: nn.Module) -> nn.Module:
@@ -78,11 +194,10 @@ def decompress_model(model: nn.Module) -> nn.Module:
         original = m.__dict__.pop(_ORIGINAL, None)
         if original is not None:
             m.__class__ = original
-            for attr in ("pp_form", "pp_name", "pp_store"):
-                m.__dict__.pop(attr, None)
-        if "checkpointed" in m.__dict__:
-            del m.checkpointed
+        for attr in _ATTRS:
+            m.__dict__.pop(attr, None)
     model.__dict__.pop("pp_policy", None)
+    model.__dict__.pop("pp_uncompressed", None)
     return model
 
 

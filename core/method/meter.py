@@ -18,31 +18,32 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .activations import SMOOTH
+from .checkpointing import checkpoint_listeners
 from .snapshot import preserved
 
-# Non-reentrant checkpointing keeps each block's input by reference, outside
-# saved_tensors_hooks; a checkpointed block calls `note_checkpoint_input` so that the meters
-# listening here still count it.
-_checkpoint_listeners: list = []
+KINDS = ("conv input", "BN input", "norm input", "ReLU state", "activation state", "linear input", "scale input",
+         "checkpoint input", "left exact", "other")
 
 
-def note_checkpoint_input(x: torch.Tensor) -> None:
-    for listener in _checkpoint_listeners:
-        listener(x)
-
-
-KINDS = ("conv input", "BN input", "ReLU state", "linear input", "checkpoint input", "other")
-
-
-def _kind_of(module: nn.Module | None) -> str:
+def _kind_of(module: nn.Module | None, left_exact: bool = False) -> str:
+    """What a tensor saved while `module` ran is, for the ladder: by the module's type."""
+    if left_exact:
+        return "left exact"  # compress_model(..., unsupported="exact") did not compress it
     if isinstance(module, nn.Conv2d):
         return "conv input"
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return "BN input"
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+        return "norm input"
     if isinstance(module, nn.ReLU):
         return "ReLU state"
+    if isinstance(module, (nn.Hardtanh, nn.LeakyReLU, *SMOOTH)):
+        return "activation state"
     if isinstance(module, nn.Linear):
         return "linear input"
+    if getattr(module, "pp_bits", None) is not None and len(list(module.children())):
+        return "scale input"  # squeeze-excitation or layer scale, compressed
     return "other"
 
 
@@ -66,6 +67,7 @@ class SavedActivationMeter:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self._left_exact: set[str] = set()
         self._stack: list[tuple[str, nn.Module]] = []
         self._seen: set[int] = set()
         self._param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -85,7 +87,7 @@ class SavedActivationMeter:
             return
         self._seen.add(ptr)
         name, module = self._stack[-1] if self._stack else ("(outside modules)", None)
-        kind = kind or _kind_of(module)
+        kind = kind or _kind_of(module, name in self._left_exact)
         n = storage.nbytes()
         self.by_layer[name] += n
         self.by_layer_kind[name][kind] += n
@@ -109,19 +111,22 @@ class SavedActivationMeter:
         self._stack.pop()
 
     def __enter__(self):
+        # every module but the model itself: a tensor saved by a block's own forward (a
+        # squeeze-excitation's product, a checkpointed block's input) is the block's
+        self._left_exact = set(getattr(self.model, "pp_uncompressed", []) or [])
         for name, m in self.model.named_modules():
-            if len(list(m.children())) == 0:
+            if name:
                 self._handles.append(m.register_forward_pre_hook(self._enter_hook(name)))
                 self._handles.append(m.register_forward_hook(self._exit_hook))
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()
         self._listener = lambda t: self._record(t, "checkpoint input")
-        _checkpoint_listeners.append(self._listener)
+        checkpoint_listeners.append(self._listener)
         return self
 
     def __exit__(self, *exc):
         self._hooks.__exit__(*exc)
-        _checkpoint_listeners.remove(self._listener)
+        checkpoint_listeners.remove(self._listener)
         for h in self._handles:
             h.remove()
         self._handles.clear()

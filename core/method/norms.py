@@ -63,3 +63,97 @@ class LowPrecisionBatchNorm2d(nn.BatchNorm2d):
         return LowPrecisionBNFunction.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
                                             momentum, self.eps, BN_STORAGE[self.pp_store])
 
+
+
+def _keep(x: torch.Tensor, x_hat, store):
+    """What a norm keeps: x as B-bit codes (store an int), or its normalised x_hat (a callable
+    giving it) cast to the dtype `store`. -> (tensors to save, info for dequantize or None)."""
+    if isinstance(store, int):
+        packed, lo, scale, info = quantize(x, store)
+        return [packed, lo, scale], info
+    xh = x_hat()
+    if store == torch.float8_e4m3fn:  # float8 casts are not saturating: keep in range
+        xh = xh.clamp(-448, 448)
+    return [xh.to(store)], None
+
+
+def _rebuild(kept, info, from_hat) -> torch.Tensor:
+    if info is not None:
+        return dequantize(*kept, info)
+    return from_hat(kept[0].to(torch.float32))
+
+
+class LowPrecisionLayerNormFunction(torch.autograd.Function):
+    """LayerNorm over the last dims keeping its input in `store` form (as BatchNorm above)."""
+
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, bias, eps, store):
+        out, mean, rstd = torch.ops.aten.native_layer_norm(x, normalized_shape, weight, bias, eps)
+        kept, info = _keep(x, lambda: (x - mean) * rstd, store)
+        ctx.save_for_backward(*kept, weight, bias, mean, rstd)
+        ctx.conf = (x.dtype, tuple(normalized_shape), info)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        *kept, weight, bias, mean, rstd = ctx.saved_tensors
+        dtype, normalized_shape, info = ctx.conf
+        x = _rebuild(kept, info, lambda xh: xh / rstd + mean).to(dtype)
+        need = ctx.needs_input_grad
+        gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
+            g.contiguous(), x.contiguous(), list(normalized_shape), mean, rstd, weight, bias,
+            [need[0], need[2] and weight is not None, need[3] and bias is not None])
+        return gx, None, gw, gb, None, None
+
+
+class LowPrecisionGroupNormFunction(torch.autograd.Function):
+    """GroupNorm keeping its input in `store` form (as BatchNorm above)."""
+
+    @staticmethod
+    def forward(ctx, x, groups, weight, bias, eps, store):
+        n, c = x.shape[:2]
+        hw = x[0, 0].numel()
+        out, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, hw, groups, eps)
+
+        def x_hat():
+            return ((x.reshape(n, groups, -1) - mean[..., None]) * rstd[..., None]).reshape(x.shape)
+
+        kept, info = _keep(x, x_hat, store)
+        ctx.save_for_backward(*kept, weight, mean, rstd)
+        ctx.conf = (x.dtype, tuple(x.shape), groups, info)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        *kept, weight, mean, rstd = ctx.saved_tensors
+        dtype, shape, groups, info = ctx.conf
+        n, c = shape[:2]
+
+        def from_hat(xh):
+            return (xh.reshape(n, groups, -1) / rstd[..., None] + mean[..., None]).reshape(shape)
+
+        x = _rebuild(kept, info, from_hat).to(dtype)
+        need = ctx.needs_input_grad
+        gx, gw, gb = torch.ops.aten.native_group_norm_backward(
+            g.contiguous(), x.contiguous(), mean, rstd, weight, n, c, x[0, 0].numel(), groups,
+            [need[0], need[2] and weight is not None, need[3] and weight is not None])
+        return gx, None, gw, gb, None, None
+
+
+class _LowPrecisionNorm:
+    """Mixin for nn.LayerNorm (and torchvision's LayerNorm2d, which normalises NCHW over C) and
+    nn.GroupNorm: the same forward, the input kept in `pp_store` form."""
+
+    pp_store: str = "bn16"
+
+    def forward(self, x):
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return super().forward(x)
+        store = BN_STORAGE[self.pp_store]
+        if isinstance(self, nn.GroupNorm):
+            return LowPrecisionGroupNormFunction.apply(x, self.num_groups, self.weight, self.bias, self.eps, store)
+        if getattr(self, "pp_channels_first", False):  # LayerNorm2d: (N, C, H, W) normalised over C
+            y = LowPrecisionLayerNormFunction.apply(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight,
+                                                    self.bias, self.eps, store)
+            return y.permute(0, 3, 1, 2)
+        return LowPrecisionLayerNormFunction.apply(x, self.normalized_shape, self.weight, self.bias, self.eps, store)

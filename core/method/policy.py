@@ -156,6 +156,21 @@ class CompressionPolicy:
         return (self.pool is None or self.k == 1) and self.bn == "full" and self.bits is None
 
     @property
+    def family(self) -> str:
+        """Which way of saving it belongs to, for grouping: the baseline, pooling (the paper),
+        quantisation (ActNN), pooled + residual (DIVISION), checkpointing, or mask/BatchNorm
+        savers alone."""
+        if self.checkpoint:
+            return "checkpointing"
+        if self.residual_bits is not None:
+            return "pooled + residual"
+        if self.bits is not None:
+            return "quantisation"
+        if self.pool is not None:
+            return "pooling"
+        return "baseline" if self == CompressionPolicy() else "mask / BatchNorm only"
+
+    @property
     def quantises(self) -> bool:
         """Whether any part keeps B-bit codes (qB, resB, bn4, bn2)."""
         return self.bits is not None or self.residual_bits is not None or isinstance(BN_STORAGE[self.bn], int)

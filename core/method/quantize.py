@@ -28,6 +28,7 @@ swaps in torch.compile'd versions of the three element-wise passes (one fused lo
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -42,12 +43,14 @@ DITHER_BITS = 15
 
 @dataclass(frozen=True)
 class PackedShape:
-    """What unpacking needs besides the tensors: the shape, the layout, the bits, the dtype."""
+    """What unpacking needs besides the tensors: the shape coded (4-D), the layout, the bits,
+    the dtype, and the caller's shape when it was not 4-D."""
 
     shape: tuple[int, ...]
     channels_last: bool
     bits: int
     dtype: torch.dtype
+    orig_shape: tuple[int, ...] | None = None
 
 
 def plane_size(numel: int, bits: int) -> int:
@@ -56,7 +59,8 @@ def plane_size(numel: int, bits: int) -> int:
 
 def packed_bytes(shape: tuple[int, ...], bits: int) -> int:
     """Bytes `quantize` keeps for a tensor of `shape`: the codes plus two bf16 per group."""
-    return plane_size(math.prod(shape), bits) + 2 * 2 * shape[0] * shape[1]
+    groups = shape[0] * (1 if len(shape) == 2 else shape[1])
+    return plane_size(math.prod(shape), bits) + 2 * 2 * groups
 
 
 # ---------------------------------------------------------------------------------------
@@ -130,6 +134,14 @@ def use_compiled(on: bool = True) -> bool:
     return True
 
 
+def use_compiled_on(device) -> bool:
+    """The fast path where it exists and is wanted: compiled passes on the CPU unless
+    POOLPROP_COMPILE=0 (tests that want the reference set it). Returns whether they run now."""
+    if torch.device(device).type != "cpu" or os.environ.get("POOLPROP_COMPILE", "1") == "0":
+        return compiled_in_use()
+    return use_compiled(True)
+
+
 def compiled_in_use() -> bool:
     return _active["encode"] is not _PASSES["encode"]
 
@@ -160,22 +172,36 @@ def dither(numel: int, bits: int, device, generator: torch.Generator | None = No
     return words.view(torch.int16)[:n]
 
 
+def _as_4d(x: torch.Tensor) -> torch.Tensor:
+    """The (N, C, H, W) whose (n, c) groups code `x`: itself when 4-D; (N, F) -> one group per
+    sample (N, 1, F, 1); (N, L, C) -> one per token (N, L, C, 1)."""
+    if x.dim() == 4:
+        return x
+    if x.dim() == 2:
+        return x.reshape(x.shape[0], 1, x.shape[1], 1)
+    if x.dim() == 3:
+        return x.unsqueeze(-1)
+    raise ValueError(f"quantize takes 2-, 3- or 4-D tensors, got shape {tuple(x.shape)}")
+
+
 def quantize(x: torch.Tensor, bits: int, generator: torch.Generator | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PackedShape]:
-    """x (N, C, H, W) -> (packed codes uint8, lo bf16 (N, C), scale bf16 (N, C), shape info)."""
+    """x (N, C, H, W) -> (packed codes uint8, lo bf16 (N, C), scale bf16 (N, C), shape info).
+    2- and 3-D tensors are coded per sample / per token (`_as_4d`)."""
     if bits not in BITS:
         raise ValueError(f"{bits} bits are not supported; use one of {BITS}")
-    if x.dim() != 4:
-        raise ValueError(f"quantize expects (N, C, H, W), got shape {tuple(x.shape)}")
+    orig = tuple(x.shape) if x.dim() != 4 else None
+    x = _as_4d(x)
     lo, scale = group_range(x, bits)
     s = scale.float()
     inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
     u = dither(x.numel(), bits, x.device, generator)
     cl = is_channels_last(x)
     packed = _active["encode"](x, lo.float(), inv, u, bits, cl)
-    return packed, lo, scale, PackedShape(tuple(x.shape), cl, bits, x.dtype)
+    return packed, lo, scale, PackedShape(tuple(x.shape), cl, bits, x.dtype, orig)
 
 
 def dequantize(packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, info: PackedShape) -> torch.Tensor:
     """The reconstruction lo + code * scale, in the original shape, layout and dtype."""
-    return _active["decode"](packed, lo, scale, info.shape, info.channels_last, info.bits, info.dtype)
+    out = _active["decode"](packed, lo, scale, info.shape, info.channels_last, info.bits, info.dtype)
+    return out if info.orig_shape is None else out.reshape(info.orig_shape)

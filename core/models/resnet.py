@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..method.meter import note_checkpoint_input
+from ..method.checkpointing import note_checkpoint_input
 
 CIFAR_RESNETS = {"resnet20": 3, "resnet32": 5, "resnet56": 9}  # blocks per stage (6n+2 layers)
 IMAGENET_RESNETS = {"resnet18": ("basic", [2, 2, 2, 2]), "resnet34": ("basic", [3, 4, 6, 3]),
@@ -43,7 +43,10 @@ class ResidualBlock(nn.Module):
 
 
 class PadShortcut(nn.Module):
-    """He et al. (2016) option A: subsample and zero-pad channels; no parameters."""
+    """He et al. (2016) option A: subsample and zero-pad channels; no parameters, and nothing kept
+    for backward (compress_model needs no form of it)."""
+
+    pp_keeps_nothing = True
 
     def __init__(self, out_channels: int, stride: int):
         super().__init__()

