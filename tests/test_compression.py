@@ -304,10 +304,13 @@ def test_backward_inside_an_autocast_region(policy, device):
     assert min(_grad_cosines(model, outside)) > 0.999
 
 
-def test_gpu_bit_packing_path_matches_numpy_path():
-    from core.method.masks import _pack_bits_torch, _unpack_bits_torch
-
-    flat = torch.rand(1003) > 0.5
+def test_masks_are_packed_eight_a_byte_in_planes():
+    """1003 elements (not a multiple of 8): 126 bytes; element j of plane i is bit i of byte j,
+    where planes are the 8 consecutive runs of 126 elements in memory order."""
+    flat = torch.rand(1003, generator=torch.Generator().manual_seed(0)) > 0.5
     packed = pack_mask(flat.view(1, 1, 17, 59))
-    assert torch.equal(_pack_bits_torch(flat), packed)
-    assert torch.equal(_unpack_bits_torch(packed, flat.numel()), flat)
+    assert packed.dtype == torch.uint8 and packed.numel() == 126
+    padded = torch.cat([flat, torch.zeros(5, dtype=torch.bool)]).view(8, 126)
+    expect = sum(padded[i].to(torch.int32) << i for i in range(8)).to(torch.uint8)
+    assert torch.equal(packed, expect)
+    assert torch.equal(unpack_mask(packed, (1, 1, 17, 59), False).reshape(-1), flat)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core.method import fastpath
 from core.method import quantize as Q
 from core.method.conv import CompressedConvFunction, ConvInputForm
 from core.method.convert import compress_model, decompress_model
@@ -77,13 +78,13 @@ def test_reconstruction_is_unbiased(bits):
 def test_compiled_passes_are_bit_identical():
     x = _layout(torch.randn(4, 8, 6, 6), True)
     try:
-        compiled = Q.use_compiled(True)
+        compiled = fastpath.use_compiled(True)
         if not compiled:
             pytest.skip("torch.compile unavailable here (no C++ compiler)")
         a = Q.quantize(x, 2, generator=torch.Generator().manual_seed(5))
         ra = Q.dequantize(*a)
     finally:
-        Q.use_compiled(False)
+        fastpath.use_compiled(False)
     b = Q.quantize(x, 2, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
     assert torch.equal(ra, Q.dequantize(*b))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..engine.environment import pick_device
-from ..method import CompressionPolicy, compress_model, quantize
+from ..method import CompressionPolicy, compress_model, fastpath
 from ..method.meter import (
     cpu_step_peak_bytes,
     cuda_step_peak_bytes,
@@ -45,9 +45,12 @@ def _setup(model_name, policy, batch, size, device, stem, channels_last, seed=0)
 
 def _fast_path(policies, device, reference: bool) -> None:
     if reference:
-        quantize.use_compiled(False)
-    elif any(CompressionPolicy.parse(p).quantises for p in policies):
-        quantize.use_compiled_on(device)  # as the trainer does: the codes are the same, the passes faster
+        fastpath.use_compiled(False)
+        fastpath.use_triton(False)
+    else:
+        fastpath.use_triton(True)
+        if any(CompressionPolicy.parse(p) != CompressionPolicy() for p in policies):
+            fastpath.use_compiled_on(device)  # as the trainer does: the same bytes, fused passes
 
 
 def bench_memory(model_name="resnet18", batch=128, size=32, policies=DEFAULT_POLICIES, device="auto",
@@ -89,8 +92,12 @@ def bench_memory(model_name="resnet18", batch=128, size=32, policies=DEFAULT_POL
 
 
 def bench_speed(model_name="resnet20", batch=128, size=32, policies=DEFAULT_POLICIES, device="auto",
-                stem="cifar", repeats=7, warmup=2, channels_last=True, amp=None, reference=False) -> list[dict]:
-    """Median step time per policy; repeats interleave the policies (A B C A B C ...)."""
+                stem="cifar", repeats=7, warmup=2, channels_last=True, amp=None, reference=False,
+                peak=True) -> list[dict]:
+    """Median step time per policy; repeats interleave the policies (A B C A B C ...). On CUDA
+    the time is CUDA events' (the kernels' wall time, launches included). With `peak`, after
+    the timing one more step per policy gives the step peak (CUDA max_memory_allocated or the
+    CPU profiler's) and its transients (peak - saved activations)."""
     device = pick_device(device)
     _fast_path(policies, device, reference)
     amp = (device.type == "cuda") if amp is None else amp
@@ -115,14 +122,20 @@ def bench_speed(model_name="resnet20", batch=128, size=32, policies=DEFAULT_POLI
     # is far less disturbed by other processes (it does not count time spent waiting for a core).
     times: dict[str, list[float]] = {k: [] for k in setups}
     cpu_times: dict[str, list[float]] = {k: [] for k in setups}
+    cuda = device.type == "cuda"
     for r in range(warmup + repeats):
         for name, s in setups.items():
             sync()
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
             t0, c0 = time.perf_counter(), time.process_time()
             step(*s)
+            if cuda:
+                end.record()
             sync()
             if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(start.elapsed_time(end) / 1000 if cuda else time.perf_counter() - t0)
                 cpu_times[name].append(time.process_time() - c0)
     base = statistics.median(times.get("none") or next(iter(times.values())))
     cpu_base = statistics.median(cpu_times.get("none") or next(iter(cpu_times.values())))
@@ -134,5 +147,12 @@ def bench_speed(model_name="resnet20", batch=128, size=32, policies=DEFAULT_POLI
         if device.type == "cpu":
             cpu_med = statistics.median(cpu_times[name])
             row.update(cpu_step_s=cpu_med, cpu_ratio=cpu_med / cpu_base)
+        if peak:
+            model, x, y, opt = setups[name]
+            saved = saved_activation_bytes(model, x, y).total_bytes
+            one = (lambda s=setups[name]: step(*s))
+            row["peak_bytes"] = (cuda_step_peak_bytes(one, device)["step_extra_bytes"] if cuda
+                                 else cpu_step_peak_bytes(one)["step_peak_bytes"])
+            row["saved_bytes"], row["transient_bytes"] = saved, row["peak_bytes"] - saved
         rows.append(row)
     return rows

@@ -51,7 +51,10 @@ def format_speed(rows, header) -> str:
     cols = [("policy", lambda r: r["policy"]), ("step time", lambda r: f"{r['step_s'] * 1000:.0f} ms"),
             ("ratio to none", lambda r: f"{r['ratio']:.2f}"), ("images/s", lambda r: f"{r['images_per_s']:.0f}"),
             ("spread", lambda r: f"{r['spread']:.0%}")]
-    note = "\nmedian of interleaved repeats; spread = (max-min)/median."
+    if all("peak_bytes" in r for r in rows):
+        cols += [("step peak", lambda r: format_bytes(r["peak_bytes"])),
+                 ("transients", lambda r: format_bytes(r["transient_bytes"]))]
+    note = "\nmedian of interleaved repeats; spread = (max-min)/median; transients = step peak - saved activations."
     if all("cpu_ratio" in r for r in rows):
         cols += [("CPU time", lambda r: f"{r['cpu_step_s'] * 1000:.0f} ms"),
                  ("CPU-time ratio", lambda r: f"{r['cpu_ratio']:.2f}")]
@@ -69,7 +72,7 @@ def register(subparsers) -> None:
     p.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES))
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=7, help="speed: timed repeats per policy")
-    p.add_argument("--no-peak", action="store_true", help="memory: skip the per-step peak (faster)")
+    p.add_argument("--no-peak", action="store_true", help="skip the per-step peak and transients (faster)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--reference", action="store_true",
@@ -93,7 +96,7 @@ def run(args) -> int:
     else:
         model = args.model or "resnet20"
         rows = bench_speed(model, args.batch, args.size, policies, device, args.stem, repeats=args.repeats,
-                           reference=args.reference)
+                           reference=args.reference, peak=not args.no_peak)
         text = format_speed(rows, f"speed: {model} ({args.stem} stem), batch {args.batch}, {args.size}x{args.size}, "
                                   f"{device.type}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     kernels = "PyTorch reference passes" if args.reference else "fast path where available"

@@ -9,42 +9,64 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fastpath import fused
 from .layout import from_memory_order, is_channels_last, memory_order_flat
 
-_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def _flat(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return memory_order_flat(t, channels_last) if t.dim() == 4 else t.reshape(-1)
+
+
+def _planes(flat: torch.Tensor) -> torch.Tensor:
+    """(8, ceil(n/8)) view of a memory-order vector padded to a multiple of 8: byte j of the mask
+    holds element j of every plane (planar packing: every plane is a contiguous stream, which a
+    compiled loop reads with vector instructions; bit i is plane i)."""
+    pad = (-flat.numel()) % 8
+    return (F.pad(flat, (0, pad)) if pad else flat).view(8, -1)
+
+
+def _region(x: torch.Tensor, kind: str, a: float, b: float) -> torch.Tensor:
+    """Where the gradient passes with slope 1."""
+    return (x > a) & (x < b) if kind == "hardtanh" else x > 0
+
+
+@fused
+def _mask_pack(x: torch.Tensor, kind: str, a: float, b: float, channels_last: bool) -> torch.Tensor:
+    """The region of x as bits, planar, in x's memory order: one pass over x."""
+    bits = _planes(_region(_flat(x, channels_last), kind, a, b).to(torch.int32))
+    w = torch.tensor(_WEIGHTS, dtype=torch.int32, device=x.device).view(8, 1)
+    return (bits * w).sum(0).to(torch.uint8)
+
+
+@fused
+def _mask_apply(g: torch.Tensor, packed: torch.Tensor, shape: tuple[int, ...], channels_last: bool, kind: str,
+                slope: float) -> torch.Tensor:
+    """g where the mask is set, g * slope elsewhere (0 for ReLU/Hardtanh), in `shape` and the
+    given layout: one pass over g."""
+    n = math.prod(shape)
+    w = torch.tensor(_WEIGHTS, dtype=torch.int32, device=g.device).view(8, 1)
+    on = ((packed.to(torch.int32).view(1, -1) & w) != 0).reshape(-1)[:n]  # plane-major, as packed
+    factor = on.to(g.dtype) if kind != "leaky" else torch.where(on, 1.0, slope).to(g.dtype)
+    out = _flat(g, channels_last) * factor
+    return from_memory_order(out, shape, channels_last) if len(shape) == 4 else out.view(shape)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """bool tensor -> uint8, 8 elements a byte, little bit order (in the tensor's memory order)."""
-    flat = memory_order_flat(mask) if mask.dim() == 4 else mask.reshape(-1)
-    if flat.device.type == "cpu":  # numpy's packbits is ~30x faster than the tensor ops below
-        return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
-    return _pack_bits_torch(flat)
-
-
-def _pack_bits_torch(flat: torch.Tensor) -> torch.Tensor:  # any device
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = F.pad(flat, (0, pad))
-    return (flat.view(-1, 8).to(torch.uint8) * _BITS.to(flat.device)).sum(1, dtype=torch.uint8)
-
-
-def _unpack_bits_torch(packed: torch.Tensor, n: int) -> torch.Tensor:  # any device
-    return (packed.unsqueeze(1) & _BITS.to(packed.device)).ne(0).view(-1)[:n]
+    """bool tensor -> uint8, 8 elements a byte (planar, in the tensor's memory order)."""
+    return _mask_pack.reference(mask.to(torch.float32), "relu", 0.0, 0.0, is_channels_last(mask))
 
 
 def unpack_mask(packed: torch.Tensor, shape, channels_last: bool) -> torch.Tensor:
-    n = math.prod(shape)
-    if packed.device.type == "cpu":
-        bits = torch.from_numpy(np.unpackbits(packed.numpy(), count=n, bitorder="little").view(np.bool_))
-    else:
-        bits = _unpack_bits_torch(packed, n)
-    return from_memory_order(bits, shape, channels_last) if len(shape) == 4 else bits.view(shape)
+    ones = torch.ones(shape, device=packed.device)
+    if channels_last:
+        ones = ones.contiguous(memory_format=torch.channels_last)
+    return _mask_apply.reference(ones, packed, tuple(shape), channels_last, "relu", 0.0).bool()
 
 
 class MaskedActivationFunction(torch.autograd.Function):
@@ -55,27 +77,24 @@ class MaskedActivationFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kind: str, a: float, b: float):
         if kind == "relu":
-            y, region = torch.relu(x), None
+            y = torch.relu(x)
         elif kind == "hardtanh":
-            y, region = F.hardtanh(x, a, b), (x > a) & (x < b)
+            y = F.hardtanh(x, a, b)
         else:
-            y, region = F.leaky_relu(x, a), x > 0
-        region = y > 0 if region is None else region
-        ctx.conf = (tuple(x.shape), is_channels_last(x), kind, a)
-        ctx.save_for_backward(pack_mask(region))
+            y = F.leaky_relu(x, a)
+        cl = is_channels_last(x)
+        ctx.conf = (tuple(x.shape), cl, kind, a)
+        ctx.save_for_backward(_mask_pack(x, kind, a, b, cl))
         return y
 
     @staticmethod
     def backward(ctx, g):
         (packed,) = ctx.saved_tensors
         shape, cl, kind, a = ctx.conf
-        mask = unpack_mask(packed, shape, cl)
         # The gradient in the input's layout: g may come in without one (the head's mean gives a
         # stride-0 gradient), and BatchNorm's backward below runs twice as long on NCHW (measured).
-        out = torch.empty_like(mask, dtype=g.dtype)
-        if kind == "leaky":
-            return torch.mul(g, torch.where(mask, 1.0, a).to(g.dtype), out=out), None, None, None
-        return torch.mul(g, mask, out=out), None, None, None
+        slope = a if kind == "leaky" else 0.0
+        return _mask_apply(g, packed, shape, cl, kind, slope), None, None, None
 
 
 class _Masked:

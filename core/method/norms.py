@@ -5,8 +5,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .fastpath import fused
 from .policy import BN_STORAGE
 from .quantize import dequantize, quantize
+
+
+@fused
+def _bn_keep(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, store: torch.dtype) -> torch.Tensor:
+    """x_hat = (x - mean) * invstd in `store` (float8 kept in its range: its casts do not
+    saturate): one pass."""
+    shape = (1, -1, 1, 1)
+    x_hat = (x - mean.view(shape).to(x.dtype)) * invstd.view(shape).to(x.dtype)
+    if store == torch.float8_e4m3fn:
+        x_hat = x_hat.clamp(-448, 448)
+    return x_hat.to(store)
+
+
+@fused
+def _bn_rebuild(x_hat: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x = x_hat / invstd + mean, back in `dtype`: one pass."""
+    shape = (1, -1, 1, 1)
+    return (x_hat.to(torch.float32) / invstd.view(shape) + mean.view(shape)).to(dtype)
 
 
 class LowPrecisionBNFunction(torch.autograd.Function):
@@ -23,16 +42,12 @@ class LowPrecisionBNFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, store):
         out, mean, invstd = torch.ops.aten.native_batch_norm(
             x, weight, bias, running_mean, running_var, True, momentum, eps)
-        shape = (1, -1, 1, 1)
         info = None
         if isinstance(store, int):
             packed, lo, scale, info = quantize(x, store)
             kept = [packed, lo, scale]
         else:
-            x_hat = (x - mean.view(shape).to(x.dtype)) * invstd.view(shape).to(x.dtype)
-            if store == torch.float8_e4m3fn:  # float8 casts are not saturating: keep in range
-                x_hat = x_hat.clamp(-448, 448)
-            kept = [x_hat.to(store)]
+            kept = [_bn_keep(x, mean, invstd, store)]
         ctx.save_for_backward(*kept, weight, mean, invstd)
         ctx.conf = (x.dtype, eps, info)
         return out
@@ -41,11 +56,7 @@ class LowPrecisionBNFunction(torch.autograd.Function):
     def backward(ctx, g):
         *kept, weight, mean, invstd = ctx.saved_tensors
         dtype, eps, info = ctx.conf
-        shape = (1, -1, 1, 1)
-        if info is not None:
-            x_rec = dequantize(*kept, info)
-        else:
-            x_rec = (kept[0].to(torch.float32) / invstd.view(shape) + mean.view(shape)).to(dtype)
+        x_rec = dequantize(*kept, info) if info is not None else _bn_rebuild(kept[0], mean, invstd, dtype)
         need = ctx.needs_input_grad
         gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
             g, x_rec, weight, None, None, mean, invstd, True, eps, [need[0], need[1], need[2]])

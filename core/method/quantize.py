@@ -20,21 +20,20 @@ which a compiled loop reads and writes with vector instructions (consecutive pac
 with a stride and ran 5x slower). What autograd keeps, and the memory meter counts, is the
 packed bytes plus 4 bytes of range per group.
 
-Speed: the functions below are plain PyTorch (the reference, any device). `use_compiled(True)`
-swaps in torch.compile'd versions of the three element-wise passes (one fused loop each, about
-4x faster on the CPU); they are bit-identical given the same dither (tested).
+Speed: the three passes below are plain PyTorch (the reference, any device), registered with
+core.method.fastpath: compiled on the CPU they run as one fused loop each (about 4x faster),
+bit-identical given the same dither (tested).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .fastpath import fused
 from .layout import from_memory_order, is_channels_last, memory_order_flat
 
 BITS = (1, 2, 4, 8)
@@ -67,6 +66,7 @@ def packed_bytes(shape: tuple[int, ...], bits: int) -> int:
 # The passes (reference PyTorch; torch.compile'd on request)
 # ---------------------------------------------------------------------------------------
 
+@fused
 def _range_pass(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (sample, channel) min and max of x (N, C, H, W), float32 (N, C)."""
     n, c = x.shape[:2]
@@ -77,6 +77,7 @@ def _range_pass(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lo.float(), hi.float()
 
 
+@fused
 def _encode_pass(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, dither: torch.Tensor,
                  bits: int, channels_last: bool) -> torch.Tensor:
     """Codes floor((x - lo) * inv + u), planar-packed. lo, inv float32 (N, C); dither int16 with
@@ -95,6 +96,7 @@ def _encode_pass(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, dither: t
     return packed.to(torch.uint8)
 
 
+@fused
 def _decode_pass(packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...],
                  channels_last: bool, bits: int, dtype: torch.dtype) -> torch.Tensor:
     """lo + code * scale, (N, C, H, W) in the given layout and dtype."""
@@ -104,46 +106,6 @@ def _decode_pass(packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, sh
     q = from_memory_order(codes, shape, channels_last)
     out = q.float() * scale.float()[:, :, None, None] + lo.float()[:, :, None, None]
     return out.to(dtype)
-
-
-_PASSES = {"range": _range_pass, "encode": _encode_pass, "decode": _decode_pass}
-_active = dict(_PASSES)
-
-
-def use_compiled(on: bool = True) -> bool:
-    """Run the passes through torch.compile (static shapes: one compiled loop per shape,
-    compiled once per process and cached on disk by inductor). Returns whether they are now
-    compiled; False with a warning where compiling is impossible (no C++ compiler): the eager
-    passes then run, which keep exactly the same bytes, only slower."""
-    if not on:
-        _active.update(_PASSES)
-        return False
-    try:
-        import torch._dynamo
-
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        compiled = {k: torch.compile(f, dynamic=False) for k, f in _PASSES.items()}
-        x = torch.rand(2, 4, 4, 4)
-        compiled["range"](x)  # compile one tiny case now: a missing compiler fails here, not mid-step
-    except Exception as e:  # noqa: BLE001 - any compiler problem: keep the reference passes
-        warnings.warn(f"compiled quantisation unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                      "using the PyTorch reference (same bytes, slower)", stacklevel=2)
-        _active.update(_PASSES)
-        return False
-    _active.update(compiled)
-    return True
-
-
-def use_compiled_on(device) -> bool:
-    """The fast path where it exists and is wanted: compiled passes on the CPU unless
-    POOLPROP_COMPILE=0 (tests that want the reference set it). Returns whether they run now."""
-    if torch.device(device).type != "cpu" or os.environ.get("POOLPROP_COMPILE", "1") == "0":
-        return compiled_in_use()
-    return use_compiled(True)
-
-
-def compiled_in_use() -> bool:
-    return _active["encode"] is not _PASSES["encode"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,7 +121,7 @@ def _bf16_toward(t: torch.Tensor, direction: float) -> torch.Tensor:
 
 def group_range(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (sample, channel) minimum (rounded down) and step (rounded up), bfloat16 (N, C)."""
-    lo32, hi = _active["range"](x)
+    lo32, hi = _range_pass(x)
     lo = _bf16_toward(lo32, -1.0)
     scale = _bf16_toward((hi - lo.float()) / ((1 << bits) - 1), 1.0)
     return lo, scale
@@ -197,11 +159,11 @@ def quantize(x: torch.Tensor, bits: int, generator: torch.Generator | None = Non
     inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
     u = dither(x.numel(), bits, x.device, generator)
     cl = is_channels_last(x)
-    packed = _active["encode"](x, lo.float(), inv, u, bits, cl)
+    packed = _encode_pass(x, lo.float(), inv, u, bits, cl)
     return packed, lo, scale, PackedShape(tuple(x.shape), cl, bits, x.dtype, orig)
 
 
 def dequantize(packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, info: PackedShape) -> torch.Tensor:
     """The reconstruction lo + code * scale, in the original shape, layout and dtype."""
-    out = _active["decode"](packed, lo, scale, info.shape, info.channels_last, info.bits, info.dtype)
+    out = _decode_pass(packed, lo, scale, info.shape, info.channels_last, info.bits, info.dtype)
     return out if info.orig_shape is None else out.reshape(info.orig_shape)

@@ -1,0 +1,120 @@
+"""The fast path against the reference: compiled CPU passes and Triton kernels (run under
+Triton's interpreter on the CPU, so CI checks them without a GPU) give the same bits."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.method import compress_model, fastpath, masks, norms
+from core.method import quantize as Q
+from core.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cases():
+    for channels_last in (False, True):
+        for shape in ((2, 3, 5, 7), (3, 8, 4, 4)):
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+            yield (x.contiguous(memory_format=torch.channels_last) if channels_last else x), channels_last
+
+
+def _all_passes(x, cl):
+    """Every fused pass on x: the masks of the three kinds, codes of every width, BN's x_hat."""
+    out = []
+    for kind, a, b in (("relu", 0.0, 0.0), ("hardtanh", -0.3, 0.4), ("leaky", 0.1, 0.0)):
+        p = masks._mask_pack(x, kind, a, b, cl)
+        out += [p, masks._mask_apply(x * 2, p, tuple(x.shape), cl, kind, a if kind == "leaky" else 0.0)]
+    for bits in Q.BITS:
+        codes = Q.quantize(x, bits, generator=torch.Generator().manual_seed(bits))
+        out += [codes[0], Q.dequantize(*codes)]
+    mean, invstd = x.mean((0, 2, 3)), x.var((0, 2, 3)).add(1e-5).rsqrt()
+    for store in (torch.bfloat16, torch.float8_e4m3fn):
+        kept = norms._bn_keep(x, mean, invstd, store)
+        out += [kept.float(), norms._bn_rebuild(kept, mean, invstd, torch.float32)]
+    return out
+
+
+def test_compiled_passes_are_bit_identical_to_the_reference():
+    cases = list(_cases())
+    reference = [_all_passes(x, cl) for x, cl in cases]
+    try:
+        if not fastpath.use_compiled(True):
+            pytest.skip("torch.compile unavailable here (no C++ compiler)")
+        assert fastpath.compiled_in_use()
+        compiled = [_all_passes(x, cl) for x, cl in cases]
+    finally:
+        fastpath.use_compiled(False)
+    for ref, got in zip(reference, compiled):
+        for r, g in zip(ref, got):
+            assert torch.equal(r, g) and r.stride() == g.stride()
+
+
+def test_a_training_step_is_the_same_on_the_fast_path():
+    """Same weights, same batch, same RNG: the fast path's gradients equal the reference's,
+    bit for bit, for each family (float32 rounding is the same: the same operations in the
+    same order, only fused)."""
+    x, y = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last), torch.randint(0, 10, (4,))
+    for policy in ("avg2+mask+bn8", "q2+mask+bn2"):
+        grads = []
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            model = compress_model(build_model("resnet20"), policy).to(memory_format=torch.channels_last)
+            fastpath.use_compiled(compiled)
+            try:
+                torch.manual_seed(1)
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+            finally:
+                fastpath.use_compiled(False)
+            grads.append([p.grad for p in model.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*grads)), policy
+
+
+@pytest.mark.skipif(not fastpath.triton_available(), reason="Triton is not installed")
+def test_every_kernel_replaces_a_registered_pass():
+    from core.method.kernels import KERNELS
+
+    assert KERNELS and set(KERNELS) <= set(fastpath._reference)
+
+
+@pytest.mark.skipif(not fastpath.triton_available(), reason="Triton is not installed")
+def test_triton_kernels_under_the_interpreter_equal_the_reference():
+    code = r'''
+import torch
+from core.method import kernels, masks, quantize as Q
+torch.manual_seed(0)
+checked = 0
+for cl in (False, True):
+    for shape in ((2, 3, 5, 7), (3, 8, 4, 4), (1, 16, 3, 3)):
+        x = torch.randn(shape)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        g = torch.randn(shape).contiguous(memory_format=torch.channels_last) if cl else torch.randn(shape)
+        for kind, a, b in (("relu", 0.0, 0.0), ("hardtanh", -0.3, 0.4), ("leaky", 0.1, 0.0)):
+            p_ref, p_k = masks._mask_pack.reference(x, kind, a, b, cl), kernels.mask_pack(x, kind, a, b, cl)
+            slope = a if kind == "leaky" else 0.0
+            r_ref = masks._mask_apply.reference(g, p_ref, shape, cl, kind, slope)
+            r_k = kernels.mask_apply(g, p_k, shape, cl, kind, slope)
+            assert torch.equal(p_ref, p_k) and torch.equal(r_ref, r_k) and r_k.stride() == r_ref.stride(), kind
+            checked += 2
+        for bits in Q.BITS:
+            lo, sc = Q.group_range(x, bits)
+            s = sc.float()
+            inv = torch.where(s > 0, 1 / s.clamp_min(1e-30), torch.zeros_like(s))
+            d = Q.dither(x.numel(), bits, "cpu")
+            e_ref = Q._encode_pass.reference(x, lo.float(), inv, d, bits, cl)
+            e_k = kernels.encode(x, lo, inv, d, bits, cl)
+            o_ref = Q._decode_pass.reference(e_ref, lo, sc, shape, cl, bits, torch.float32)
+            o_k = kernels.decode(e_k, lo, sc, shape, cl, bits, torch.float32)
+            assert torch.equal(e_ref, e_k) and torch.equal(o_ref, o_k) and o_k.stride() == o_ref.stride(), bits
+            checked += 2
+print("equal", checked)
+'''
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split() == ["equal", str(2 * 3 * (3 * 2 + 4 * 2))]
