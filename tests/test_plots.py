@@ -130,24 +130,25 @@ def test_colours_stable_across_figures():
 
 def test_time_to_accuracy_bars():
     fig = P.time_to_accuracy_bars(curves.epochs_to_accuracy_table(RUNS, [0.5]), 0.5)
-    assert [t.name for t in fig.data] == ["baseline", "avg2+mask"]
-    assert fig.layout.yaxis.title.text == "epochs"
-    assert "empty" in fig.layout.annotations[0].text
+    assert [t.name for t in fig.data] == ["baseline", "avg2+mask", "never"]
+    assert fig.layout.xaxis.title.text == "epochs"
+    assert all(t.orientation == "h" for t in fig.data[:2])  # one row per run: names never collide
+    assert list(fig.data[-1].y) == ["empty"] and fig.data[-1].text[0] == "never reached 50%"
 
 
-def test_wrapped_tick_labels_break_long_paths_and_keep_every_character():
-    name = "none · imagefolder:.data/cifar10-jpeg/train · 30 ep"
-    fig = P.time_to_accuracy_bars([{"run": name, "epochs_to_0.5": 3}], 0.5)
-    lines = fig.layout.xaxis.ticktext[0].split("<br>")
-    assert max(len(line) for line in lines) <= 14  # every word here has a break point within 14
-    assert lines[0] == "none" and lines[-1] == "30 ep"
-    # nothing is lost: the lines hold the run name's characters, less its separators and spaces
-    assert "".join(lines).replace(" ", "") == name.replace(" · ", "").replace(" ", "")
-    assert P.time_to_accuracy_bars([{"run": "short", "epochs_to_0.5": 3}], 0.5).layout.xaxis.ticktext == ("short",)
-    # more bars, narrower labels: four share the width one had
-    four = [{"run": f"avg{k}+mask · cifar10-jpeg/train", "epochs_to_0.5": k} for k in (1, 2, 4, 8)]
-    ticks = P.time_to_accuracy_bars(four, 0.5).layout.xaxis.ticktext
-    assert ticks[0].split("<br>") == ["avg1+mask", "cifar10-", "jpeg/", "train"]
+def test_time_to_accuracy_bars_read_with_six_long_names():
+    """Six runs with long names: a row each on the y axis, wrapped at 24 characters, the figure
+    as tall as its rows (at 1024 px the old vertical bars' labels ran into each other)."""
+    rows = [{"run": f"avg{k}-lowres+mask · CIFAR-10 · 20 ep · s{k}", "epochs_to_0.5": k} for k in range(6)]
+    fig = P.time_to_accuracy_bars(rows, 0.5)
+    ticks = [t.y[0] for t in fig.data]
+    assert len(set(ticks)) == 6
+    assert all(len(line) <= 24 for t in ticks for line in t.split("<br>"))
+    assert fig.layout.height >= 6 * 40
+    # a setting of several seeds: its range as an error bar
+    ranged = P.time_to_accuracy_bars([{"run": "s", "epochs_to_0.5": 4.5, "epochs_to_0.5_min": 4,
+                                       "epochs_to_0.5_max": 5}], 0.5)
+    assert ranged.data[0].error_x.array == (0.5,) and ranged.data[0].error_x.arrayminus == (0.5,)
 
 
 def test_per_class_groups_keep_runs_of_other_classes_apart():
@@ -181,22 +182,68 @@ def test_pareto_scatter():
     assert fig.data[1].marker.symbol == "diamond" and fig.data[2].marker.symbol == "circle"
     assert fig.layout.xaxis.title.text == "CUDA peak (MiB)" and fig.layout.yaxis.title.text == "accuracy"
     assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0  # under the plot, full width to it
-    # a second run of a policy, less accurate, at the same memory: its label would cover the first's
+    # a second run of a policy, less accurate, at the same memory: one label for the policy
     fig = P.pareto_scatter(rows + [{"name": "pooled, shorter", "policy": "avg2+mask", "acc": 0.88,
                                     "memory": 200 * 2 ** 20}])
     assert [t.text[0] for t in fig.data[:4]] == ["none", "avg2+mask", "max4", ""]
-    # another policy of the same bytes, less accurate: its label goes under its marker
-    fig = P.pareto_scatter(rows + [{"name": "max-pooled", "policy": "max2+mask", "acc": 0.89,
-                                    "memory": 200 * 2 ** 20}])
-    assert [(t.text[0], t.textposition) for t in fig.data[:4]] == [
-        ("none", "top center"), ("avg2+mask", "top center"), ("max4", "top center"), ("max2+mask", "bottom center")]
-    # three policies in that column: the one in the middle has its label beside its marker
-    fig = P.pareto_scatter(rows + [{"name": "low-res", "policy": "avg2-lowres+mask", "acc": 0.885,
-                                    "memory": 200 * 2 ** 20},
-                                   {"name": "max-pooled", "policy": "max2+mask", "acc": 0.89, "memory": 200 * 2 ** 20}])
-    assert [(t.text[0], t.textposition) for t in fig.data[1:5]] == [
-        ("avg2+mask", "top center"), ("max4", "top center"), ("avg2-lowres+mask", "bottom center"),
-        ("max2+mask", "middle right")]
+
+
+def _label_boxes(fig):
+    """Each label's box in px of the narrowest plot the app draws (plots.pareto's estimate)."""
+    from core.analysis.plots import pareto
+
+    xr, yr = fig.layout.xaxis.range, fig.layout.yaxis.range
+    out = []
+    for t in fig.data:
+        if t.mode == "markers+text" and t.text[0]:
+            x = (t.x[0] - xr[0]) / (xr[1] - xr[0]) * pareto.PLOT_W
+            y = (yr[1] - t.y[0]) / (yr[1] - yr[0]) * pareto.PLOT_H
+            out.append(pareto._box(x, y, pareto.CHAR_W * len(t.text[0]), t.textposition))
+    return out
+
+
+def test_pareto_labels_of_crowded_policies_do_not_overlap():
+    """The shipped 20-epoch CIFAR-10 runs: four policies of equal bytes within four points, K=4
+    just left of them; at the narrowest width their labels used to print over each other."""
+    from core.analysis.plots.pareto import _overlap
+
+    mib = 2 ** 20
+    rows = [{"name": n, "policy": n, "acc": a, "memory": m * mib} for n, a, m in (
+        ("none", 0.862, 1.45), ("avg2+mask", 0.845, 0.92), ("max2+mask", 0.835, 0.92),
+        ("avg2-lowres+mask", 0.825, 0.92), ("avg4+mask", 0.795, 0.78), ("avg8+mask", 0.616, 0.75),
+        ("avg2+mask+bn8", 0.847, 0.38))]
+    boxes = _label_boxes(P.pareto_scatter(rows))
+    assert len(boxes) == 7
+    assert all(_overlap(a, b) == 0 for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_pareto_compares_like_with_like_schedules():
+    """A 100-epoch baseline, a 30-epoch avg2+mask and a 20-epoch bn8 are not one trade-off: each
+    schedule gets its own front, and the labels say the epochs."""
+    mib = 2 ** 20
+    rows = [{"name": "none 20", "policy": "none", "epochs": 20, "acc": 0.86, "memory": 1.5 * mib},
+            {"name": "bn8 20", "policy": "avg2+mask+bn8", "epochs": 20, "acc": 0.85, "memory": 0.4 * mib},
+            {"name": "none 100", "policy": "none", "epochs": 100, "acc": 0.88, "memory": 1.5 * mib},
+            {"name": "avg2 30", "policy": "avg2+mask", "epochs": 30, "acc": 0.857, "memory": 0.9 * mib},
+            {"name": "none 30", "policy": "none", "epochs": 30, "acc": 0.867, "memory": 1.5 * mib}]
+    fig = P.pareto_scatter(rows)
+    fronts = {t.name: list(t.x) for t in fig.data if t.name.startswith("Pareto front")}
+    assert fronts == {"Pareto front · 20 ep": [0.4, 1.5], "Pareto front · 30 ep": [0.9, 1.5]}
+    labels = {t.name: t.text[0] for t in fig.data if t.mode == "markers+text"}
+    assert labels["avg2 30"] == "avg2+mask · 30 ep" and labels["none 100"] == "none · 100 ep"
+    # one schedule: the title says it, the labels need not
+    one = P.pareto_scatter([r for r in rows if r["epochs"] == 20])
+    assert [t.text[0] for t in one.data[:2]] == ["none", "avg2+mask+bn8"]
+    assert [t.name for t in one.data][-1] == "Pareto front"
+
+
+def test_pareto_draws_a_setting_of_several_seeds_with_its_range():
+    rows = [{"name": "avg2+mask (2 seeds)", "policy": "avg2+mask", "acc": 0.8455, "acc_min": 0.8436,
+             "acc_max": 0.8474, "memory": 2 ** 20}, {"name": "none", "policy": "none", "acc": 0.86, "memory": 2 ** 21}]
+    fig = P.pareto_scatter(rows)
+    err = fig.data[0].error_y
+    assert err.array[0] == pytest.approx(0.0019) and err.arrayminus[0] == pytest.approx(0.0019)
+    assert fig.data[1].error_y.array is None
 
 
 def test_filter_grid_figure():
@@ -218,6 +265,8 @@ def test_spectra_and_hf_share():
     fig = P.spectra_figure(by_run, layer="layer1.0.conv1")
     assert [t.name for t in fig.data] == ["baseline", "pooled"]
     assert fig.layout.xaxis.title.text == "spatial frequency (cycles/pixel)" and fig.layout.yaxis.type == "log"
+    # labels at the powers of ten only: plotly's minor labels ("2", "5") read as values on a log axis
+    assert fig.layout.yaxis.dtick == 1 and fig.layout.yaxis.exponentformat == "power"
     assert fig.data[0].y[-1] == pytest.approx(0.2)
     single = P.spectra_figure({"baseline": {"freqs": [0, 0.25], "power": [1, 0.5]}}, log_y=False)
     assert single.data[0].line.color == fig.data[0].line.color
@@ -244,8 +293,8 @@ def test_attribution_grid():
     assert [type(t).__name__ for t in fig.data[:3]] == ["Image", "Heatmap", "Heatmap"]
     assert [t.name for t in fig.data[:3]] == ["input", "baseline", "pooled"]
     texts = [a.text for a in fig.layout.annotations]
-    assert texts[:3] == ["input<br>target dog", "baseline<br>dog 50%", "pooled<br>dog 60%"]
-    assert texts[5] == "cat 40%"
+    assert texts[:3] == ["input<br>target<br>dog", "baseline<br>dog<br>50%", "pooled<br>dog<br>60%"]
+    assert texts[5] == "cat<br>40%"
     assert fig.layout.coloraxis.cmin == -1  # signed maps: diverging scale
     assert np.abs(np.asarray(fig.data[1].z)).max() == pytest.approx(1.0)
     pos = P.attribution_grid(imgs, {"a": np.random.rand(2, 32, 32)})
@@ -271,3 +320,111 @@ def test_planner_caption_names_the_batches_the_peak_was_fitted_over():
     cuda = {"peak_fit": [1e8, 2e6], "peak_fit_batches": [64, 96, 128]}
     assert P.planner_measure([cuda]) == "CUDA max_memory_allocated, fitted over batches 64, 96, 128"
     assert "lower bound" in P.planner_measure([{"peak_fit": None}])
+
+
+def test_attribution_grid_names_each_prediction_with_its_own_models_classes():
+    """CIFAR-10 models looking at built-in images: their predictions are CIFAR-10 classes, whatever
+    classes the images came with (issue 23: 'coarse_checker 47 %' named a CIFAR output)."""
+    imgs = np.random.rand(1, 32, 32, 3)
+    preds = {"cifar": {"class": [3], "confidence": [0.47]}}
+    fig = P.attribution_grid(imgs, {"cifar": np.random.rand(1, 32, 32)}, preds,
+                             classes=["coarse_checker", "fine_checker", "x", "blue_blob"], targets=[3],
+                             model_classes={"cifar": ["airplane", "automobile", "bird", "cat"]})
+    texts = " ".join(a.text for a in fig.layout.annotations)
+    assert "cat<br>47%" in texts and "blue_blob" in texts  # the image's own label names only the target
+    assert texts.count("blue_blob") == 1
+
+
+def test_long_titles_wrap_and_make_room():
+    title = "Per-class accuracy, change vs none · CIFAR-10 · 20 ep · s1"
+    fig = P.base_layout(go.Figure(), title)
+    assert fig.layout.title.text.count("<br>") == 1
+    assert all(len(line) <= P.common.TITLE_WIDTH for line in fig.layout.title.text.split("<br>"))
+    assert fig.layout.margin.t > P.base_layout(go.Figure(), "Short").layout.margin.t
+
+
+def _grouped_records():
+    a, b = _records(seed=1), _records(seed=2)
+    for r in b:  # the second seed a little worse
+        if r.get("type") == "eval":
+            r["val_acc"] = r["val_acc"] - 0.05
+    return {"avg2 · s0": a, "avg2 · s1": b, "none · s0": _records()}
+
+
+def test_loss_curves_draw_a_setting_as_its_mean_with_a_band():
+    runs = _grouped_records()
+    fig = P.loss_curves(runs, "val_acc", "epoch", groups={"avg2 (2 seeds)": ["avg2 · s0", "avg2 · s1"],
+                                                         "none · s0": ["none · s0"]})
+    names = [t.name for t in fig.data if t.showlegend is not False]
+    assert names == ["avg2 (2 seeds)", "none · s0"]
+    upper, lower, mean = fig.data[:3]
+    assert lower.fill == "tonexty" and upper.line.width == 0
+    a = dict(zip(*curves.series(runs["avg2 · s0"], "val_acc", "epoch")))
+    b = dict(zip(*curves.series(runs["avg2 · s1"], "val_acc", "epoch")))
+    assert list(mean.y) == pytest.approx([(a[e] + b[e]) / 2 for e in mean.x])
+    assert list(upper.y) == pytest.approx([max(a[e], b[e]) for e in upper.x])
+    assert list(lower.y) == pytest.approx([min(a[e], b[e]) for e in lower.x])
+    assert mean.line.color == upper.line.color
+
+
+def test_wall_time_of_different_devices_says_so_on_the_figure():
+    runs = {"gpu": _records(), "cpu": _records(seed=1)}
+    devices = {"gpu": "NVIDIA H200, bfloat16", "cpu": "CPU, float32"}
+    fig = P.loss_curves(runs, "val_acc", "wall", devices=devices)
+    assert any("Different devices" in a.text for a in fig.layout.annotations)
+    for x in ("step", "epoch"):  # epochs compare across devices: no note
+        assert not P.loss_curves(runs, "val_acc", x, devices=devices).layout.annotations
+    assert not P.loss_curves(runs, "val_acc", "wall", devices={"gpu": "CPU", "cpu": "CPU"}).layout.annotations
+
+
+def test_memory_over_training_starts_at_zero_and_shows_cpu_runs():
+    """A GPU run's CUDA peak and a CPU run's saved bytes (its only memory record) on one axis from
+    zero; the note about CPU runs sits in the room made above the plot, under the title."""
+    gpu = [{"type": "step", "step": s, "cuda_peak": 0.4 * 2 ** 30 + s, "saved_bytes": 3e8 if s == 1 else None}
+           for s in range(1, 50)]
+    cpu = [{"type": "step", "step": s, **({"saved_bytes": 2.4e8} if s == 1 else {})} for s in range(1, 50)]
+    fig = P.memory_over_training({"gpu": gpu, "cpu": cpu}, title="Memory over training")
+    assert [t.name for t in fig.data] == ["gpu · CUDA peak", "cpu · saved activations"]
+    assert list(fig.data[1].x) == [1, 49] and fig.data[1].y[0] == pytest.approx(2.4e8 / 2 ** 20)
+    assert fig.layout.yaxis.rangemode == "tozero"
+    note = fig.layout.annotations[0]
+    lines = note.text.count("<br>") + 1
+    assert fig.layout.margin.t >= 80 + 20 * lines  # the title's 80 px, then the note's lines
+
+
+def test_method_figure_is_two_by_two():
+    a = np.random.rand(32, 32)
+    fig = P.method_figure(np.random.rand(32, 32, 3), a, a[::2, ::2], a, 2, sizes={"full": 4096, "pooled": 1024})
+    domains = sorted({(round(ax.domain[0], 2)) for ax in (fig.layout.yaxis, fig.layout.yaxis3)})
+    assert len(fig.data) == 4 and len(domains) == 2  # two rows
+    assert fig.layout.xaxis.domain == fig.layout.xaxis3.domain  # two columns
+
+
+def test_planner_marks_the_largest_batch_the_plan_predicts_and_merges_close_labels():
+    from core.analysis.planner import MemoryPlan, largest_batch
+
+    def plan(policy, per_image):
+        return MemoryPlan(model="resnet20", policy=policy, size=32, optimizer="sgd", stem="cifar", device="cpu",
+                          fit_batches=[4, 8], saved_bytes=[0, 0], saved_fit=(1e6, per_image),
+                          model_state={"total": 3e6}, transient_fit=(2e6, 0.5 * per_image))
+    plans = [plan("none", 1.5e6), plan("mask", 1.51e6), plan("avg2", 1.6e6), plan("avg2+mask+bn8", 0.5e6)]
+    budget = 8 * 2 ** 30
+    fig = P.planner_figure(plans, budget)
+    diamonds = [t for t in fig.data if t.mode == "markers+text"]
+    assert [int(t.x[0]) for t in diamonds] == [largest_batch(p, budget) for p in plans]
+    texts = [t.text[0] for t in diamonds if t.text[0]]
+    assert len(texts) == 2 and "–" in texts[0]  # none, mask and avg2 within a tenth of the axis: one label
+    assert fig.layout.legend.y < 0
+
+
+def test_legends_and_notes_of_ladder_and_fidelity_bars_do_not_share_the_top():
+    ladder = {"model": "resnet20", "batch": 8, "steps": [
+        {"policy": p, "total_bytes": 1e6 * (i + 1), "by_kind": {"conv input": 1e6 * (i + 1)}, "cut": 0.1 * i}
+        for i, p in enumerate(["none", "avg2", "mask", "avg2+mask", "avg2+mask+bn8", "ckpt"])]}
+    fig = P.memory_ladder_figure(ladder)
+    assert fig.layout.legend.y < 0 and fig.layout.xaxis.tickangle == 0
+    assert "avg2<br>+mask<br>+bn8" in fig.layout.xaxis.ticktext
+    res = {"layers": ["conv1", "layer1.0.conv1"], "settings": ["avg2+mask"], "input_rel_error": {"avg2+mask": 1e-7},
+           "metrics": {"avg2+mask": {"cosine": [0.9, 0.8], "rel_error": [0.3, 0.4]}}}
+    bars = P.fidelity_bars(res, "avg2+mask")
+    assert bars.layout.legend.y < 0 and bars.layout.annotations[0].y > 1

@@ -4,12 +4,16 @@ accuracy-vs-memory plot and the memory bars."""
 from __future__ import annotations
 
 from ..engine.runs import Run, dataset_label
+from .reproduction import trained_on
+from .run_groups import Setting, mean_range
 
 
 def default_selection(runs: list[Run], n: int = 3) -> list[str]:
     """A sensible start: the largest group of runs sharing model and dataset (shipped first, real
     images before the built-in set), then one run per policy - baseline first, then the compressed
-    policies the paper is about - each from the group's usual schedule, so the curves compare."""
+    policies the paper is about - each from the group's usual schedule and trained on its usual
+    device and precision, so that curves, wall times and accuracies compare (the shipped 20-epoch
+    baseline of seed 0 was trained on an H200 in bf16, every other CIFAR run on the CPU)."""
     ok = [r for r in runs if r.ok and (r.path / "model.safetensors").exists()] or [r for r in runs if r.ok]
     if not ok:
         return []
@@ -24,13 +28,15 @@ def default_selection(runs: list[Run], n: int = 3) -> list[str]:
     best = max(groups.values(), key=lambda g: (len(g) >= 2, any(r.is_shipped for r in g), real_images(g), len(g)))
     epochs = [(r.config or {}).get("epochs") for r in best]
     usual = max(set(epochs), key=lambda e: (epochs.count(e), -(e or 0)))  # the shorter one on a tie
+    devices = [trained_on(r.config or {}) for r in best]
+    usual_device = max(sorted(set(devices)), key=devices.count)
     preference = ["none", "avg2+mask", "avg4+mask", "avg2+mask+bn8"]
 
     def rank(r: Run):
         cfg = r.config or {}
         pol = str(cfg.get("policy", ""))
         return (preference.index(pol) if pol in preference else len(preference), cfg.get("epochs") != usual,
-                not r.is_shipped, r.name)
+                trained_on(cfg) != usual_device, not r.is_shipped, r.name)
 
     ordered = sorted(best, key=rank)
     first_of_policy: dict = {}
@@ -75,16 +81,29 @@ def runs_table(runs: list[Run], names: dict[str, str]) -> list[dict]:
 
 
 def pareto_rows(runs: list[Run], names: dict[str, str]) -> list[dict]:
-    """{"name", "policy", "acc", "memory"} per run with an accuracy (its last epoch's, what its
-    weights score): memory is saved activations per training image (runs used different batch
-    sizes), in bytes."""
+    """{"name", "policy", "epochs", "acc", "memory"} per run with an accuracy (its last epoch's,
+    what its weights score): memory is saved activations per training image (runs used
+    different batch sizes), in bytes."""
     rows = []
     for r in runs:
         saved, batch = saved_bytes_of(r)
         acc = (r.summary or {}).get("last_val_acc")
         if saved and batch and isinstance(acc, (int, float)):
-            rows.append({"name": names[str(r.path)], "policy": (r.config or {}).get("policy", ""), "acc": acc,
-                         "memory": saved / batch})
+            rows.append({"name": names[str(r.path)], "policy": (r.config or {}).get("policy", ""),
+                         "epochs": (r.config or {}).get("epochs"), "acc": acc, "memory": saved / batch})
+    return rows
+
+
+def pareto_setting_rows(settings: list[Setting]) -> list[dict]:
+    """pareto_rows per setting: the mean accuracy of its seeds, with their min and max
+    ("acc_min", "acc_max"); named by the setting's label."""
+    rows = []
+    for s in settings:
+        per = pareto_rows(s.runs, {str(r.path): m for r, m in zip(s.runs, s.members)})
+        if not per:
+            continue
+        mean, lo, hi = mean_range([p["acc"] for p in per])
+        rows.append({**per[0], "name": s.label, "acc": mean, "acc_min": lo, "acc_max": hi, "seeds": len(per)})
     return rows
 
 

@@ -8,26 +8,27 @@ trace.
 """
 
 from .attribution import agreement_heatmap, attribution_grid
-from .common import FONT_SIZE, PALETTE, TEMPLATE, TICK_SIZE, TITLE_SIZE, base_layout, color_map, run_color
+from .common import FONT_SIZE, PALETTE, TEMPLATE, TICK_SIZE, TITLE_SIZE, base_layout, color_map, rgba, run_color
 from .features import activation_images_figure, cka_heatmap, filter_grid_figure, hf_share_bars, spectra_figure
 from .fidelity import FIDELITY_METRIC_LABELS, fidelity_bars, fidelity_heatmap, fidelity_over_training_figure
 from .memory import (
     KIND_COLORS,
     bytes_bars,
-    cuda_memory_curves,
     memory_ladder_figure,
+    memory_over_training,
     planner_figure,
     planner_measure,
     run_memory_bars,
 )
 from .method import method_figure
-from .training import X_TITLES, Y_TITLES, loss_curves, pareto_scatter, per_class_bars, time_to_accuracy_bars
+from .pareto import pareto_scatter
+from .training import X_TITLES, Y_TITLES, device_note, loss_curves, per_class_bars, time_to_accuracy_bars
 
 __all__ = [
     "FIDELITY_METRIC_LABELS", "FONT_SIZE", "KIND_COLORS", "PALETTE", "TEMPLATE", "TICK_SIZE", "TITLE_SIZE",
     "X_TITLES", "Y_TITLES", "activation_images_figure", "agreement_heatmap", "attribution_grid", "base_layout",
-    "bytes_bars", "cka_heatmap", "color_map", "cuda_memory_curves", "fidelity_bars", "fidelity_heatmap",
+    "bytes_bars", "cka_heatmap", "color_map", "device_note", "fidelity_bars", "fidelity_heatmap",
     "fidelity_over_training_figure", "filter_grid_figure", "hf_share_bars", "loss_curves", "memory_ladder_figure",
-    "method_figure", "pareto_scatter", "per_class_bars", "planner_figure", "planner_measure", "run_color",
-    "run_memory_bars", "spectra_figure", "time_to_accuracy_bars",
+    "memory_over_training", "method_figure", "pareto_scatter", "per_class_bars", "planner_figure", "planner_measure",
+    "rgba", "run_color", "run_memory_bars", "spectra_figure", "time_to_accuracy_bars",
 ]

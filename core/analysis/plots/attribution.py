@@ -18,13 +18,17 @@ def _class_label(classes: Sequence[str] | None, c) -> str:
 
 def attribution_grid(images, attributions_by_model: Mapping[str, object], predictions: Mapping | None = None,
                      classes: Sequence[str] | None = None, targets=None, title: str | None = None,
-                     colors: Mapping[str, str] | None = None) -> go.Figure:
+                     colors: Mapping[str, str] | None = None,
+                     model_classes: Mapping[str, Sequence[str]] | None = None) -> go.Figure:
     """Images (rows) x models (columns): the input, then each model's attribution map.
 
     images: (B, H, W, 3) in [0, 1] (features.denormalize); attributions_by_model: name ->
     (B, H, W); predictions: name -> {"class", "confidence"} as from compare_models. Each
     map is scaled by its own max |value| for display: a diverging red/blue scale when any
     map is signed, else a sequential one. Column headers carry each model's colour.
+    Names: `classes` name the targets (the images' labels); a model's prediction is named
+    with its own classes, `model_classes[name]` (default `classes`), so that a CIFAR-10 model
+    looking at the built-in images still says "cat", never a built-in class.
     """
     imgs = np.asarray(images)
     names = list(attributions_by_model)
@@ -35,20 +39,30 @@ def attribution_grid(images, attributions_by_model: Mapping[str, object], predic
     cols = 1 + len(names)
     subtitles, title_colors = [], []  # colour per subplot title (None: the default)
     for i in range(n_img):
-        tgt = f"target {_class_label(classes, _numpy(targets)[i])}" if targets is not None else ""
+        tgt = f"target<br>{_class_label(classes, _numpy(targets)[i])}" if targets is not None else ""
         subtitles.append(("input<br>" if i == 0 else "") + tgt)
         title_colors.append(None)
         for n in names:
             pred = ""
             if predictions is not None and n in predictions:
                 p = predictions[n]
-                pred = f"{_class_label(classes, _numpy(p['class'])[i])} {float(_numpy(p['confidence'])[i]):.0%}"
-            # long run names wrap (at " · ", then at ~18 characters) so that columns' titles do not collide
-            subtitles.append((f"{_wrap(n)}<br>" if i == 0 else "") + pred)
+                own = (model_classes or {}).get(n, classes)
+                # the class and its confidence on two lines: a column can be ~90 px wide at 1024 px
+                pred = f"{_class_label(own, _numpy(p['class'])[i])}<br>{float(_numpy(p['confidence'])[i]):.0%}"
+            # long run names wrap (at " · ", then at ~12 characters) so that columns' titles do not collide
+            subtitles.append((f"{_wrap(n, 12)}<br>" if i == 0 else "") + pred)
             title_colors.append(cmap[n] if i == 0 else None)
     head_lines = max(t.count("<br>") + 1 for t in subtitles[:cols]) if subtitles else 1
-    fig = make_subplots(rows=n_img, cols=cols, subplot_titles=subtitles, horizontal_spacing=0.01,
-                        vertical_spacing=0.25 / max(n_img, 1))
+    row_lines = max([t.count("<br>") + 1 for t in subtitles[cols:]] + [1])
+    title_font = TICK_SIZE - 2
+    row_px = int(1.3 * title_font * row_lines) + 8  # room above each later row for its titles
+    top = (70 if title else 20) + int(1.3 * title_font * head_lines)  # the figure title clears the column titles
+    # a row as tall as its pictures are wide in the narrowest figure (about 440 px of plot at 1024 px):
+    # taller rows would leave the pictures floating under their titles there
+    row_h = int(min(200, max(90, 440 / cols)))
+    height = top + 60 + row_h * n_img + row_px * (n_img - 1)
+    fig = make_subplots(rows=n_img, cols=cols, subplot_titles=subtitles, horizontal_spacing=0.02,
+                        vertical_spacing=row_px / (height - top - 60) if n_img > 1 else 0.0)
     for i in range(n_img):
         fig.add_trace(go.Image(z=_to_uint8(imgs[i]), name="input", hoverinfo="skip"), row=i + 1, col=1)
         for j, n in enumerate(names):
@@ -60,9 +74,7 @@ def attribution_grid(images, attributions_by_model: Mapping[str, object], predic
     fig.update_layout(coloraxis=dict(colorscale="RdBu_r" if signed else "Inferno", cmin=-1 if signed else 0, cmax=1,
                                      colorbar=dict(title=dict(text="relative<br>attribution"))))
     _hide_axes(fig)
-    title_font = TICK_SIZE - 2
-    top = (70 if title else 20) + int(1.3 * title_font * head_lines)  # the figure title clears the column titles
-    base_layout(fig, title, height=top + 60 + 200 * n_img)
+    base_layout(fig, title, height=height)
     fig.update_layout(margin=dict(t=top))
     # make_subplots leaves out empty titles: pair the annotations with the non-empty ones
     for ann, color in zip(fig.layout.annotations, [c for t, c in zip(subtitles, title_colors) if t]):

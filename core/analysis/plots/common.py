@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -27,6 +28,11 @@ TITLE_SIZE = 24
 TEMPLATE = "plotly_white"
 
 
+# characters of title a line holds in the narrowest figure the app draws (about 500 px: a page at
+# 1024 px with the sidebar open); longer titles wrap instead of running out of the figure
+TITLE_WIDTH = 38
+
+
 def _hash(name: str) -> int:
     # not hash(): Python salts str hashes per process, and colours must survive restarts
     return int.from_bytes(hashlib.sha1(str(name).encode("utf-8")).digest()[:8], "big")
@@ -35,6 +41,12 @@ def _hash(name: str) -> int:
 def run_color(run_name: str) -> str:
     """The run's colour, a pure function of its name (same on every page and every day)."""
     return PALETTE[_hash(run_name) % len(PALETTE)]
+
+
+def rgba(color: str, alpha: float) -> str:
+    """'#1F77B4' -> 'rgba(31,119,180,alpha)': a tint of a run's colour (bands, chips)."""
+    c = color.lstrip("#")
+    return f"rgba({int(c[0:2], 16)},{int(c[2:4], 16)},{int(c[4:6], 16)},{alpha})"
 
 
 def color_map(names: Sequence[str]) -> dict[str, str]:
@@ -61,19 +73,20 @@ def _colors(names: Sequence[str], colors: Mapping[str, str] | None) -> dict[str,
     return {n: (colors or {}).get(n, auto[n]) for n in names}
 
 
-def _legend_below(fig: go.Figure, n_entries: int | None = None, height: int = 450) -> go.Figure:
+def _legend_below(fig: go.Figure, n_entries: int | None = None, height: int = 450, gap: int = 78) -> go.Figure:
     """Horizontal legend under the plot (after base_layout), so that a half-width figure keeps its
     plot area: the bottom margin grows by one legend row per entry (the worst case: long run
-    names, one per row) and the figure grows with it."""
+    names, one per row) and the figure grows with it. `gap`: px between the plot and the legend
+    (the x axis's tick labels and title sit there)."""
     n = len([t for t in fig.data if t.showlegend is not False]) if n_entries is None else n_entries
     if n == 0:
         return fig
     t = fig.layout.margin.t if fig.layout.margin.t is not None else 80
-    b = 80 + 26 * n
-    total = height + 26 * n
+    b = gap + 2 + 26 * n
+    total = height + 26 * n + (gap - 78)
     plot_h = max(100, total - t - b)
     fig.update_layout(height=total, margin=dict(b=b),
-                      legend=dict(orientation="h", x=0, xanchor="left", y=-78 / plot_h, yanchor="top",
+                      legend=dict(orientation="h", x=0, xanchor="left", y=-gap / plot_h, yanchor="top",
                                   font=dict(size=TICK_SIZE)))
     return fig
 
@@ -101,9 +114,21 @@ def _wrap(text: str, width: int = 18, sep: str = " · ") -> str:
     return "<br>".join(lines)
 
 
+def wrap_lines(text: str, width: int) -> str:
+    """Break text into lines of at most `width` characters at spaces (plotly's <br>); text that
+    already has line breaks is left as it is."""
+    text = str(text)
+    if "<br>" in text or len(text) <= width:
+        return text
+    return "<br>".join(textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=False))
+
+
 def base_layout(fig: go.Figure, title: str | None = None, x_title: str | None = None, y_title: str | None = None,
                 height: int | None = None) -> go.Figure:
-    """White template, large text, tidy margins; sets the title and axis titles given."""
+    """White template, large text, tidy margins; sets the title and axis titles given. A long
+    title wraps (TITLE_WIDTH) and the top margin makes room for its lines."""
+    title = wrap_lines(title, TITLE_WIDTH) if title else title
+    extra = 30 * title.count("<br>") if title else 0
     fig.update_layout(
         template=TEMPLATE,
         font=dict(size=FONT_SIZE),
@@ -113,7 +138,7 @@ def base_layout(fig: go.Figure, title: str | None = None, x_title: str | None = 
                    pad=dict(t=18)) if title else None,
         legend=dict(font=dict(size=FONT_SIZE)),
         hoverlabel=dict(font=dict(size=FONT_SIZE)),
-        margin=dict(l=70, r=30, t=80 if title else 40, b=60),
+        margin=dict(l=70, r=30, t=(80 + extra) if title else 40, b=60),
     )
     if height:
         fig.update_layout(height=height)
@@ -141,11 +166,14 @@ def _hide_axes(fig: go.Figure) -> None:
     fig.for_each_yaxis(lambda ax: ax.update(scaleanchor=ax.anchor or "x", constrain="domain"))
 
 
-def _note_above(fig: go.Figure, text: str, width: int, lines: int) -> None:
-    """A small wrapped note above the plot (the legend sits below it), with room made for it."""
-    fig.add_annotation(text=_wrap(text, width, sep=", "), showarrow=False, xref="paper", yref="paper", x=0,
+def _note_above(fig: go.Figure, text: str, width: int = 44) -> None:
+    """A small note above the plot (the legend sits below it), wrapped to `width` characters (the
+    narrowest figure holds about 50 of its size), with room made for every line it takes, so
+    that it never reaches the title."""
+    wrapped = wrap_lines(text, width)
+    fig.add_annotation(text=wrapped, showarrow=False, xref="paper", yref="paper", x=0, align="left",
                        y=1.01, xanchor="left", yanchor="bottom", font=dict(size=TICK_SIZE - 2))
-    fig.update_layout(margin=dict(t=(fig.layout.margin.t or 40) + 22 * lines))
+    fig.update_layout(margin=dict(t=(fig.layout.margin.t or 40) + 20 * (wrapped.count("<br>") + 1) + 6))
 
 
 def _matrix_heatmap(fig, z, x, y, zmin, zmax, colorscale, colorbar_title):

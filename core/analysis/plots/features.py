@@ -8,24 +8,42 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .common import FONT_SIZE, TICK_SIZE, _colors, _hide_axes, _legend_below, _matrix_heatmap, _to_uint8, base_layout
+from .common import (
+    FONT_SIZE,
+    TICK_SIZE,
+    _colors,
+    _hide_axes,
+    _legend_below,
+    _matrix_heatmap,
+    _to_uint8,
+    base_layout,
+    wrap_lines,
+)
+
+PANEL = 300  # px of height per row of filter mosaics
 
 
-def filter_grid_figure(images: Mapping[str, np.ndarray], title: str | None = None, cols: int = 4,
+def filter_grid_figure(images: Mapping[str, np.ndarray], title: str | None = None, cols: int | None = None,
                        colors: Mapping[str, str] | None = None) -> go.Figure:
-    """Filter mosaics (from features.filter_grid / channel_grid) side by side, one per run;
-    each panel is titled with the run name in its colour."""
+    """Filter mosaics (from features.filter_grid / channel_grid), one per run, at most two a row
+    (`cols` by default) so that each stays large and its title, the run name in its colour,
+    wrapped, has room at projector widths."""
     names = list(images)
     cmap = _colors(names, colors)
-    cols = max(1, min(cols, len(names)))
+    cols = max(1, min(cols or 2, len(names)))
     rows = -(-len(names) // cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.03,
-                        vertical_spacing=min(0.08, 0.5 / rows))
+    heads = [wrap_lines(n, 26 if cols > 1 else 52) for n in names]
+    head_px = 26 * max(h.count("<br>") + 1 for h in heads) + 10
+    top = (80 if title else 20) + head_px
+    height = top + 30 + rows * PANEL + (rows - 1) * head_px
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=heads, horizontal_spacing=0.06,
+                        vertical_spacing=head_px / max(1, height - top - 30) if rows > 1 else 0.0)
     for i, name in enumerate(names):
         fig.add_trace(go.Image(z=_to_uint8(images[name]), name=name, hoverinfo="skip"),
                       row=i // cols + 1, col=i % cols + 1)
     _hide_axes(fig)
-    base_layout(fig, title, height=120 + 320 * rows)
+    base_layout(fig, title, height=height)
+    fig.update_layout(margin=dict(t=top, b=30))
     for ann, name in zip(fig.layout.annotations, names):
         ann.font = dict(size=FONT_SIZE, color=cmap[name])
     return fig
@@ -61,8 +79,8 @@ def spectra_figure(spectra_by_run: Mapping[str, Mapping | Sequence[Mapping]], la
                       annotation_font_size=TICK_SIZE, annotation_position="top")
     base_layout(fig, title, "spatial frequency (cycles/pixel)", y_title)
     _legend_below(fig)
-    if log_y:
-        fig.update_yaxes(type="log")
+    if log_y:  # labels at the powers of ten only: plotly's own minor labels ("2", "5") read as values
+        fig.update_yaxes(type="log", dtick=1, exponentformat="power", showexponent="all")
     return fig
 
 
@@ -77,10 +95,12 @@ def hf_share_bars(spectra_by_run: Mapping[str, Sequence[Mapping]], colors: Mappi
         entries = spectra_by_run[name]
         fig.add_trace(go.Bar(x=[e["name"] for e in entries], y=[e["hf_share"] for e in entries], name=name,
                              marker_color=cmap[name]))
-    base_layout(fig, title, "layer", "energy above ½ Nyquist")
+    base_layout(fig, title, None, "energy above ½ Nyquist")
     fig.update_layout(barmode="group")
     fig.update_yaxes(tickformat=".0%")
-    return fig
+    fig.update_xaxes(tickangle=-45)
+    # the legend under the tilted layer names: beside the plot it took half of a projector's width
+    return _legend_below(fig, height=480, gap=110)
 
 
 def cka_heatmap(names_a: Sequence[str], names_b: Sequence[str], matrix, title: str | None = None,

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import plotly.graph_objects as go
 
-from .common import FONT_SIZE, PALETTE, TICK_SIZE, _colors, _legend_below, _plain, base_layout
+from .common import FONT_SIZE, PALETTE, TICK_SIZE, _colors, _legend_below, _note_above, _plain, base_layout
 
 FIDELITY_METRIC_LABELS = {"cosine": "cosine similarity", "rel_error": "relative L2 error",
                           "sign_agreement": "sign agreement", "projection": "projection ratio ⟨g̃,g⟩/‖g‖²",
@@ -69,14 +69,14 @@ def fidelity_bars(result, setting: str, metrics: Sequence[str] = ("cosine", "rel
                              name=FIDELITY_METRIC_LABELS.get(m, m), marker_color=PALETTE[j % len(PALETTE)],
                              hovertemplate="%{x}<br>%{y:.4f}<extra>" + m + "</extra>"))
     fig.add_hline(y=1, line=dict(color="gray", dash="dot", width=2))
-    base_layout(fig, title or f"{setting}: exact vs compressed weight gradient", "layer", "value")
-    fig.update_layout(barmode="group", legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0))
+    base_layout(fig, title or f"{setting}: exact vs compressed weight gradient", None, "value")
+    fig.update_layout(barmode="group")
     fig.update_xaxes(tickangle=-45)
     rel_x = (d.get("input_rel_error") or {}).get(setting)
-    if rel_x is not None:
-        fig.add_annotation(text=f"input-gradient relative error {rel_x:.1e}", showarrow=False, xref="paper",
-                           yref="paper", x=1, y=1.12, xanchor="right", font=dict(size=TICK_SIZE))
-    return fig
+    if rel_x is not None:  # a note above the plot, the legend below: both at the top ran into each other
+        _note_above(fig, f"input-gradient relative error {rel_x:.1e}")
+    # below the tilted layer names (about 100 px at 45 degrees)
+    return _legend_below(fig, n_entries=1, height=480, gap=110)
 
 
 def _history_mean(h: Mapping, metric: str) -> list:

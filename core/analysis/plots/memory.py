@@ -41,21 +41,31 @@ def memory_ladder_figure(ladder, title: str | None = None) -> go.Figure:
                              textposition="top center", textfont=dict(size=TICK_SIZE), showlegend=False,
                              hoverinfo="skip", name="total"))
     model = d.get("model", "")
-    base_layout(fig, title or f"Saved activations, {model}, batch {d.get('batch')}", "policy",
+    base_layout(fig, title or f"Saved activations, {model}, batch {d.get('batch')}", None,
                 "saved activations (MiB)")
-    fig.update_layout(barmode="stack", legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0))
+    fig.update_layout(barmode="stack")
+    # policy names upright, broken before each '+' when long: tilted, six of them at 1024 px ran
+    # into the axis title and the legend
+    ticks = [p if len(p) <= 9 else p.replace("+", "<br>+") for p in policies]
+    lines = max(t.count("<br>") + 1 for t in ticks) if ticks else 1
+    fig.update_xaxes(tickvals=policies, ticktext=ticks, tickangle=0)
+    # the legend under the plot: above it, wrapped to two rows at 1024 px, it ran into the title
+    _legend_below(fig, n_entries=-(-len(kinds) // 2), height=480, gap=20 + 22 * lines)
     ymax = max([s["total_bytes"] for s in steps] + [1]) / 2 ** 20
     fig.update_yaxes(range=[0, ymax * 1.3])
     return fig
 
 
 def _plan_line(p: Mapping) -> tuple[float, float]:
-    """(a, b) with predicted peak bytes = a + b * batch, from a MemoryPlan dict."""
+    """(a, b) with predicted peak bytes = a + b * batch, from a MemoryPlan dict (as
+    MemoryPlan.predict: the CUDA peak fit, or model state + saved activations + the backward's
+    transients where they were measured)."""
     if p.get("peak_fit"):
         a, b = p["peak_fit"]
         return float(a), float(b)
     a, b = p["saved_fit"]
-    return float(a) + float(p["model_state"]["total"]), float(b)
+    ta, tb = p.get("transient_fit") or (0.0, 0.0)
+    return float(a) + float(ta) + float(p["model_state"]["total"]), float(b) + float(tb)
 
 
 def planner_measure(plans) -> str:
@@ -64,7 +74,29 @@ def planner_measure(plans) -> str:
     if plans and plans[0].get("peak_fit"):
         batches = plans[0].get("peak_fit_batches") or []
         return "CUDA max_memory_allocated, fitted over batches " + ", ".join(map(str, batches))
+    if plans and plans[0].get("transient_fit"):
+        return "model state + saved activations + the backward's transients (the CPU step peak)"
     return "model state + saved activations (a lower bound of the peak)"
+
+
+def _batch_labels(largest: Sequence[int | None], top: float) -> dict[int, tuple[str, str]]:
+    """plan index -> (text, position) of the largest-batch labels. Diamonds closer than a tenth
+    of the axis share one label (their range, "5065–5649"): three policies within 600 images of
+    each other printed their numbers over each other. Groups alternate below-right and
+    above-left of their first diamond, the first one below (the budget's label is above the
+    line's left end)."""
+    order = sorted((n, k) for k, n in enumerate(largest) if n)
+    groups: list[list[tuple[int, int]]] = []
+    for n, k in order:
+        if groups and n - groups[-1][-1][0] < 0.1 * top:
+            groups[-1].append((n, k))
+        else:
+            groups.append([(n, k)])
+    out = {}
+    for j, g in enumerate(groups):
+        text = str(g[0][0]) if len(g) == 1 else f"{g[0][0]}–{g[-1][0]}"
+        out[g[0][1]] = (text, "bottom right" if j % 2 == 0 else "top left")
+    return out
 
 
 def planner_figure(plans, budget: float, max_batch: int | None = None, colors: Mapping[str, str] | None = None,
@@ -78,19 +110,17 @@ def planner_figure(plans, budget: float, max_batch: int | None = None, colors: M
     largest = [max(0, int((budget - a) // b)) if b > 0 else None for a, b in lines]
     top = max_batch or int(max([n for n in largest if n] + [64]) * 1.25)
     xs = np.linspace(1, top, 200)
+    labels = _batch_labels(largest, top)
     fig = go.Figure()
-    # label the largest batches in batch order, alternately above-left and below-right of their
-    # diamonds: neighbours (e.g. 5622 and 5649) then sit on opposite sides of the budget line
-    order = sorted((n, k) for k, n in enumerate(largest) if n)
-    side = {k: ("top left" if j % 2 == 0 else "bottom right") for j, (n, k) in enumerate(order)}
     for k, (p, (a, b), n) in enumerate(zip(plans, lines, largest)):
         c = cmap[p["policy"]]
         fig.add_trace(go.Scatter(x=xs, y=(a + b * xs) / 2 ** 30, mode="lines", name=p["policy"],
                                  line=dict(color=c, width=3), legendgroup=p["policy"],
                                  hovertemplate="batch %{x:.0f}<br>%{y:.2f} GiB<extra>" + p["policy"] + "</extra>"))
         if n:
-            fig.add_trace(go.Scatter(x=[n], y=[(a + b * n) / 2 ** 30], mode="markers+text", text=[str(n)],
-                                     textposition=side[k], textfont=dict(size=TICK_SIZE - 2, color=c),
+            text, pos = labels.get(k, ("", "top left"))
+            fig.add_trace(go.Scatter(x=[n], y=[(a + b * n) / 2 ** 30], mode="markers+text", text=[text],
+                                     textposition=pos, textfont=dict(size=TICK_SIZE - 2, color="#333"),
                                      cliponaxis=False,
                                      marker=dict(color=c, size=14, symbol="diamond",
                                                  line=dict(color="black", width=1)),
@@ -98,20 +128,18 @@ def planner_figure(plans, budget: float, max_batch: int | None = None, colors: M
                                      showlegend=False,
                                      hovertemplate=f"{p['policy']}: largest batch {n}"
                                                    "<br>%{y:.2f} GiB<extra></extra>"))
-    # the budget's label above the line at whichever end the diamonds leave free: the left end,
-    # unless a diamond sits near it (then the right end: the x axis runs on 25 % past the largest)
-    near_left = bool(order) and order[0][0] < 0.2 * top
+    # the budget's label above the left end of its line, on white: the lines start at zero there,
+    # far below the budget, and the first diamonds' label goes below the line
     fig.add_hline(y=budget / 2 ** 30, line=dict(color="black", dash="dash", width=2),
-                  annotation_text=f"budget {budget / 2 ** 30:.1f} GiB",
-                  annotation_position="top right" if near_left else "top left",
-                  annotation_font_size=TICK_SIZE - 2, annotation_yshift=4)
+                  annotation=dict(text=f"budget {budget / 2 ** 30:.1f} GiB", bgcolor="rgba(255,255,255,0.9)",
+                                  font=dict(size=TICK_SIZE - 2)),
+                  annotation_position="top left", annotation_yshift=4)
     model = plans[0].get("model", "") if plans else ""
     # the axis title stays short; what "predicted" means (CUDA peak fitted, or model state +
     # saved activations as a lower bound) is for the caption, see `planner_measure`
     base_layout(fig, title or f"Predicted training memory, {model}", "batch size", "predicted GiB")
-    fig.update_layout(legend=dict(orientation="h", x=0, xanchor="left", y=1.0, yanchor="bottom"),
-                      margin=dict(t=120))
-    return fig
+    fig.update_yaxes(rangemode="tozero")
+    return _legend_below(fig, n_entries=-(-len(plans) // 2), height=480)
 
 
 def bytes_bars(items: Mapping[str, float | None], title: str | None = None, x_title: str = "bytes per image"
@@ -151,27 +179,42 @@ def run_memory_bars(rows: Sequence[Mapping], colors: Mapping[str, str] | None = 
     return fig
 
 
-def cuda_memory_curves(runs_metrics: Mapping[str, Sequence[Mapping]], key: str = "cuda_peak",
-                       max_points: int = curves.MAX_POINTS, colors: Mapping[str, str] | None = None,
-                       title: str | None = None) -> go.Figure:
-    """CUDA memory recorded during training (`cuda_peak`: max_memory_allocated so far, or
-    `cuda_allocated`) against the step, one line per run; runs without it are named below."""
+def memory_over_training(runs_metrics: Mapping[str, Sequence[Mapping]], max_points: int = curves.MAX_POINTS,
+                         colors: Mapping[str, str] | None = None, title: str | None = None) -> go.Figure:
+    """Memory each run recorded while it trained, against the step, in MiB from zero: a GPU run's
+    CUDA peak (max_memory_allocated so far; solid), a CPU run's saved activations per step
+    (measured by the meter at its first step: the policy fixes them, so the line is flat;
+    dotted), so that a CPU run shows what it did record instead of nothing."""
     cmap = _colors(list(runs_metrics), colors)
     fig = go.Figure()
-    missing = []
+    kinds = set()
     for name, records in runs_metrics.items():
-        pts = [(r["step"], r[key]) for r in records if r.get("type") == "step" and isinstance(r.get(key), (int, float))
-               and isinstance(r.get("step"), (int, float))]
-        if not pts:
-            missing.append(name)
-            continue
-        xs, ys = curves.downsample(np.array([p[0] for p in pts], dtype=np.float64),
-                                   np.array([p[1] for p in pts], dtype=np.float64) / 2 ** 30, max_points)
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=name, line=dict(color=cmap[name], width=3)))
-    label = {"cuda_peak": "CUDA peak (max_memory_allocated)", "cuda_allocated": "CUDA allocated"}.get(key, key)
-    base_layout(fig, title, "step", f"{label} (GiB)")
-    if missing:
-        _note_above(fig, f"no CUDA records (trained on the CPU): {', '.join(missing)}", 60,
-                    lines=1 + len(missing) // 3)
-    _legend_below(fig, n_entries=len(runs_metrics) - len(missing))
+        steps = [r for r in records if r.get("type") == "step" and isinstance(r.get("step"), (int, float))]
+        cuda = [(r["step"], r["cuda_peak"]) for r in steps if isinstance(r.get("cuda_peak"), (int, float))]
+        saved = next((r["saved_bytes"] for r in steps if isinstance(r.get("saved_bytes"), (int, float))), None)
+        if cuda:
+            xs, ys = curves.downsample(np.array([p[0] for p in cuda], dtype=np.float64),
+                                       np.array([p[1] for p in cuda], dtype=np.float64) / 2 ** 20, max_points)
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=f"{name} · CUDA peak",
+                                     line=dict(color=cmap[name], width=3),
+                                     hovertemplate="step %{x}<br>%{y:.0f} MiB<extra>" + name + "</extra>"))
+            kinds.add("cuda")
+        elif saved is not None:
+            xs = [steps[0]["step"], steps[-1]["step"]]
+            fig.add_trace(go.Scatter(x=xs, y=[saved / 2 ** 20] * 2, mode="lines+markers",
+                                     name=f"{name} · saved activations",
+                                     line=dict(color=cmap[name], width=3, dash="dot"), marker=dict(size=8),
+                                     hovertemplate="step %{x}<br>%{y:.0f} MiB<extra>" + name + "</extra>"))
+            kinds.add("saved")
+    y_title = {frozenset({"cuda"}): "CUDA peak (MiB)", frozenset({"saved"}): "saved activations (MiB)"}.get(
+        frozenset(kinds), "MiB")
+    base_layout(fig, title, "step", y_title)
+    fig.update_yaxes(rangemode="tozero")
+    if "saved" in kinds:
+        _note_above(fig, "dotted: saved activations of a step, measured once (CPU runs record no peak; "
+                         "the policy fixes what a step keeps)")
+    if not fig.data:
+        fig.add_annotation(text="no memory recorded yet", showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
+                           font=dict(size=FONT_SIZE))
+    _legend_below(fig)
     return fig

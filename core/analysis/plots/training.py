@@ -1,4 +1,5 @@
-"""Training curves, time-to-accuracy and per-class bars, and the accuracy-vs-memory plot."""
+"""Training curves, epochs to an accuracy and per-class bars; runs of one setting (seeds) as
+their mean with a min-max band."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import numpy as np
 import plotly.graph_objects as go
 
 from .. import curves
-from .common import TICK_SIZE, _colors, _legend_below, _note_above, _wrap, base_layout
+from ..run_groups import band
+from .common import TICK_SIZE, _colors, _legend_below, _note_above, base_layout, rgba, wrap_lines
 
 X_TITLES = {"step": "step", "epoch": "epoch", "wall": "wall time (s)"}
 
@@ -17,26 +19,55 @@ Y_TITLES = {"train_loss": "training loss", "train_acc": "training accuracy", "va
             "val_acc": "validation accuracy", "lr": "learning rate", "step_time": "time per step (s)"}
 
 
+def device_note(devices: Mapping[str, Sequence[str] | str] | None, names: Sequence[str]) -> str | None:
+    """A warning for figures against wall time when the runs drawn trained on different devices
+    (`devices`: name -> what it trained on, or a list of them for a setting of several seeds)."""
+    used = set()
+    for n in names:
+        d = (devices or {}).get(n)
+        used |= {d} if isinstance(d, str) else set(d or ())
+    if len(used) < 2:
+        return None
+    return "Different devices: wall times do not compare (" + "; ".join(sorted(used)) + ")"
+
+
 def loss_curves(runs_metrics: Mapping[str, Sequence[Mapping]], y: str = "train_loss", x: str = "step",
                 smoothing: float = 0.0, log_y: bool = False, show_raw: bool = False,
                 max_points: int = curves.MAX_POINTS, colors: Mapping[str, str] | None = None,
-                title: str | None = None) -> go.Figure:
+                title: str | None = None, groups: Mapping[str, Sequence[str]] | None = None,
+                devices: Mapping[str, Sequence[str] | str] | None = None) -> go.Figure:
     """One line per run from its metrics.jsonl records (see core.analysis.curves for the fields).
 
     smoothing: EMA weight 0..0.99 (debiased); show_raw adds the unsmoothed line, faint.
-    Runs without any value for `y` get no line, and a note under the plot names them.
+    groups: setting name -> its runs (names in runs_metrics): a setting of several seeds is drawn
+    as their mean with a shaded min-max band (run_groups.band); default: every run alone.
+    devices: name (run or setting) -> what it trained on; against wall time, a note says when
+    the lines come from different devices.
+    Runs without any value for `y` get no line, and a note above the plot names them.
     """
-    cmap = _colors(list(runs_metrics), colors)
+    entries = dict(groups) if groups is not None else {n: [n] for n in runs_metrics}
+    cmap = _colors(list(entries), colors)
     kind = curves.Y_SOURCES.get(y, ("step", ""))[0]
     fig = go.Figure()
-    missing = []
-    for name, records in runs_metrics.items():
-        xs, ys = curves.series(records, y, x)
+    missing, drawn = [], []
+    for name, members in entries.items():
+        seeds = [runs_metrics[m] for m in members if m in runs_metrics]
+        if len(seeds) > 1:
+            xs, ys, lo, hi = band(seeds, y, x)
+        else:
+            (xs, ys), lo, hi = curves.series(seeds[0] if seeds else [], y, x), None, None
         if len(xs) == 0:
             missing.append(name)
             continue
+        drawn.append(name)
         color = cmap[name]
-        if show_raw and smoothing > 0:
+        if lo is not None:
+            for edge, fill in ((hi, None), (lo, "tonexty")):
+                ex, ey = curves.downsample(xs, curves.ema(edge, smoothing), max_points)
+                fig.add_trace(go.Scatter(x=ex, y=ey, mode="lines", line=dict(color=color, width=0), fill=fill,
+                                         fillcolor=rgba(color, 0.22), showlegend=False, legendgroup=name,
+                                         hoverinfo="skip", name=f"{name} (range)"))
+        elif show_raw and smoothing > 0:
             rx, ry = curves.downsample(xs, ys, max_points)
             fig.add_trace(go.Scatter(x=rx, y=ry, mode="lines", name=f"{name} (raw)", legendgroup=name,
                                      showlegend=False, opacity=0.25, line=dict(color=color, width=1),
@@ -51,61 +82,84 @@ def loss_curves(runs_metrics: Mapping[str, Sequence[Mapping]], y: str = "train_l
         fig.update_yaxes(type="log")
     if y.endswith("acc") and all(np.nanmax(t.y, initial=0) <= 1 for t in fig.data):
         fig.update_yaxes(tickformat=".0%")  # fractions, as the trainer writes them
-    if missing:
-        _note_above(fig, f"no {Y_TITLES.get(y, y)} yet: {', '.join(missing)}", 45, lines=1 + len(missing) // 2)
-    _legend_below(fig, n_entries=len(runs_metrics) - len(missing))
+    notes = [f"no {Y_TITLES.get(y, y)} yet: {', '.join(missing)}"] if missing else []
+    if x == "wall" and (note := device_note(devices, drawn)):
+        notes.append(note)
+    if notes:
+        _note_above(fig, "<br>".join(wrap_lines(n, 44) for n in notes))
+    _legend_below(fig, n_entries=len(drawn))
     return fig
 
 
 def time_to_accuracy_bars(rows: Sequence[Mapping], threshold: float, by: str = "epochs",
                           colors: Mapping[str, str] | None = None, title: str | None = None) -> go.Figure:
-    """Bars of epochs (by="epochs") or wall seconds (by="wall") to first reach `threshold`,
-    from `curves.epochs_to_accuracy_table` rows; runs that never reached it are listed."""
+    """Horizontal bars of epochs (by="epochs") or wall seconds (by="wall") to first reach
+    `threshold`, one row per run or setting (`curves.epochs_to_accuracy_table` rows, "run" the
+    name; optional "<key>_min"/"<key>_max" draw a setting's range as an error bar). Runs that
+    never got there keep their row, marked "never". Names sit on the y axis, wrapped, one row
+    each, so that six runs read as well as two."""
     key = f"{'epochs' if by == 'epochs' else 'wall'}_to_{threshold:g}"
     names = [r["run"] for r in rows]
     cmap = _colors(names, colors)
+    ticks = {n: wrap_lines(n, 24) for n in names}
     fig = go.Figure()
     never = []
     for r in rows:
+        n = r["run"]
         if r.get(key) is None:
-            never.append(r["run"])
+            never.append(n)
             continue
-        fig.add_trace(go.Bar(x=[r["run"]], y=[r[key]], name=r["run"], marker_color=cmap[r["run"]]))
-    base_layout(fig, title, "run", "epochs" if by == "epochs" else "wall time (s)")
-    fig.update_layout(showlegend=False)
-    if never:  # one run per line: the figure may be narrow (a column of the page)
-        lines = [f"never reached {threshold:.0%}:" if threshold <= 1 else f"never reached {threshold:g}:"]
-        lines += [_wrap(n, 28) for n in never]
-        text = "<br>".join(lines)
-        n_lines = text.count("<br>") + 1
-        fig.add_annotation(text=text, showarrow=False, xref="paper", yref="paper", x=0, y=1.01, xanchor="left",
-                           yanchor="bottom", align="left", font=dict(size=TICK_SIZE - 2))
-        fig.update_layout(margin=dict(t=(fig.layout.margin.t or 40) + 20 * n_lines))
-    # run names on the x axis wrapped (not rotated), the narrower the more bars: the figure may
-    # be a narrow column (about 36 characters of tick text across)
-    shown = [n for n in names if n not in never]
-    ticks = [_wrap(n, max(6, min(14, 36 // max(1, len(shown))))) for n in shown]
-    fig.update_xaxes(tickvals=shown, ticktext=ticks, tickangle=0, title_text=None)
-    fig.update_layout(margin=dict(b=30 + 20 * max([t.count("<br>") + 1 for t in ticks] + [1])))
+        lo, hi = r.get(f"{key}_min"), r.get(f"{key}_max")
+        err = None
+        if lo is not None and hi is not None and hi > lo:
+            err = dict(type="data", symmetric=False, array=[hi - r[key]], arrayminus=[r[key] - lo], thickness=2,
+                       width=6, color="#333")
+        fig.add_trace(go.Bar(x=[r[key]], y=[ticks[n]], name=n, orientation="h", marker_color=cmap[n], error_x=err,
+                             text=[f"{r[key]:g}"], textposition="inside", insidetextanchor="start",
+                             textfont=dict(size=TICK_SIZE, color="white"),
+                             hovertemplate=f"{n}: %{{x:g}}<extra></extra>"))
+    label = f"never reached {threshold:.0%}" if threshold <= 1 else f"never reached {threshold:g}"
+    if never:
+        fig.add_trace(go.Scatter(x=[0] * len(never), y=[ticks[n] for n in never], mode="text",
+                                 text=[label] * len(never), textposition="middle right",
+                                 textfont=dict(size=TICK_SIZE, color="#555"), showlegend=False, hoverinfo="skip",
+                                 name="never"))
+    lines = sum(t.count("<br>") + 1 for t in ticks.values())
+    base_layout(fig, title, "epochs" if by == "epochs" else "wall time (s)", None,
+                height=(130 if title else 90) + 30 * lines + 14 * len(names))
+    fig.update_layout(showlegend=False, bargap=0.25)
+    fig.update_yaxes(categoryorder="array", categoryarray=[ticks[n] for n in names], autorange="reversed",
+                     automargin=True)
+    fig.update_xaxes(rangemode="tozero")
     return fig
 
 
 def per_class_bars(classes: Sequence[str], accs_by_run: Mapping[str, Sequence[float | None]],
                    reference: str | None = None, colors: Mapping[str, str] | None = None,
-                   title: str | None = None) -> go.Figure:
+                   title: str | None = None,
+                   ranges: Mapping[str, tuple[Sequence[float | None], Sequence[float | None]]] | None = None
+                   ) -> go.Figure:
     """Grouped bars, one group per class and one bar per run: validation accuracy in %, or with
     `reference` (one of the runs) each other run's difference to it in percentage points, which
-    shows at a glance which classes a setting costs."""
+    shows at a glance which classes a setting costs. `ranges`: name -> (min, max) per class of a
+    setting's seeds (accuracies as fractions), drawn as error bars."""
     names = [n for n in accs_by_run if n != reference]
     cmap = _colors(list(accs_by_run), colors)
     ref = accs_by_run[reference] if reference else None
     hover = "%{x}: %{y:+.1f} points" if ref is not None else "%{x}: %{y:.1f} %"
     fig = go.Figure()
     for n in names:
-        ys = [None if a is None else 100 * a for a in accs_by_run[n]]
+        acc = list(accs_by_run[n])
+        ys = [None if a is None else 100 * a for a in acc]
         if ref is not None:
             ys = [None if y is None or r is None else y - 100 * r for y, r in zip(ys, ref)]
-        fig.add_trace(go.Bar(x=list(classes), y=ys, name=n, marker_color=cmap[n],
+        err = None
+        if ranges and n in ranges:
+            lo, hi = ranges[n]
+            up = [None if a is None or h is None else 100 * (h - a) for a, h in zip(acc, hi)]
+            down = [None if a is None or v is None else 100 * (a - v) for a, v in zip(acc, lo)]
+            err = dict(type="data", symmetric=False, array=up, arrayminus=down, thickness=1.5, width=3, color="#333")
+        fig.add_trace(go.Bar(x=list(classes), y=ys, name=n, marker_color=cmap[n], error_y=err,
                              hovertemplate=hover + "<extra>" + n + "</extra>"))
     base_layout(fig, title, None, "change (points)" if reference else "validation accuracy (%)")
     fig.update_layout(barmode="group", bargap=0.2)
@@ -114,69 +168,3 @@ def per_class_bars(classes: Sequence[str], accs_by_run: Mapping[str, Sequence[fl
     else:
         fig.add_hline(y=0, line_color="#444", line_width=1)
     return _legend_below(fig, n_entries=len(names))
-
-
-def pareto_scatter(rows: Sequence[Mapping], memory_label: str = "saved activations",
-                   colors: Mapping[str, str] | None = None, title: str | None = None) -> go.Figure:
-    """Accuracy against memory, one marker per run; the Pareto front (less memory, more
-    accuracy) as a dashed staircase, its runs drawn as diamonds.
-
-    rows: {"name", "policy", "acc", "memory" (bytes)}. `memory_label` says which memory
-    it is (docs/fidelity_and_memory.md): "saved activations", "CUDA peak", ...
-    """
-    names = [r["name"] for r in rows]
-    cmap = _colors(names, colors)
-    front = curves.pareto_front([(r.get("memory"), r.get("acc")) for r in rows])
-    # one policy label per policy, above its most accurate run: runs of one policy share their
-    # memory, so a second label would sit on the first (the legend names every run)
-    best_of_policy: dict[str, int] = {}
-    for i, r in enumerate(rows):
-        if r.get("memory") is not None and r.get("acc") is not None:
-            pol = str(r.get("policy", ""))
-            if pol not in best_of_policy or r["acc"] > rows[best_of_policy[pol]]["acc"]:
-                best_of_policy[pol] = i
-    # policies of equal bytes (avg2, max2, avg2-lowres) share a column, often a point apart: its
-    # most accurate label sits above its marker, its least accurate below, any between to the
-    # right (to the left a label runs into the neighbouring column's), so labels do not overlap
-    columns: dict[float, list[int]] = {}
-    for i in best_of_policy.values():
-        columns.setdefault(rows[i]["memory"], []).append(i)
-    position: dict[int, str] = {}
-    for labelled in columns.values():
-        ordered = sorted(labelled, key=lambda j: -rows[j]["acc"])
-        for rank, i in enumerate(ordered):
-            position[i] = "top center" if rank == 0 else "bottom center" if rank == len(ordered) - 1 else "middle right"
-    fig = go.Figure()
-    for i, r in enumerate(rows):
-        if r.get("memory") is None or r.get("acc") is None:
-            continue
-        on = i in front
-        fig.add_trace(go.Scatter(
-            x=[r["memory"] / 2 ** 20], y=[r["acc"]], mode="markers+text", name=r["name"],
-            text=[str(r.get("policy", "")) if i in position else ""],
-            textposition=position.get(i, "top center"),
-            textfont=dict(size=TICK_SIZE),
-            cliponaxis=False,
-            marker=dict(color=cmap[r["name"]], size=20 if on else 14, symbol="diamond" if on else "circle",
-                        line=dict(color="black", width=1.5 if on else 0)),
-            hovertemplate=f"{r['name']}<br>policy {r.get('policy', '')}<br>%{{x:.1f}} MiB<br>%{{y}}<extra></extra>"))
-    if len(front) > 1:
-        fig.add_trace(go.Scatter(x=[rows[i]["memory"] / 2 ** 20 for i in front], y=[rows[i]["acc"] for i in front],
-                                 mode="lines", name="Pareto front", line=dict(color="gray", dash="dash", width=2),
-                                 line_shape="hv", hoverinfo="skip"))
-    base_layout(fig, title, f"{memory_label} (MiB)", "accuracy")
-    # legend under the plot: beside it, a dozen long run names take half the width and squeeze
-    # the labelled markers together; a full-width figure fits two or more names per legend row
-    _legend_below(fig, n_entries=-(-len(fig.data) // 2), height=520)  # taller: labels between markers
-    accs = [r["acc"] for r in rows if r.get("acc") is not None]
-    if accs and max(accs) <= 1:
-        fig.update_yaxes(tickformat=".0%")
-    # room for the labels (centred above each marker) inside the axes: pad x by a share of the span
-    xs = [r["memory"] / 2 ** 20 for r in rows if r.get("memory") is not None and r.get("acc") is not None]
-    ys = [r["acc"] for r in rows if r.get("memory") is not None and r.get("acc") is not None]
-    if xs:
-        span = (max(xs) - min(xs)) or max(abs(max(xs)), 1.0)
-        fig.update_xaxes(range=[min(xs) - 0.18 * span, max(xs) + 0.18 * span])
-        yspan = (max(ys) - min(ys)) or max(abs(max(ys)) * 0.1, 0.01)
-        fig.update_yaxes(range=[min(ys) - 0.12 * yspan, max(ys) + 0.25 * yspan])
-    return fig
