@@ -6,8 +6,15 @@ that the first entry in the sidebar reads "Home" instead of the script's name. P
 /Train, /Memory, ...
 """
 
-import streamlit as st
+import os
 
-from ui.navigation import HOME, VIEWS
+# OpenMP threads that sleep while they wait, as core.engine.environment gives the trainer. Set
+# here, before the first page imports torch: with spinning threads and a training beside the app
+# on a 2-core machine, the app's own small computations (the Lesson's, the ladder) took 10-50x as long.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import streamlit as st  # noqa: E402
+
+from ui.navigation import HOME, VIEWS  # noqa: E402
 
 st.navigation([st.Page(HOME, default=True)] + [st.Page(path) for path, _ in VIEWS]).run()

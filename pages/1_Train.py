@@ -1,5 +1,6 @@
 """Train: start a run (a separate process, via core.engine.launcher), watch it live, stop it."""
 
+import time
 from pathlib import Path
 
 import streamlit as st
@@ -18,17 +19,60 @@ ui.page("Train", "Start a training run and watch it live. It runs in its own pro
                  "does not stop it. One run per device at a time; further starts wait in a queue.")
 
 PRESETS = ["none", "avg2+mask", "avg4+mask", "avg2+mask+bn8", "avg2-lowres+mask", "max2+mask", "avg2", "mask", "ckpt"]
-DATASETS = {"features10 (built-in, offline)": "features10", "CIFAR-10 (torchvision)": "cifar10",
+DATASETS = {"features10 (built in)": "features10", "CIFAR-10 (torchvision)": "cifar10",
             "image folder…": "imagefolder"}
 JOB_KEY = "train_job_id"
-MSG_KEY = "train_message"
+MSG_KEY = "train_message"  # (job id, "success" | "info", text): shown while that job waits or runs
+LAST_KEY = "train_last_start"  # (config without its folder, time.time()) of this tab's last start
+PENDING_KEY = "train_pending"  # a config held back as a possible duplicate, waiting for a yes
+DUPLICATE_S = 10.0  # a second identical start within this many seconds asks first
 
 
 def policy_text(preset: str, custom: str) -> str:
     return custom.strip() or preset
 
 
-with st.form("train_form"):
+def same_run(config: dict) -> dict:
+    """What makes two starts the same run: the config without the folder it would write to."""
+    return {k: v for k, v in config.items() if k != "out"}
+
+
+def recent_duplicate(config: dict) -> str | None:
+    """Why starting `config` now looks like a second click (None when it does not): the same
+    run started from this tab, or queued or running from any tab, in the last DUPLICATE_S s."""
+    now = time.time()
+    last = st.session_state.get(LAST_KEY)
+    if last and last[0] == same_run(config) and now - last[1] < DUPLICATE_S:
+        return f"You started this same run {now - last[1]:.0f} s ago."
+    try:
+        jobs = ui.launcher().jobs(device_key(config.get("device", "auto")))
+    except OSError:  # an unreadable queue: the page says so below; this check just has less to go on
+        jobs = []
+    for job in jobs:
+        if job.state in ("queued", "running") and now - (job.created or 0) < DUPLICATE_S \
+                and same_run(job.config or {}) == same_run(config):
+            return f"The same run was {job.state} {now - job.created:.0f} s ago ({job.label})."
+    return None
+
+
+def start(cfg: TrainConfig, label: str) -> None:
+    """Queue the run (it starts at once when the device is free) and say so."""
+    with ui.guard("Could not start"):
+        launcher = ui.launcher()
+        running = launcher.active(device_key(cfg.device))
+        job = launcher.submit(cfg, label=label)
+        st.session_state[JOB_KEY] = job.id
+        st.session_state[LAST_KEY] = (same_run(cfg.to_dict()), time.time())
+        if job.state == "running":
+            st.session_state[MSG_KEY] = (job.id, "success", f"Started: {job.label}")
+        else:
+            who = running.label if running is not None else "another run"
+            st.session_state[MSG_KEY] = (job.id, "info", f"Queued (number {job.position} in line): {who} is "
+                                                         f"training on {job.device}. Yours starts when it ends.")
+
+
+# Enter in a field does not submit (enter_to_submit=False): only the Start button starts a run
+with st.form("train_form", enter_to_submit=False):
     c1, c2, c3 = st.columns(3)
     model = c1.selectbox("Model", MODEL_NAMES, index=MODEL_NAMES.index("resnet20"))
     dataset_label = c2.selectbox("Dataset", list(DATASETS))
@@ -36,17 +80,22 @@ with st.form("train_form"):
     c4, c5 = st.columns(2)
     preset = c4.selectbox("Policy", PRESETS, index=1, help="What each layer keeps for the backward pass")
     custom = c5.text_input("…or a custom policy", placeholder="e.g. avg4-lowres+mask+bn8",
-                           help="Parts joined by '+': avgK/maxK (K = 1, 2, 4, 8, optional -lowres), mask, bn16, "
-                                "bn8, ckpt, nostem, stages=1,2")
+                           help="Parts joined by '+': avgK/maxK (K = 1, 2, 4, 8, optional -lowres), qB (conv input "
+                                "in B bits), resB (with avgK: a B-bit residual), mask, bn16, bn8, bn4, bn2, ckpt, "
+                                "nostem, stages=1,2")
+    # whole numbers four a row; the learning rate (a decimal) in a row of three, where it fits at 1024 px
     c6, c7, c8, c9 = st.columns(4)
     epochs = c6.number_input("Epochs", 1, 1000, 3)
     batch = c7.number_input("Batch size", 1, 8192, 128)
-    lr = c8.number_input("Learning rate (0 = default)", 0.0, 10.0, 0.0, step=0.01, format="%.4f",
-                         help="Default: 0.1 × batch/128 (SGD, one-cycle schedule)")
-    seed = c9.number_input("Seed", 0, 2 ** 31 - 1, 0)
-    c10, c11, _ = st.columns([1, 1, 2])
-    steps = c10.number_input("Stop after steps (0 = no cap)", 0, 10 ** 7, 0)
-    subset = c11.number_input("Training images (0 = all)", 0, 10 ** 8, 0,
+    seed = c8.number_input("Seed", 0, 2 ** 31 - 1, 0)
+    budget = c9.number_input("Time budget, s", 0, 10 ** 7, 0,
+                             help="0 = none. Train for this many seconds; the learning-rate schedule is fitted to the "
+                                  "time, so a one-minute classroom run still ends well-annealed (--time-budget)")
+    c10, c11, c12 = st.columns(3)
+    lr = c10.number_input("Learning rate (0 = default)", 0.0, 10.0, 0.0, step=0.01, format="%.4f",
+                          help="Default: 0.1 × batch/128 (SGD, one-cycle schedule)")
+    steps = c11.number_input("Stop after steps (0 = no cap)", 0, 10 ** 7, 0)
+    subset = c12.number_input("Training images (0 = all)", 0, 10 ** 8, 0,
                               help="A fixed subset makes a quick classroom run on a CPU")
     submitted = st.form_submit_button("Start training", type="primary")
 
@@ -66,27 +115,40 @@ if submitted:
     if not problems:
         cfg = TrainConfig(model=model, dataset=dataset, policy=policy, epochs=int(epochs), batch_size=int(batch),
                           lr=float(lr) or None, seed=int(seed), steps=int(steps) or None,
-                          train_subset=int(subset) or None, log_every=10)
+                          train_subset=int(subset) or None, time_budget=float(budget) or None, log_every=10)
         problems = check_config(cfg)
     if problems:
         for p in problems:
             st.error(p)
     else:
-        with ui.guard("Could not start"):
-            launcher = ui.launcher()
-            running = launcher.active(device_key(cfg.device))
-            job = launcher.submit(cfg, label=f"{model} {policy} · {dataset.split(':')[0]} · s{int(seed)}")
-            st.session_state[JOB_KEY] = job.id
-            if job.state == "running":
-                st.session_state[MSG_KEY] = ("success", f"Started: {job.label}")
-            else:
-                who = running.label if running is not None else "another run"
-                st.session_state[MSG_KEY] = ("info", f"Queued (number {job.position} in line): {who} is training "
-                                                     f"on {job.device}. Yours starts when it ends.")
+        label = f"{model} {policy} · {dataset.split(':')[0]} · s{int(seed)}"
+        st.session_state.pop(PENDING_KEY, None)
+        if why := recent_duplicate(cfg.to_dict()):
+            st.session_state[PENDING_KEY] = (cfg.to_dict(), label, why)
+        else:
+            start(cfg, label)
 
-if MSG_KEY in st.session_state:  # once: the live view below says what happens next
-    kind, text = st.session_state.pop(MSG_KEY)
-    (st.success if kind == "success" else st.info)(text)
+if PENDING_KEY in st.session_state:  # a second identical start: ask before queuing a duplicate
+    config, label, why = st.session_state[PENDING_KEY]
+    st.warning(f"{why} Start another identical run?")
+    yes, no, _ = st.columns([2, 1, 3])
+    if yes.button("Yes, start another", key="train_confirm"):
+        st.session_state.pop(PENDING_KEY)
+        start(TrainConfig.from_dict(config), label)
+        st.rerun()
+    if no.button("No", key="train_cancel"):
+        st.session_state.pop(PENDING_KEY)
+        st.rerun()
+
+
+def job_status(job, progress: dict) -> str:
+    """The header's word for a job: a failed run says "failed" even when it died before writing
+    its summary (the job then is just "done"), never "done"."""
+    if job.error or progress["status"] == "failed":
+        return "failed"
+    if progress["status"]:
+        return progress["status"]
+    return {"running": "starting…", "done": "ended"}.get(job.state, job.state)
 
 
 @st.fragment(run_every=2)
@@ -107,7 +169,13 @@ def live_view() -> None:
         st.info("Nothing is training. Fill in the form and press **Start training**.")
         return
     p = live_progress(job.run_dir)
-    status = p["status"] or ("starting…" if job.state == "running" else job.state)
+    message = st.session_state.get(MSG_KEY)
+    announced = next((j for j in jobs if message and j.id == message[0]), None)
+    if announced is not None and announced.state in ("queued", "running") and not announced.error:
+        (st.success if message[1] == "success" else st.info)(message[2])
+    elif message:  # the run it announced has ended (or failed): the header says so, not a green "Started"
+        st.session_state.pop(MSG_KEY, None)
+    status = job_status(job, p)
     top, stop_col = st.columns([5, 1])
     top.subheader(f"{job.label} — {status}")
     top.progress(progress_fraction(p), text=f"step {p['step']} of {p['total_steps'] or '?'} · "

@@ -75,7 +75,11 @@ else:
                  "change %": None if s["cut"] is None else round(-100 * s["cut"], 1),
                  "step time ×": None if s.get("time_ratio") is None else round(s["time_ratio"], 2)}
                 for s in lad["steps"]]
-        st.dataframe(rows, hide_index=True)
+        if all(r["step time ×"] is None for r in rows):  # untimed: no column of blanks
+            rows = [{k: v for k, v in r.items() if k != "step time ×"} for r in rows]
+        st.dataframe(rows, hide_index=True, column_config={
+            "step time ×": st.column_config.NumberColumn(format="%.2f", help="Training-step time against 'none'"),
+            "change %": st.column_config.NumberColumn(format="%+.1f", help="Saved activations against 'none'")})
         ui.download_csv(rows, f"ladder-{lad['model']}-b{lad['batch']}.csv")
 
 # ---------------------------------------------------------------------------------------
@@ -88,11 +92,10 @@ if ui.need_runs(runs, "recorded memory"):
             "What each run kept for backward in one step (its own batch size), with the weights, gradients and "
             "optimiser state on top.")
     metrics = {n: ui.metrics_of(r) for n, r in zip(names, runs)}
-    if any(rec.get("cuda_peak") for recs in metrics.values() for rec in recs):
-        ui.show(plots.cuda_memory_curves(metrics, colors=colors, title="GPU memory over training"), "cuda-memory",
-                "The most GPU memory each run had allocated so far, step by step.")
-    else:
-        st.caption("Memory over training is recorded on a GPU (CUDA peak per step); these runs trained on a CPU.")
+    ui.show(plots.memory_over_training(metrics, colors=colors, title="Memory over training"), "memory-over-training",
+            "A GPU run: the most memory the GPU had allocated so far, step by step (model, activations and the "
+            "backward pass's transients). A CPU run: the activations one step keeps for backward, which its "
+            "policy fixes.")
 
 # ---------------------------------------------------------------------------------------
 st.header("Planner: the largest batch a GPU fits")
@@ -122,5 +125,5 @@ else:
             st.caption(f"Measure: {plans[0].measure}.")
         ui.download_csv(rows, f"planner-{pmodel}-{budget}GiB.csv")
 if DEVICE == "cpu":
-    st.caption("On this CPU the planner predicts model state + saved activations, a lower bound of the true peak; "
-               "on a GPU it fits the measured CUDA peak.")
+    st.caption("On this CPU the planner adds up model state, saved activations and the backward's transients "
+               "(measured from the CPU step peak); on a GPU it fits the measured CUDA peak.")

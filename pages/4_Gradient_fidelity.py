@@ -16,11 +16,11 @@ DEFAULT = ["avg2+mask", "avg4+mask", "avg8+mask", "max2+mask", "avg2-lowres+mask
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def fidelity(path: str, mtime: float, settings: tuple, batch: int, _run) -> tuple[dict, str | None]:
+def fidelity(path: str, mtime: float, settings: tuple, batch: int, _run) -> tuple[dict, ui.Images]:
     model = ui.model_of(_run, private=True)  # compare_gradients swaps layers: never on the shared copy
-    x, y, _, problem = ui.pick_images(_run, batch)
-    res = compare_gradients(model, ui.to_input(x, _run), torch.as_tensor(y), settings, fit_stages=True)
-    return res.to_dict(), problem
+    pics = ui.pick_images(_run, batch)
+    res = compare_gradients(model, ui.to_input(pics.x, _run), torch.as_tensor(pics.y), settings, fit_stages=True)
+    return res.to_dict(), pics
 
 
 if ui.need_runs(runs, "gradient fidelity"):
@@ -37,19 +37,24 @@ if ui.need_runs(runs, "gradient fidelity"):
     c3, c4 = st.columns([3, 1])
     metric = c3.radio("Measure", METRICS, format_func=lambda m: plots.FIDELITY_METRIC_LABELS.get(m, m),
                       horizontal=True, key="fid_metric")
+    request = (str(run.path), tuple(settings), int(batch))
     if c4.button("Compute", type="primary", key="fid_go"):
-        st.session_state["fid_args"] = (str(run.path), tuple(settings), int(batch))
+        st.session_state["fid_args"] = request
     args = st.session_state.get("fid_args")
-    if args is None or args[0] not in {str(r.path) for r in runs}:
+    # the result shows only for the run, settings and images it answers: after the run (or
+    # anything else) changed, a heatmap of the previous run would read as this one's
+    if args is not None and args != request:
+        st.info(f"Press **Compute** for {name} with these settings (the last result was for "
+                f"{next((ui.label_of(r) for r in runs if str(r.path) == args[0]), 'another run')}).")
+    elif args is None:
         st.info("Pick settings and press **Compute** (a few seconds on a CPU).")
     elif not args[1]:
         st.warning("Pick at least one setting.")
     else:
-        target = next(r for r in runs if str(r.path) == args[0])
+        target = run
         with ui.guard("Cannot compute the gradients"), st.spinner("Exact and compressed backward passes…"):
-            d, problem = fidelity(args[0], run_mtime_key(target), args[1], args[2], target)
-            if problem:
-                st.warning(problem)
+            d, pics = fidelity(args[0], run_mtime_key(target), args[1], args[2], target)
+            ui.source_note(pics)
             for s, why in d["skipped"].items():
                 st.warning(f"{s} left out: {why}")
             for s, note in d["notes"].items():

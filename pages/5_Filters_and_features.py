@@ -37,12 +37,12 @@ def channels_at(path: str, mtime: float, layer: str, _run) -> int:
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def cka(path_a: str, mtime_a: float, path_b: str, mtime_b: float, n: int, _a, _b):
-    x, _, _, problem = ui.pick_images(_a, n)
+    pics = ui.pick_images(_a, n)
     # each model normalises the shared pixels its own way (PixelInput); its layers are "net.<name>"
     la = ["net." + n for n in layer_names(ui.model_of(_a), "block")]
     lb = ["net." + n for n in layer_names(ui.model_of(_b), "block")]
-    names_a, names_b, m = cka_matrix(ui.pixel_model(_a), ui.pixel_model(_b), to_pixels(x), la, lb)
-    return [n[4:] for n in names_a], [n[4:] for n in names_b], m, problem
+    names_a, names_b, m = cka_matrix(ui.pixel_model(_a), ui.pixel_model(_b), to_pixels(pics.x), la, lb)
+    return [n[4:] for n in names_a], [n[4:] for n in names_b], m, pics
 
 
 if ui.need_runs(runs, "filters"):
@@ -64,7 +64,7 @@ if ui.need_runs(runs, "filters"):
         with ui.guard("Cannot draw the filters"):
             grids = {n: filters.filter_grid(m.get_submodule(first_conv(m)).weight, norm, scale=6)
                      for n, m in models.items()}
-            ui.show(plots.filter_grid_figure(grids, cols=len(grids), colors=colors), "first-layer-filters",
+            ui.show(plots.filter_grid_figure(grids, colors=colors), "first-layer-filters",
                     "Every tile is one 3×3 colour filter of the first layer; smoother tiles hold less fine detail.")
         if st.toggle("Show a deeper layer", key="ff_deeper"):
             first = next(iter(models.values()))
@@ -73,7 +73,7 @@ if ui.need_runs(runs, "filters"):
             with ui.guard("Cannot draw that layer"):
                 grids = {n: filters.channel_grid(m.get_submodule(deep).weight, 8, 16, norm, scale=6)
                          for n, m in models.items()}
-                ui.show(plots.filter_grid_figure(grids, cols=len(grids), colors=colors), "deep-filters",
+                ui.show(plots.filter_grid_figure(grids, colors=colors), "deep-filters",
                         f"Rows: the first 8 filters of {deep}; columns: their kernels for the first 16 input channels.")
 
         st.header("Filter spectra")
@@ -132,10 +132,9 @@ if ui.need_runs(runs, "filters"):
         if args and args[0] in by_all and args[1] in by_all:
             ra, rb = by_all[args[0]], by_all[args[1]]
             with ui.guard("Cannot compare"), st.spinner("Running both models on the same images…"):
-                na, nb, m, problem = cka(str(ra.path), run_mtime_key(ra), str(rb.path), run_mtime_key(rb), args[2],
-                                         ra, rb)
-                if problem:
-                    st.warning(problem)
+                na, nb, m, pics = cka(str(ra.path), run_mtime_key(ra), str(rb.path), run_mtime_key(rb), args[2],
+                                      ra, rb)
+                ui.source_note(pics)
                 ui.show(plots.cka_heatmap(na, nb, m, label_a="A", label_b="B", title=f"A: {args[0]}<br>B: {args[1]}"),
                         "cka", "Similarity of every layer of run A to every layer of run B on the same images "
                                "(1 = the same representation up to rotation and scale).")

@@ -46,11 +46,14 @@ if ui.need_runs(runs, "attributions"):
     names = ui.names_of(runs)
     first = runs[0]
     # Only runs that know the same classes as the first one can explain the same targets.
-    same = [(n, r) for n, r in zip(names, runs)
-            if (r.config or {}).get("classes") == (first.config or {}).get("classes")][:4]
-    left_out = [n for n in names if n not in {s[0] for s in same}]
-    if left_out:
-        st.warning("Left out (other classes than the first run, or beyond four): " + ", ".join(left_out))
+    alike = [(n, r) for n, r in zip(names, runs)
+             if (r.config or {}).get("classes") == (first.config or {}).get("classes")]
+    other = [n for n in names if n not in {a[0] for a in alike}]
+    same = alike[:4]
+    if other:
+        st.warning("Left out, trained on other classes than the first run: " + ", ".join(other))
+    if len(alike) > 4:
+        st.caption("Attributions compare up to four runs: the first four selected are shown.")
 
     c1, c2, c3, c4 = st.columns([3, 2, 1, 1])
     source = c1.radio("Images", SOURCES, horizontal=True, key="att_source")
@@ -70,14 +73,14 @@ if ui.need_runs(runs, "attributions"):
             except UploadError as e:
                 st.error(f"{up.name}: {e}")
     else:
-        x, y, classes, problem = ui.pick_images(first if source == SOURCES[0] else None, int(n_img),
-                                                seed=int(st.session_state["att_seed"]))
-        if problem:
-            st.warning(problem)
-        images, targets = x, tuple(int(v) for v in y)
+        pics = ui.pick_images(first if source == SOURCES[0] else None, int(n_img),
+                              seed=int(st.session_state["att_seed"]))
+        ui.source_note(pics)
+        images, classes, targets = pics.x, pics.classes, tuple(int(v) for v in pics.y)
         if classes != (first.config or {}).get("classes"):
             targets = None  # other classes than the models know: explain each model's own prediction
-            st.caption("These images are not from the runs' classes: the maps explain each model's prediction.")
+            st.caption("These images are not from the runs' classes: every map explains the first run's "
+                       "prediction (its 'target'), and each prediction is named with the run's own classes.")
 
     # the maps stay on screen across reruns only for the request they answer: other images, another
     # method or another selection of runs wait for the button (Occlusion on 4 models takes a while)
@@ -90,8 +93,12 @@ if ui.need_runs(runs, "attributions"):
         with ui.guard("Cannot explain"), st.spinner(f"{METHODS[method]} for {len(same)} model(s)…"):
             res = explain(keys, images, targets, method, [r for _, r in same])
             colors = ui.colors_for([r for _, r in same])
-            ui.show(plots.attribution_grid(to_display(images), res["maps"], res["predictions"], classes,
-                                           res["targets"], colors=colors, title=METHODS[method]),
+            # a prediction is named with the classes of the run that made it, never the images' set's
+            own = {n: (r.config or {}).get("classes") for n, r in same}
+            # without targets of the runs' classes, every map explains the first run's prediction
+            ui.show(plots.attribution_grid(to_display(images), res["maps"], res["predictions"],
+                                           classes if targets is not None else own[same[0][0]], res["targets"],
+                                           colors=colors, title=METHODS[method], model_classes=own),
                     f"attributions-{method}",
                     "Each row is an image, each column a model: bright (or red) pixels pushed the model towards "
                     "the target class; titles give the model's prediction and confidence.")

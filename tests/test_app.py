@@ -94,7 +94,7 @@ def test_home_elements(app_env):
     assert len(table) == 2 and {"model", "policy", "accuracy %", "saved activations MiB", "status"} <= set(table)
     at.select_slider(key="home_k").set_value(4).run()
     at.selectbox(key="home_layer").set_value("layer3.0.conv1").run()
-    at.radio(key="home_source").set_value("run's dataset").run()
+    at.radio(key="home_source").set_value("built-in set").run()
     no_errors(at)
     at.selectbox(key="home_model").set_value("untrained ResNet-20").run()
     no_errors(at)
@@ -145,7 +145,7 @@ def test_sidebar_shows_a_run_training_outside_the_app(app_env, tmp_path, monkeyp
     monkeypatch.setenv("POOLPROP_RUN_DIRS", str(live.parent))
     at = page("loss")
     sidebar = texts(at.sidebar.markdown)
-    assert "(started outside the app)" in sidebar and "none · features10" in sidebar
+    assert "(started outside the app)" in sidebar and "none · 2 ep · s0" in sidebar
     (live / "summary.json").write_text(json.dumps(summary))  # finished
     at = page("loss")
     assert "**Training** · none running" in texts(at.sidebar.markdown)
@@ -169,17 +169,21 @@ def test_model_of_a_vanished_run_raises_a_clear_error(app_env, tmp_path):
 
 @pytest.fixture
 def fake_launcher(monkeypatch):
-    calls = {"submit": [], "running": None}
+    calls = {"submit": [], "running": None, "jobs": []}
 
     def submit(self, config, label=None):
         calls["submit"].append(config)
         state = "queued" if calls["running"] else "running"
-        return Job(id=f"job{len(calls['submit'])}", device="cpu", run_dir=str(self.root / "new"), config={},
-                   label=label or "x", state=state, position=1 if state == "queued" else 0)
+        job = Job(id=f"job{len(calls['submit'])}", device="cpu", run_dir=str(self.root / "new"),
+                  config=config.to_dict(), label=label or "x", state=state, created=time.time(),
+                  position=1 if state == "queued" else 0)
+        calls["jobs"].append(job)
+        return job
 
     monkeypatch.setattr(Launcher, "submit", submit)
     monkeypatch.setattr(Launcher, "active", lambda self, device=None: calls["running"])
-    monkeypatch.setattr(Launcher, "jobs", lambda self, device=None: [calls["running"]] if calls["running"] else [])
+    monkeypatch.setattr(Launcher, "jobs",
+                        lambda self, device=None: [j for j in [calls["running"], *calls["jobs"]] if j])
     return calls
 
 
@@ -245,6 +249,57 @@ def test_train_rejects_bad_settings(app_env, fake_launcher):
     assert fake_launcher["submit"] == []
 
 
+def test_enter_in_a_train_field_does_not_start_a_run(app_env, fake_launcher):
+    """Enter in Epochs, Batch size or any other field of the form must not submit it (the browser
+    test presses Enter for real); only the Start button starts a run."""
+    at = page("train")
+    (form,) = at.get("form")
+    assert form.proto.form.enter_to_submit is False
+    at.number_input[0].set_value(5).run()  # a field changed, no button pressed
+    assert fake_launcher["submit"] == []
+
+
+def test_a_second_identical_start_asks_before_queuing_a_duplicate(app_env, fake_launcher):
+    at = page("train")
+    _start(at)
+    assert len(fake_launcher["submit"]) == 1
+    _start(at)  # the same run again, a moment later (a double click, or Start pressed twice)
+    no_errors(at)
+    assert len(fake_launcher["submit"]) == 1
+    assert "Start another identical run?" in texts(at.warning)
+    at.button(key="train_cancel").click().run()
+    assert len(fake_launcher["submit"]) == 1 and not at.warning
+    _start(at)
+    at.button(key="train_confirm").click().run()  # yes: a second run of the same settings
+    no_errors(at)
+    assert len(fake_launcher["submit"]) == 2
+    at.number_input[0].set_value(4)  # other settings are another run: no question
+    _start(at)
+    assert len(fake_launcher["submit"]) == 3 and not at.warning
+
+
+def test_the_train_form_has_the_time_budget_of_the_classroom_recipe(app_env, fake_launcher):
+    at = page("train")
+    (budget,) = [n for n in at.number_input if n.label.startswith("Time budget")]
+    budget.set_value(55)
+    _start(at)
+    assert fake_launcher["submit"][0].time_budget == 55.0
+
+
+def test_a_failed_run_says_failed_and_the_started_banner_goes(app_env, fake_launcher):
+    at = page("train")
+    _start(at)
+    assert "Started" in texts(at.success)
+    job = fake_launcher["jobs"][0]
+    assert any(h.value.endswith("— starting…") for h in at.subheader)
+    job.state, job.error = "done", "error: out of memory"  # the job runner found it dead, with its error
+    at.run()
+    assert not at.exception
+    assert any(h.value.endswith("— failed") for h in at.subheader), texts(at.subheader)
+    assert not any(h.value.endswith("— done") for h in at.subheader)
+    assert not at.success and "out of memory" in texts(at.error)
+
+
 # ---------------------------------------------------------------------------------------
 # Pages with buttons (small settings, real computations)
 # ---------------------------------------------------------------------------------------
@@ -285,6 +340,7 @@ def test_memory_ladder_and_planner(app_env):
     at.button(key="mem_measure").click().run()
     no_errors(at)
     assert list(at.dataframe[0].value["policy"]) == ["none", "avg2+mask", "ckpt", "avg4+mask"]
+    assert "step time ×" not in at.dataframe[0].value  # untimed: no column of "None"
     # the page's figures are the meter's on that model and batch (measured here the direct way)
     from core.method.convert import compress_model
     from core.method.meter import saved_activation_bytes
@@ -330,7 +386,7 @@ def test_gradient_fidelity_heatmap_matches_gradients_from_averaged_inputs(app_en
     shown = dict(zip(heat["y"], (row[0] for row in heat["z"])))
 
     run = inspect_run(run_dir)
-    x_uint8, y, _, problem = pick_images(run, 8)
+    x_uint8, y, _, problem, _ = pick_images(run, 8)
     assert problem is None
     model = load_model(run_dir).train()
     seen = {}
@@ -354,6 +410,36 @@ def test_gradient_fidelity_heatmap_matches_gradients_from_averaged_inputs(app_en
         cosine = float(exact @ approx / (exact.norm() * approx.norm()))
         assert shown[name] == pytest.approx(cosine, abs=1e-4), name
     assert min(shown.values()) < 0.999  # pooling really changed some gradient
+
+
+def test_the_fidelity_heatmap_of_another_run_is_not_shown_as_this_ones(app_env):
+    """Computed for one run, then the page's run picker changed: the heatmap went on showing the
+    previous run's gradients under the new choice. Now it waits for Compute."""
+    at = page("fidelity")
+    at.select_slider(key="fid_batch").set_value(8)
+    at.multiselect(key="fid_settings").set_value(["avg2+mask"])
+    at.button(key="fid_go").click().run()
+    assert at.get("plotly_chart")
+    first = at.selectbox(key="fid_run").value
+    other = next(o for o in at.selectbox(key="fid_run").options if o != first)
+    at.selectbox(key="fid_run").set_value(other).run()
+    no_errors(at)
+    charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    assert not any(t["type"] == "heatmap" for c in charts for t in c["data"])
+    assert "Press **Compute** for " + other in texts(at.info)
+    at.selectbox(key="fid_run").set_value(first).run()  # back to the run it answers: shown again
+    assert any(t["type"] == "heatmap" for c in at.get("plotly_chart") for t in json.loads(c.proto.spec)["data"])
+
+
+def test_memory_over_training_shows_what_cpu_runs_recorded(app_env):
+    """CPU runs record no CUDA peak: the figure shows their saved bytes per step, from zero,
+    instead of leaving the section empty."""
+    at = page("memory")
+    fig = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
+               if "Memory over training" in str(json.loads(c.proto.spec)["layout"].get("title")))
+    assert [t["name"] for t in fig["data"]] == ["none · 2 ep · s0 · saved activations",
+                                               "avg2+mask · 2 ep · s0 · saved activations"]
+    assert fig["layout"]["yaxis"]["rangemode"] == "tozero"
 
 
 def test_filters_activation_maximisation_and_cka(app_env, monkeypatch):
@@ -535,31 +621,70 @@ def test_home_is_quick_once_warm(app_env):
 
 
 SHIPPED_CIFAR = sorted((ROOT / "checkpoints").glob("r20-cifar-*"))
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _figure_texts(at: AppTest) -> list[str]:
+    """Every annotation (subplot titles included) of the figures a page drew."""
+    return [a.get("text", "") for c in at.get("plotly_chart")
+            for a in json.loads(c.proto.spec).get("layout", {}).get("annotations", [])]
+
+
+@pytest.fixture
+def fresh_clone(tmp_path, monkeypatch):
+    """The app as a fresh clone shows it: the shipped runs, and no .data folder (the runs' configs
+    name .data/cifar10-jpeg/train, relative to where the app runs)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("POOLPROP_RUN_DIRS", str(ROOT / "checkpoints"))
+    monkeypatch.setenv("POOLPROP_RUNS_ROOT", str(tmp_path / "new_runs"))
+    return tmp_path
 
 
 @pytest.mark.skipif(len(SHIPPED_CIFAR) < 2, reason="fewer than two shipped CIFAR runs")
-def test_shipped_cifar_runs_show_on_every_page_without_their_dataset(tmp_path, monkeypatch):
-    """A fresh clone has the shipped CIFAR runs but not the images they were trained on
-    (their config names a local folder): every page still shows them, and the pages that
-    need images say so and use the built-in set."""
-    monkeypatch.chdir(tmp_path)  # the runs' relative dataset path does not exist from here
-    monkeypatch.delenv("POOLPROP_RUN_DIRS", raising=False)
-    monkeypatch.setenv("POOLPROP_RUNS_ROOT", str(tmp_path / "new_runs"))
-    selection = [str(p) for p in SHIPPED_CIFAR[:2]]
+def test_shipped_cifar_runs_use_the_shipped_cifar_images_on_a_fresh_clone(fresh_clone):
+    """Without the CIFAR-10 data the default CIFAR runs are shown on the shipped sample of its
+    validation split, never on the built-in noise patterns: no "not available here" warning,
+    a note that says where the images come from, and CIFAR-10 class names."""
     for name in PAGES:
         at = AppTest.from_file(str(ROOT / PAGES[name]), default_timeout=300)
-        at.session_state["selected_runs"] = selection
         at.run()
         no_errors(at)
-        assert at.session_state["selected_runs"] == selection
-        if name == "home":  # the accuracy-vs-memory plot starts on the picked runs' dataset
-            shipped_dataset = json.loads((SHIPPED_CIFAR[0] / "config.json").read_text())["dataset"]
-            assert at.selectbox(key="home_pareto_ds").value == shipped_dataset
-            assert "cifar10-jpeg/train" in at.selectbox(key="home_pareto_ds").options  # the short name shows
-        if name in ("fidelity", "attributions"):
-            at.button[0].click().run()
+        assert [Path(p).name for p in at.session_state["selected_runs"]][0].startswith("r20-cifar-none-e20")
+        if name == "home":
+            shown = texts(at.markdown)
+            assert any(f"Image: *{c}*" in shown for c in CIFAR_CLASSES), shown
+            assert "shipped sample" in texts(at.caption)
+        if name == "fidelity":
+            at.select_slider(key="fid_batch").set_value(8)
+            at.multiselect(key="fid_settings").set_value(["avg2+mask"])
+            at.button(key="fid_go").click().run()
             no_errors(at)
-            assert "not available here" in texts(at.warning)
+            assert "shipped sample" in texts(at.caption)
+        if name == "attributions":
+            at.number_input(key="att_n").set_value(2)
+            at.button(key="att_go").click().run()
+            no_errors(at)
+            titles = " ".join(_figure_texts(at))
+            assert "target<br>" in titles and any(c in titles for c in CIFAR_CLASSES), titles
+        assert "not available here" not in texts(at.warning), (name, texts(at.warning))
+
+
+@pytest.mark.skipif(len(SHIPPED_CIFAR) < 2, reason="fewer than two shipped CIFAR runs")
+def test_attributions_name_cifar_predictions_with_cifar_classes_on_built_in_images(fresh_clone):
+    """The built-in (features10) images through CIFAR-10 models: every prediction, and what the
+    maps explain, is named with CIFAR-10's classes, never with the built-in set's."""
+    from core.engine.data import FEATURES10_CLASSES
+
+    at = AppTest.from_file(str(ROOT / PAGES["attributions"]), default_timeout=300)
+    at.run()
+    at.radio(key="att_source").set_value("built-in set").run()
+    at.number_input(key="att_n").set_value(3)
+    at.button(key="att_go").click().run()
+    no_errors(at)
+    titles = _figure_texts(at)
+    words = {w for t in titles for w in t.replace("<br>", " ").split()}
+    assert words & set(CIFAR_CLASSES), titles
+    assert not words & {c["name"] for c in FEATURES10_CLASSES}, titles
 
 
 def test_home_table_and_pareto_show_the_accuracy_the_weights_score():
@@ -604,3 +729,96 @@ def test_labels_name_what_differs_then_the_start_time(tmp_path):
              for parent in ("checkpoints", "shipped")]
     assert list(labels(twins).values()) == ["none · features10 · 10:00:00 (checkpoints/a)",
                                             "none · features10 · 10:00:00 (shipped/a)"]
+
+
+# ---------------------------------------------------------------------------------------
+# Runs grouped by setting, comparable defaults, the picker (against the shipped runs)
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def shipped_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("POOLPROP_RUN_DIRS", str(ROOT / "checkpoints"))
+    monkeypatch.setenv("POOLPROP_RUNS_ROOT", str(tmp_path / "new_runs"))
+    return ROOT / "checkpoints"
+
+
+def _chart(at: AppTest, title: str) -> dict:
+    for c in at.get("plotly_chart"):
+        spec = json.loads(c.proto.spec)
+        if title in str(spec.get("layout", {}).get("title", {}).get("text", "")):
+            return spec
+    raise AssertionError(f"no figure titled {title!r}")
+
+
+@pytest.mark.skipif(len(SHIPPED_CIFAR) < 2, reason="fewer than two shipped CIFAR runs")
+def test_default_runs_are_of_one_device_and_recipe(shipped_env):
+    """The shipped 20-epoch baseline of seed 0 was trained on an H200 in bf16, the other CIFAR
+    runs on the CPU: the defaults compare like with like (seed 1 of the baseline)."""
+    at = page("loss")
+    picked = [Path(p).name for p in at.session_state["selected_runs"]]
+    assert picked == ["r20-cifar-none-e20-s1", "r20-cifar-avg2+mask-e20-s0", "r20-cifar-avg4+mask-e20-s0"]
+    assert set(at.dataframe[0].value["trained on"]) == {"CPU, float32"}
+
+
+@pytest.mark.skipif(len(SHIPPED_CIFAR) < 2, reason="fewer than two shipped CIFAR runs")
+def test_seeds_of_a_setting_are_one_band_and_a_toggle_shows_them_apart(shipped_env):
+    at = AppTest.from_file(str(ROOT / PAGES["loss"]), default_timeout=300)
+    at.session_state["selected_runs"] = [str(shipped_env / n) for n in (
+        "r20-cifar-none-e20-s0", "r20-cifar-none-e20-s1", "r20-cifar-avg2+mask-e20-s0")]
+    at.run()
+    no_errors(at)
+    fig = _chart(at, "Validation accuracy")
+    shown = [t["name"] for t in fig["data"] if t.get("showlegend") is not False]
+    assert shown == ["none · 20 ep (2 seeds)", "avg2+mask · 20 ep · s0"]
+    assert any(t.get("fill") == "tonexty" for t in fig["data"])
+    assert "none · 20 ep (2 seeds)" in list(at.dataframe[0].value["run"])
+    # against wall time the two seeds' devices differ (an H200 and the CPU): the figure says so
+    at.radio(key="lc_x").set_value("wall").run()
+    notes = " ".join(a["text"] for a in _chart(at, "Validation accuracy")["layout"].get("annotations", []))
+    assert "Different devices" in notes and "H200" in notes
+    at.toggle(key="seeds_apart").set_value(True).run()
+    fig = _chart(at, "Validation accuracy")
+    assert [t["name"] for t in fig["data"] if t.get("showlegend") is not False] == [
+        "none · 20 ep · s0", "none · 20 ep · s1", "avg2+mask · 20 ep · s0"]
+    assert not any(t.get("fill") for t in fig["data"])
+
+
+@pytest.mark.skipif(len(SHIPPED_CIFAR) < 2, reason="fewer than two shipped CIFAR runs")
+def test_the_pareto_plot_compares_one_schedule_by_default(shipped_env):
+    at = page("home")
+    assert at.selectbox(key="home_pareto_epochs").value == 20
+    fig = _chart(at, "Accuracy vs memory")
+    markers = [t for t in fig["data"] if t.get("mode") == "markers+text"]
+    assert markers and all("20 ep" in t["name"] for t in markers)
+    assert [t["name"] for t in fig["data"] if t.get("mode") == "lines"] == ["Pareto front"]
+    seeds = next(t for t in markers if t["name"] == "none · 20 ep (2 seeds)")
+    assert seeds["error_y"]["array"][0] > 0  # the two seeds' range
+    at.selectbox(key="home_pareto_epochs").set_value("all").run()
+    fronts = [t["name"] for t in _chart(at, "Accuracy vs memory")["data"] if t.get("mode") == "lines"]
+    assert "Pareto front · 20 ep" in fronts and "Pareto front · 30 ep" in fronts
+
+
+@pytest.mark.skipif(len(SHIPPED_CIFAR) < 2, reason="fewer than two shipped CIFAR runs")
+def test_the_picker_filters_and_colours_and_names_runs_in_full(shipped_env):
+    """18 shipped runs: a filter by schedule and family narrows what the picker offers (the picked
+    runs stay); names say setting · epochs · seed; each chip gets its run's colour (CSS the
+    browser applies; the browser test checks what it shows)."""
+    from core.engine.runs import inspect_run
+    from ui import common as ui
+    from ui.picker import PICKER_KEY
+
+    at = page("home")
+    picked = {"none · 20 ep · s1", "avg2+mask · 20 ep · s0", "avg4+mask · 20 ep · s0"}
+    picker = at.multiselect(key=PICKER_KEY)
+    assert {picker.format_func(p) for p in picker.value} == picked
+    at.selectbox(key="_filter_epochs").set_value(30).run()
+    offered = set(at.multiselect(key=PICKER_KEY).options)
+    assert offered - picked == {"none · 30 ep · s0", "avg2+mask · 30 ep · s0", "avg4+mask · 30 ep · s0"}
+    at.selectbox(key="_filter_family").set_value("baseline").run()
+    assert set(at.multiselect(key=PICKER_KEY).options) - picked == {"none · 30 ep · s0"}
+    at.selectbox(key="_filter_data").set_value("features10").run()
+    assert set(at.multiselect(key=PICKER_KEY).options) == picked  # no 30-epoch features10 baseline
+    css = " ".join(h.value for h in at.get("html"))
+    runs = [inspect_run(p) for p in at.session_state["selected_runs"]]
+    for i, color in enumerate(ui.colors_for(runs)[n] for n in ui.names_of(runs)):
+        assert f'[data-tag-index="{i}"]' in css and f"border: 2px solid {color}" in css

@@ -1,14 +1,9 @@
-"""What every page shares: the run picker, cached loaders, figure/CSV output, messages.
+"""What every page shares: the page frame, cached loaders, figure/CSV output, messages.
 
 Pages stay thin: widgets -> a core call (through the cached loaders here) -> a figure from
 core/analysis/plots/. Nothing here trains; the Train page goes through core/engine/launcher.py.
-
-Where runs come from (core.engine.runs.list_runs):
-    default                      checkpoints/ (shipped) and runs/ (made here), each with one
-                                 level of group folders (runs/shipped/<run>)
-    POOLPROP_RUN_DIRS=A:B        only these folders (of runs, or runs themselves): tests, demos
-    POOLPROP_RUNS_ROOT=DIR       where the Train page writes new runs and its queue (default runs/);
-                                 always listed too
+Which runs there are, their names and colours and the sidebar's run picker: ui/picker.py
+(re-exported here, so pages say ui.names_of(...)).
 
 Caching: models in st.cache_resource keyed by run folder + the mtime of
 model.safetensors (shared between sessions: treat them as read-only, deep-copy before
@@ -19,127 +14,39 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import streamlit as st
 import torch
 
-from core.analysis import images, plots, run_views
+from core.analysis import images, run_views
 from core.analysis.report import rows_to_csv
 from core.engine.data import samples
 from core.engine.launcher import Launcher, device_key
-from core.engine.runs import (
-    LOCAL_DIR,
-    Run,
-    RunError,
-    list_runs,
-    live_progress,
-    load_model,
-    progress_fraction,
-    read_metrics,
-    run_folders,
-    run_labels,
-    run_mtime_key,
+from core.engine.runs import Run, RunError, live_progress, load_model, progress_fraction, read_metrics, run_mtime_key
+from ui.picker import (  # noqa: F401 - the pages' names for them
+    SELECTED,
+    _all_names,
+    all_runs,
+    colors_for,
+    keep,
+    label_of,
+    names_of,
+    run_picker,
+    runs_root,
+    setting_colors,
+    settings_of,
+    usable_runs,
 )
 
-ENV_RUN_DIRS = "POOLPROP_RUN_DIRS"
-ENV_RUNS_ROOT = "POOLPROP_RUNS_ROOT"
-SELECTED = "selected_runs"  # session_state: list of run folder paths, shared by every page
-PICKER_KEY = "_run_picker"
-MAX_SELECTED = 6
 PLOT_CONFIG = {"displaylogo": False, "modeBarButtonsToRemove": ["lasso2d", "select2d"]}
-
-
-# =======================================================================================
-# Where runs are
-# =======================================================================================
-
-def runs_root() -> Path:
-    """Folder for new runs and the launcher's queue."""
-    env = os.environ.get(ENV_RUNS_ROOT)
-    return Path(env) if env else LOCAL_DIR
-
-
-def run_dirs() -> tuple[list[str], bool]:
-    """(folders to list, include the defaults checkpoints/ + runs/)."""
-    env = os.environ.get(ENV_RUN_DIRS)
-    extra = [str(runs_root())] if os.environ.get(ENV_RUNS_ROOT) else []
-    if env:
-        return [d for d in env.split(os.pathsep) if d] + extra, False
-    return extra, True
-
-
-def _signature(dirs: list[str], include_default: bool) -> tuple:
-    """Cheap fingerprint of the run folders (names + mtimes of the small files) for the cache key."""
-    from core.engine.runs import default_dirs
-
-    bases = ([str(d) for d in default_dirs()] if include_default else []) + list(dirs)
-    sig = []
-    for base in bases:
-        try:
-            entries = [base] + [str(p) for p in run_folders(Path(base))]
-        except OSError:
-            continue
-        for d in entries:
-            for f in ("config.json", "summary.json", "model.safetensors"):
-                try:
-                    sig.append((d, f, os.stat(os.path.join(d, f)).st_mtime_ns))
-                except OSError:
-                    pass
-    state = runs_root() / ".launcher"
-    with contextlib.suppress(OSError):
-        sig += [(p.name, p.stat().st_mtime_ns) for p in state.glob("*.json")]
-    return tuple(sig)
-
-
-@st.cache_data(ttl=60, max_entries=8, show_spinner=False)
-def _runs_cached(dirs: tuple, include_default: bool, signature: tuple) -> list[Run]:
-    return list_runs(list(dirs), include_default=include_default)
-
-
-def all_runs() -> list[Run]:
-    """Every run found, broken ones included (their `reason` says why)."""
-    dirs, include_default = run_dirs()
-    return _runs_cached(tuple(dirs), include_default, _signature(dirs, include_default))
-
-
-def usable_runs() -> list[Run]:
-    return [r for r in all_runs() if r.ok]
-
-
-def _all_labels(extra: list[Run] = ()) -> dict[str, str]:
-    """Display names made unique over every run on disk (so a name never changes with the selection)."""
-    return run_labels([*all_runs(), *extra])
-
-
-def label_of(run: Run) -> str:
-    return _all_labels([run])[str(run.path)]
-
-
-def names_of(runs: list[Run]) -> list[str]:
-    d = _all_labels(runs)
-    return [d[str(r.path)] for r in runs]
-
-
-def colors_for(runs: list[Run]) -> dict[str, str]:
-    """Display name -> colour; the colour comes from the run's folder name, resolved over all runs
-    on disk, so a run keeps its colour on every page whatever else is selected."""
-    cmap = plots.color_map([r.name for r in all_runs()] + [r.name for r in runs])
-    d = _all_labels(runs)
-    out = {d[str(r.path)]: cmap[r.name] for r in runs}
-    # more runs on disk than colours: two selected runs may share one; give the later ones
-    # (in name order, so deterministically) a colour no selected run has
-    if len(set(out.values())) < len(out):
-        taken: set[str] = set()
-        for label in sorted(out):
-            if out[label] in taken:
-                free = [c for c in plots.PALETTE if c not in taken and c not in out.values()]
-                out[label] = free[0] if free else out[label]
-            taken.add(out[label])
-    return out
+# Streamlit's wide layout pads the page by 5rem a side: at a projector's 1024 px, with the sidebar
+# open, that left figures 500 px. Less padding gives them a quarter more room.
+NARROW_CSS = ("<style>@media (max-width: 1400px) { [data-testid=stMainBlockContainer] "
+              "{ padding-left: 1.5rem; padding-right: 1.5rem; } }</style>")
 
 
 # =======================================================================================
@@ -166,6 +73,7 @@ def page(title: str, intro: str | None = None) -> list[Run]:
     Returns the selected runs (usable ones, in the order picked)."""
     _run_through_navigation()
     st.set_page_config(page_title=f"{title} · PoolProp" if title != "PoolProp" else title, layout="wide")
+    st.html(NARROW_CSS)
     st.title(title)
     if intro:
         st.caption(intro)
@@ -173,43 +81,6 @@ def page(title: str, intro: str | None = None) -> list[Run]:
     with st.sidebar:
         status_panel()
     return selected
-
-
-def keep(key: str, default) -> None:
-    """Make the widget with `key` keep its value across page switches (Streamlit drops a widget's
-    state when a run of another page does not draw it). Call just before creating the widget,
-    and create it without a default value of its own (no index=/value=): the value comes from
-    st.session_state[key], restored here from a copy that outlives the widget."""
-    store = f"_kept_{key}"
-    if key not in st.session_state:
-        st.session_state[key] = st.session_state.get(store, default)
-    st.session_state[store] = st.session_state[key]
-
-
-def _sync_picker() -> None:
-    st.session_state[SELECTED] = list(st.session_state.get(PICKER_KEY, []))
-
-
-def run_picker() -> list[Run]:
-    """Sidebar multiselect of runs; the choice lives in st.session_state[SELECTED] (all pages)."""
-    runs = usable_runs()
-    by_path = {str(r.path): r for r in runs}
-    names = _all_labels(runs)
-    if SELECTED not in st.session_state:
-        st.session_state[SELECTED] = run_views.default_selection(runs)
-    chosen = list(st.session_state[SELECTED])
-    gone = [p for p in chosen if p not in by_path]
-    if gone:
-        st.sidebar.warning("No longer available (deleted or damaged): " + ", ".join(Path(p).name for p in gone))
-        chosen = [p for p in chosen if p in by_path]
-        st.session_state[SELECTED] = chosen
-    st.session_state[PICKER_KEY] = chosen  # set before the widget exists: allowed, and survives page switches
-    st.sidebar.multiselect("Runs", list(by_path), key=PICKER_KEY, format_func=lambda p: names.get(p, p),
-                           on_change=_sync_picker, max_selections=MAX_SELECTED,
-                           help="The runs every page compares. Each keeps its colour everywhere.")
-    if not runs:
-        st.sidebar.info("No runs yet: train one on the Train page.")
-    return [by_path[p] for p in st.session_state[SELECTED] if p in by_path]
 
 
 @st.cache_resource(show_spinner=False)
@@ -301,21 +172,46 @@ def heldout_images(dataset: str, n: int, split_seed: int = 0, seed: int = 0
     return samples.heldout_images(dataset, n, split_seed, seed)
 
 
-def run_images(run: Run, n: int, seed: int = 0):
-    cfg = run.config or {}
-    return heldout_images(str(cfg.get("dataset", samples.FEATURES10)), n, int(cfg.get("split_seed", 0)), seed)
+@st.cache_data(max_entries=32, show_spinner=False)
+def _run_images(dataset: str, split_seed: int, classes: tuple, n: int, seed: int):
+    return samples.run_images({"dataset": dataset, "split_seed": split_seed, "classes": list(classes)}, n, seed)
 
 
-def pick_images(run: Run | None, n: int, seed: int = 0):
-    """(uint8 images, labels, classes, problem): validation images of `run`'s dataset, or the
-    built-in set when run is None or its data is not on this machine (`problem` then says so)."""
+class Images(NamedTuple):
+    """What pick_images gives: uint8 (n, 3, H, W) images, labels, the images' classes; `problem`
+    (a warning: not the run's data) and `source` (a note: where the images are from, when not
+    the run's own validation split)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    classes: list[str]
+    problem: str | None = None
+    source: str | None = None
+
+
+def pick_images(run: Run | None, n: int, seed: int = 0) -> Images:
+    """Validation images of `run`'s data (for a CIFAR-10 run whose data is not here, the shipped
+    sample of its validation split), or the built-in set when run is None or its data is not
+    on this machine (`problem` then says so)."""
     if run is not None:
+        cfg = run.config or {}
         try:
-            return (*run_images(run, n, seed), None)
+            x, y, classes, source = _run_images(str(cfg.get("dataset", samples.FEATURES10)),
+                                                int(cfg.get("split_seed", 0) or 0), tuple(cfg.get("classes") or ()),
+                                                n, seed)
+            return Images(x, y, classes, None, source)
         except Exception as e:  # noqa: BLE001 - missing data must not break a page
-            return (*builtin_images(n, seed), f"The run's dataset is not available here ({one_line(e)}); "
-                                              "showing the built-in set instead.")
-    return (*builtin_images(n, seed), None)
+            return Images(*builtin_images(n, seed), f"The run's dataset is not available here ({one_line(e)}); "
+                                                    "showing the built-in set instead.")
+    return Images(*builtin_images(n, seed))
+
+
+def source_note(images: Images) -> None:
+    """The warning or the note that goes with images from pick_images, if any."""
+    if images.problem:
+        st.warning(images.problem)
+    elif images.source:
+        st.caption(f"Images: {images.source}.")
 
 
 @st.cache_resource(show_spinner=False)
@@ -402,12 +298,12 @@ def need_runs(runs: list[Run], what: str = "this page") -> bool:
 # =======================================================================================
 
 def runs_table(runs: list[Run]) -> list[dict]:
-    return run_views.runs_table(runs, _all_labels(runs))
+    return run_views.runs_table(runs, _all_names(runs))
 
 
 def pareto_rows(runs: list[Run]) -> list[dict]:
-    return run_views.pareto_rows(runs, _all_labels(runs))
+    return run_views.pareto_rows(runs, _all_names(runs))
 
 
 def memory_rows(runs: list[Run]) -> list[dict]:
-    return run_views.memory_rows(runs, _all_labels(runs))
+    return run_views.memory_rows(runs, _all_names(runs))
