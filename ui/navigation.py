@@ -4,6 +4,7 @@ HOME = "pages/0_Home.py"
 
 # (script, what the Home page says the view is for); the sidebar title comes from the file name
 VIEWS = [
+    ("pages/7_Lesson.py", "Lesson — the method in eight steps, for a class"),
     ("pages/1_Train.py", "Train — start a run, watch it live"),
     ("pages/2_Loss_curves.py", "Loss curves — compare runs over time"),
     ("pages/3_Memory.py", "Memory — what each policy keeps, and the largest batch a GPU fits"),
