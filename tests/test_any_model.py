@@ -45,11 +45,12 @@ def _layer_zoo(smooth: bool = True):
             self.hswish = nn.Hardswish()
             self.sigmoid = nn.Sigmoid()
             self.ln = nn.LayerNorm(8)
+            self.maxpool = nn.MaxPool2d(3, 1, 1)
             self.pool = nn.AdaptiveAvgPool2d(1)
             self.fc = nn.Linear(8, 5)
 
         def forward(self, x):
-            x = self.relu(self.bn(self.conv(x)))
+            x = self.maxpool(self.relu(self.bn(self.conv(x))))
             x = self.relu(self.gn(self.dw(x)))
             x = self.leaky(self.relu6(x)) + self.hardtanh(x)
             if smooth:
@@ -63,7 +64,7 @@ def _layer_zoo(smooth: bool = True):
 def test_exact_parts_give_bit_identical_gradients_on_every_layer():
     """K = 1 and the 1-bit masks are exact: the same gradients as the plain model, bit for bit,
     on ReLU (shared, in place), ReLU6, Hardtanh, LeakyReLU, depthwise convs, GroupNorm,
-    LayerNorm, Linear and global pooling."""
+    LayerNorm, Linear, max pooling (which keeps only its indices) and global pooling."""
     torch.manual_seed(0)
     plain = _layer_zoo(smooth=False)
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
@@ -71,7 +72,7 @@ def test_exact_parts_give_bit_identical_gradients_on_every_layer():
     model = copy.deepcopy(plain)
     compress_model(model, "avg1+mask")
     assert type(model.relu).__name__ == "MaskReLU" and type(model.relu6).__name__ == "MaskedReLU6"
-    assert type(model.pool).__name__ == "ShapeOnlyGlobalPool"
+    assert type(model.pool).__name__ == "ShapeOnlyGlobalPool" and type(model.maxpool).__name__ == "IndicesMaxPool2d"
     got = _grads(model, x, y)
     assert got.keys() == exact.keys()
     for k in exact:

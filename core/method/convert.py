@@ -21,6 +21,7 @@ from .checkpointing import Checkpointed
 from .conv import CompressedConv2d, ConvInputForm
 from .linear import CompressedLinear
 from .masks import MaskReLU, _Masked
+from .maxpool import IndicesMaxPool2d
 from .norms import LowPrecisionBatchNorm2d, _LowPrecisionNorm
 from .policy import CompressionPolicy, PolicyError, in_scope
 from .scale import (
@@ -126,6 +127,9 @@ def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], lis
         elif is_global_pool(m):
             if shrinks:
                 swap(ShapeOnlyGlobalPool)
+        elif type(m) is nn.MaxPool2d:
+            if policy.relu_mask:  # the ReLU before it no longer keeps the input the pool would
+                swap(IndicesMaxPool2d)
         elif isinstance(m, _PASS_THROUGH) or type(m).__name__ in _PASS_THROUGH_NAMES or \
                 getattr(m, "pp_keeps_nothing", False):
             pass
