@@ -23,6 +23,7 @@ def go(delta: int) -> None:
     st.session_state[STEP_KEY] = min(max(st.session_state[STEP_KEY] + delta, 0), N - 1)
 
 
+lesson.warm_up()  # the later steps' slow first parts, measured while the first is read
 if STEP_KEY not in st.session_state:  # ?step=3 opens the third step (a teacher's bookmark)
     asked = st.query_params.get("step", "1")
     st.session_state[STEP_KEY] = min(max(int(asked) - 1, 0), N - 1) if asked.isdigit() else 0

@@ -121,3 +121,13 @@ def test_a_step_in_the_address_opens_that_step(tmp_path, monkeypatch):
     monkeypatch.setenv("POOLPROP_RUNS_ROOT", str(tmp_path / "runs"))
     at = lesson_page("3")
     assert at.subheader[0].value == f"3. {lesson.STEPS[2].title}"
+
+
+def test_warm_up_measures_the_memory_steps_in_the_background_once():
+    lesson.warm_up()
+    lesson.warm_up()
+    assert len(lesson._warming) == 1
+    lesson._warming[0].join(120)
+    hits = lesson.scaled_ladder.cache_info().hits
+    lesson.scaled_ladder(lesson.MEASURED)
+    assert lesson.scaled_ladder.cache_info().hits == hits + 1  # the step finds it measured

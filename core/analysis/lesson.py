@@ -10,7 +10,11 @@ run which is not there raises LessonError (one line: which run).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
 import statistics
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,6 +69,7 @@ LAYER = "layer1.0.conv2"  # a conv whose input is a ReLU output: the catch shows
 IMAGE_CLASS = "ship"  # the picture's image: a shape that reads at 32x32
 EPOCHS = 20
 LADDER = ("none", "avg2", "mask", "avg2+mask", "avg2+mask+bn8")
+MEASURED = (*LADDER, "ckpt")  # one measurement for the three steps about memory
 VERSUS_CKPT = ("none", "avg2+mask", "avg2+mask+bn8", "ckpt")
 COMPRESSED = ("avg2+mask", "max2+mask", "avg2-lowres+mask", "avg4+mask", "avg8+mask")
 PICTURED = ("none", "avg2+mask", "avg4+mask", "avg8+mask")
@@ -97,10 +102,12 @@ def run_colors(runs: Sequence[Run], chosen: dict[str, Run]) -> dict[str, str]:
     return {label: cmap[r.name] for label, r in chosen.items()}
 
 
-def scaled_ladder(policies: Sequence[str], batch: int = 128, model: str = "resnet20") -> dict:
+@functools.lru_cache(maxsize=4)
+def scaled_ladder(policies: tuple[str, ...], batch: int = 128, model: str = "resnet20") -> dict:
     """memory_ladder(model, batch) as a dict, from two measurements at batches 1 and 2: saved
     bytes are exactly affine in the batch (tests/test_lesson.py checks it), and two tiny forward
-    passes take a fraction of a second where one at batch 128 takes seconds on a busy CPU."""
+    passes take a fraction of a second where one at batch 128 takes seconds on a busy CPU.
+    Cached: three steps read one measurement (the first pays for ckpt's first call, ~1 s)."""
     one, two = (memory_ladder(model, b, policies=policies, time_steps=False).to_dict() for b in (1, 2))
 
     def at(v1: float, v2: float) -> int:
@@ -164,7 +171,7 @@ def _catch(runs):
     items = {"none: the full input": full, "avg2: + a pooled copy": full + pooled,
              "mask: + a 1-bit ReLU mask": full + mask, "avg2+mask: pooled copy + mask": pooled + mask}
     fig = plots.bytes_bars(items, title=f"What {LAYER} and its ReLU keep", x_title="bytes per image")
-    whole = scaled_ladder(LADDER)
+    whole = scaled_ladder(MEASURED)
     text = ("In a ResNet the ReLU before a convolution keeps the same full-size tensor for its own backward "
             "pass, so pooling the convolution's input alone adds a copy: the layer keeps more, not less. Only "
             "when the ReLU keeps just a 1-bit mask of where its input was positive (exact, 1/32 of the size) "
@@ -174,8 +181,8 @@ def _catch(runs):
 
 
 def _ladder(runs):
-    lad = scaled_ladder(LADDER)
-    fig = plots.memory_ladder_figure(lad, title="Saved activations, ResNet-20, batch 128")
+    lad = scaled_ladder(MEASURED)
+    fig = plots.memory_ladder_figure(ladder_part(lad, LADDER), title="Saved activations, ResNet-20, batch 128")
     text = (f"Down the ladder for the whole ResNet-20 at batch 128: pooled inputs with ReLU masks keep "
             f"{100 * _cut(lad, 'avg2+mask'):.0f} % less than none, and keeping BatchNorm's input in 8 bits as "
             f"well (avg2+mask+bn8) {100 * _cut(lad, 'avg2+mask+bn8'):.0f} % less. The colours say what keeps "
@@ -269,7 +276,7 @@ def _attributions(runs):
 
 
 def _checkpointing(runs):
-    lad = scaled_ladder((*LADDER, "ckpt"))
+    lad = scaled_ladder(MEASURED)
     fig = plots.memory_ladder_figure(ladder_part(lad, VERSUS_CKPT), title="Saved activations beside checkpointing")
     text = (f"Gradient checkpointing keeps only each block's input and computes the rest again during the "
             f"backward pass: exact gradients and {100 * _cut(lad, 'ckpt'):.0f} % fewer saved bytes, for a second "
@@ -278,6 +285,24 @@ def _checkpointing(runs):
             "approximate gradients. Newer families (conv inputs in a few bits, qB; a pooled copy plus a low-bit "
             "residual, avgK+resB; BatchNorm in 4 or 2 bits) are on the Memory page.")
     return fig, text
+
+
+_warming: list[threading.Thread] = []
+
+
+def _prepare() -> None:
+    scaled_ladder(MEASURED)
+    with contextlib.suppress(ImportError):  # the attributions step's library, slow to import
+        importlib.import_module("captum.attr")
+
+
+def warm_up() -> None:
+    """Start, once per process, a background thread that measures the memory steps' ladder and
+    imports Captum: ckpt's first call imports part of torch (about a second), which the second
+    step would otherwise keep a class waiting for while the first is on screen."""
+    if not _warming:
+        _warming.append(threading.Thread(target=_prepare, daemon=True, name="lesson-warm-up"))
+        _warming[0].start()
 
 
 BUILDERS = {"keeps": _keeps, "catch": _catch, "ladder": _ladder, "gradients": _gradients, "cost": _cost,
