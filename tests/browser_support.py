@@ -35,6 +35,7 @@ VIEWPORT = {"width": 1400, "height": 900}
 # Streamlit derives a page's URL path from its file name: pages/2_Loss_curves.py -> /Loss_curves
 PAGES = {
     "home": "",
+    "lesson": "Lesson",
     "train": "Train",
     "loss_curves": "Loss_curves",
     "memory": "Memory",
@@ -42,7 +43,7 @@ PAGES = {
     "filters": "Filters_and_features",
     "attributions": "Attributions",
 }
-TITLES = {"home": "PoolProp", "train": "Train", "loss_curves": "Loss curves", "memory": "Memory",
+TITLES = {"home": "PoolProp", "lesson": "Lesson", "train": "Train", "loss_curves": "Loss curves", "memory": "Memory",
           "fidelity": "Gradient fidelity", "filters": "Filters & features", "attributions": "Attributions"}
 
 
@@ -93,9 +94,14 @@ def _health_ok(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def streamlit_server(env: dict | None = None, log_dir: Path | None = None, timeout: float = 120.0):
+def streamlit_server(env: dict | None = None, log_dir: Path | None = None, timeout: float = 120.0,
+                     cwd: str | os.PathLike | None = None):
     """`streamlit run app.py` on a free port with `env` added; yields a Server once healthy.
-    The whole process group is killed on exit."""
+    The whole process group is killed on exit. `cwd`: another folder to run in (with a copy of
+    .streamlit/config.toml), e.g. one without .data/, as on a fresh clone."""
+    if cwd is not None:
+        (Path(cwd) / ".streamlit").mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / ".streamlit" / "config.toml", Path(cwd) / ".streamlit" / "config.toml")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = Path(log_dir or ROOT / ".pytest_cache") / f"streamlit-{port}.log"
@@ -105,7 +111,7 @@ def streamlit_server(env: dict | None = None, log_dir: Path | None = None, timeo
            "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
     with open(log, "wb") as out:
         t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=cwd or ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         deadline = t0 + timeout
@@ -252,3 +258,80 @@ def charts_drawn(page) -> int:
     """Number of plotly figures whose plot has drawn."""
     return page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot'))
         .filter(p => p.querySelector('.main-svg') && p.getBoundingClientRect().height > 50).length""")
+
+
+def text_overlaps(page, tolerance: float = 2.0) -> list[str]:
+    """Pairs of texts that print over each other inside a figure, as 'A | B' strings. Plotly draws
+    each label, title, tick and legend entry as an SVG <text>; each is taken as the quadrilateral
+    it covers on screen (its box, shrunk by `tolerance` px a side, through its transform, so that
+    tilted tick labels count by their glyphs, not by their upright bounding boxes), and two that
+    intersect (separating-axis test) are a collision that a projector makes unreadable."""
+    return page.evaluate("""tol => {
+        const quad = t => {
+            const b = t.getBBox(), m = t.getScreenCTM();
+            if (!m || b.width <= 2 * tol || b.height <= 2 * tol) return null;
+            const pts = [[b.x + tol, b.y + tol], [b.x + b.width - tol, b.y + tol],
+                         [b.x + b.width - tol, b.y + b.height - tol], [b.x + tol, b.y + b.height - tol]];
+            return pts.map(([x, y]) => [m.a * x + m.c * y + m.e, m.b * x + m.d * y + m.f]);
+        };
+        const apart = (p, q) => {
+            for (const poly of [p, q]) {
+                for (let i = 0; i < 4; i++) {
+                    const [x1, y1] = poly[i], [x2, y2] = poly[(i + 1) % 4];
+                    const ax = y1 - y2, ay = x2 - x1;
+                    const proj = r => r.map(([x, y]) => x * ax + y * ay);
+                    const a = proj(p), c = proj(q);
+                    if (Math.max(...a) <= Math.min(...c) || Math.max(...c) <= Math.min(...a)) return true;
+                }
+            }
+            return false;
+        };
+        const out = [];
+        for (const plot of document.querySelectorAll('.js-plotly-plot')) {
+            const items = Array.from(plot.querySelectorAll('svg text'))
+                .filter(t => t.textContent.trim() && !t.closest('.hoverlayer') && !t.closest('.modebar')
+                        && getComputedStyle(t).display !== 'none' && getComputedStyle(t).visibility !== 'hidden'
+                        && getComputedStyle(t).opacity !== '0')
+                .map(t => ({text: t.textContent.trim(), q: quad(t)})).filter(i => i.q);
+            for (let i = 0; i < items.length; i++) {
+                for (let j = i + 1; j < items.length; j++) {
+                    if (!apart(items[i].q, items[j].q)) out.push(items[i].text + ' | ' + items[j].text);
+                }
+            }
+        }
+        return out;
+    }""", tolerance)
+
+
+def image_widths(page) -> list[float]:
+    """On-screen widths (px) of the pictures plotly draws (go.Image layers), in page order."""
+    return page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot image'))
+        .map(i => i.getBoundingClientRect().width).filter(w => w > 0)""")
+
+
+def set_selection(page, names: list[str], timeout: float = 120.0) -> None:
+    """Make the sidebar's run picker hold exactly `names` (display names), as a user would: remove
+    the chips not wanted, then type each missing name and press Enter."""
+    picker = page.locator(".st-key-_run_picker")
+    for _ in range(12):
+        chips = picker.locator("[data-tag-index]")
+        current = [c.get_attribute("aria-label") for c in chips.all()]
+        extra = [n for n in current if n not in names]
+        if not extra:
+            break
+        picker.get_by_role("button", name=f"Remove {extra[0]}").click()
+        time.sleep(0.3)
+        wait_idle(page, timeout)
+    for n in names:
+        current = [c.get_attribute("aria-label") for c in picker.locator("[data-tag-index]").all()]
+        if n in current:
+            continue
+        box = picker.locator("input")
+        box.click()
+        box.fill(n)
+        time.sleep(0.3)
+        page.get_by_role("option", name=n, exact=True).first.click()
+        time.sleep(0.3)
+        wait_idle(page, timeout)
+    page.keyboard.press("Escape")
+    wait_idle(page, timeout)

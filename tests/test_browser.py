@@ -54,7 +54,7 @@ SERVER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 # The tour: one function per page, shared by the test and the screenshot mode
 # =======================================================================================
 
-VIEW_BOTTOM = bs.VIEWPORT["height"] - 4
+CHART = '[data-testid="stPlotlyChart"]'  # a page's first figure: what its picture shows
 
 
 class Shots:
@@ -71,7 +71,7 @@ class Shots:
                                                 "const m = document.querySelector('[data-testid=stMain]'); "
                                                 "if (m && off) m.scrollBy(0, -off); }", offset)
             time.sleep(0.8)
-        page.mouse.move(4, VIEW_BOTTOM)  # no hover: plotly's toolbar and tooltips hidden
+        page.mouse.move(4, page.viewport_size["height"] - 4)  # no hover: plotly's toolbar and tooltips hidden
         time.sleep(0.3)
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"app_{name}.png"
@@ -129,7 +129,8 @@ def wait_charts(page, n: int, where: str, timeout: float = 60.0) -> int:
     return c
 
 
-NAV = ["Home", "Train", "Loss curves", "Memory", "Gradient fidelity", "Filters and features", "Attributions"]
+NAV = ["Home", "Lesson", "Train", "Loss curves", "Memory", "Gradient fidelity", "Filters and features",
+       "Attributions"]
 
 
 def sidebar_nav(page) -> list[str]:
@@ -145,7 +146,7 @@ def tour_home(page, server, shots: Shots) -> None:
     assert sidebar_nav(page) == NAV, sidebar_nav(page)
     wait_charts(page, 3, "home")  # the method picture, its bytes, the Pareto plot
     assert page.locator('[data-testid="stDataFrame"]').count() >= 1  # the runs table
-    shots(page, "home")
+    shots(page, "home", anchor=CHART, offset=60)
     key(page, "home_pool").get_by_text("max", exact=True).click()
     bs.wait_idle(page)
     assert_clean(page, "home, max pooling")
@@ -197,7 +198,7 @@ def tour_loss_curves(page, shots: Shots) -> None:
     TIMINGS["switch to Loss curves"] = bs.go_to(page, "loss_curves")
     assert_clean(page, "Loss curves")
     wait_charts(page, 4, "Loss curves")  # training loss, validation loss, validation accuracy, epochs-to bars
-    shots(page, "loss_curves")
+    shots(page, "loss_curves", anchor=CHART, offset=70)
     key(page, "lc_x").get_by_text("epoch", exact=True).click()
     bs.wait_idle(page)
     assert_clean(page, "Loss curves against epochs")
@@ -212,7 +213,7 @@ def tour_memory(page, shots: Shots, batch: int = 8) -> None:
     assert_clean(page, "Memory, after Measure")
     wait_charts(page, before + 1, "Memory ladder")
     assert "ckpt" in main_text(page)
-    shots(page, "memory", anchor="#the-ladder", offset=10)
+    shots(page, "memory", anchor=CHART, offset=70)
 
 
 def tour_fidelity(page, shots: Shots) -> None:
@@ -229,7 +230,7 @@ def tour_fidelity(page, shots: Shots) -> None:
     assert_clean(page, "Gradient fidelity, after Compute")
     wait_charts(page, before + 2, "fidelity heatmap and bars")
     assert "8 images" in main_text(page)
-    shots(page, "fidelity", anchor='[data-testid="stPlotlyChart"]', offset=230)
+    shots(page, "fidelity", anchor=CHART, offset=70)
 
 
 def tour_filters(page, shots: Shots) -> None:
@@ -240,7 +241,7 @@ def tour_filters(page, shots: Shots) -> None:
     TIMINGS["Filters: Generate images (4 channels, 64 steps)"] = bs.click_button(page, "Generate images")
     assert_clean(page, "Filters, after Generate images")
     wait_charts(page, before + 1, "activation maximisation")
-    shots(page, "filters", anchor="#first-layer-filters", offset=10)
+    shots(page, "filters", anchor=CHART, offset=70)
     if page.locator(".st-key-ff_cka_go button").count():
         before = bs.charts_drawn(page)
         TIMINGS["Filters: Compare (CKA, 128 images)"] = bs.click_button(page, "Compare")
@@ -254,7 +255,7 @@ def tour_attributions(page, shots: Shots) -> None:
     TIMINGS["Attributions: Explain (saliency, 3 images)"] = bs.click_button(page, "Explain")
     assert_clean(page, "Attributions, after Explain")
     wait_charts(page, 1, "attribution grid")
-    shots(page, "attributions", anchor='[data-testid="stPlotlyChart"]', offset=110)
+    shots(page, "attributions", anchor=CHART, offset=110)
 
 
 def report(timings: dict[str, float]) -> str:
@@ -352,6 +353,176 @@ def test_no_errors_in_the_server_log(app):
 
 
 # =======================================================================================
+# A fresh clone at a projector's 1024x768: the shipped runs, no CIFAR-10 data, the Lesson
+# =======================================================================================
+
+CIFAR_CLASSES = {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"}
+PROJECTOR = {"width": 1024, "height": 768}
+SIX = ["none · 20 ep · s1", "avg2+mask · 20 ep · s0", "avg4+mask · 20 ep · s0", "avg2+mask · 20 ep · s1",
+       "max2+mask · 20 ep · s0", "avg2+mask+bn8 · 20 ep · s0"]
+
+
+def figure_words(page) -> set[str]:
+    """Every word the figures print (SVG text: titles, labels, ticks, legends)."""
+    # a label of several lines is one <text> with a <tspan> a line: take the lines apart
+    texts = page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot svg text'))
+        .flatMap(t => { const lines = t.querySelectorAll('tspan.line');
+                        return lines.length ? Array.from(lines).map(l => l.textContent) : [t.textContent]; })""")
+    return {w for t in texts for w in t.replace("%", " ").split()}
+
+
+def assert_readable(page, where: str) -> None:
+    """Clean (assert_clean), no text printing over other text in a figure, no fallback warning."""
+    assert_clean(page, where)
+    overlaps = bs.text_overlaps(page)
+    assert not overlaps, f"{where}: overlapping text: {overlaps}"
+    assert not any("not available here" in w for w in bs.warnings(page)), f"{where}: {bs.warnings(page)}"
+
+
+def tour_lesson(page, shots: Shots | None = None) -> list[str]:
+    """Every step of the Lesson with Next: its title, one figure, nothing overlapping; the seconds
+    each step took to load go to TIMINGS. Returns the step titles seen."""
+    from core.analysis.lesson import STEPS
+
+    TIMINGS["switch to Lesson"] = bs.go_to(page, "lesson")
+    seen = []
+    for i, step in enumerate(STEPS):
+        if i:
+            TIMINGS[f"Lesson: Next -> step {i + 1} ({step.key})"] = bs.click_button(page, "Next")
+        heading = page.locator('[data-testid="stMain"] h3').first.inner_text().strip()
+        assert heading == f"{i + 1}. {step.title}", heading
+        wait_charts(page, 1, f"lesson step {i + 1}")
+        assert_readable(page, f"lesson step {i + 1}")
+        assert page.locator('[data-testid="stMain"] a').filter(has_text="More:").count() == 1
+        seen.append(heading)
+        if shots is not None and step.key == "catch":
+            shots(page, "lesson", anchor='[data-testid="stMain"] h3', offset=90)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def fresh(app, tmp_path_factory):
+    """(server, page) as a fresh clone shows the app at 1024x768: the shipped runs of checkpoints/,
+    the server in an empty folder (so .data/ with the CIFAR-10 images is not found), a tab of
+    its own (in the module's browser: Playwright's sync API runs one at a time)."""
+    tmp = tmp_path_factory.mktemp("fresh_clone")
+    env = {"POOLPROP_RUN_DIRS": str(ROOT / "checkpoints"), "POOLPROP_RUNS_ROOT": str(tmp / "runs"), **SERVER_ENV}
+    context = app[1].context.browser.new_context(viewport=PROJECTOR, device_scale_factor=1)
+    try:
+        with bs.streamlit_server(env, log_dir=tmp, cwd=tmp) as server:
+            page = context.new_page()
+            page.set_default_timeout(30_000)
+            TIMINGS["fresh clone: home rendered"] = bs.open_url(page, server.url)
+            yield server, page
+    finally:
+        context.close()
+        _stop_training(tmp / "runs")
+
+
+def test_fresh_clone_home_shows_cifar_images_large_enough(fresh):
+    server, page = fresh
+    wait_charts(page, 3, "home, fresh clone")
+    assert_readable(page, "home, fresh clone")
+    text = main_text(page)
+    assert "shipped sample of the CIFAR-10 validation split" in text
+    assert re.search(r"Image: (" + "|".join(CIFAR_CLASSES) + r")", text), text[:1500]
+    widths = bs.image_widths(page)[:4]
+    assert len(widths) == 4 and min(widths) >= 96, widths  # the method picture's four panels
+
+
+def test_fresh_clone_picker_shows_each_runs_colour_and_whole_name(fresh):
+    """The sidebar's chips: a border of each run's colour (as its lines on every page), and the
+    whole name in view (not cut to 'none · cifar10-…')."""
+    from core.analysis.plots import color_map
+    from core.engine.runs import list_runs
+
+    server, page = fresh
+    chips = page.locator(".st-key-_run_picker [data-tag-index]")
+    labels = [c.get_attribute("aria-label") for c in chips.all()]
+    assert labels == ["none · 20 ep · s1", "avg2+mask · 20 ep · s0", "avg4+mask · 20 ep · s0"]
+    colors = color_map([r.name for r in list_runs([ROOT / "checkpoints"], include_default=False)])
+    expected = [colors[f"r20-cifar-{n}"] for n in ("none-e20-s1", "avg2+mask-e20-s0", "avg4+mask-e20-s0")]
+
+    def rgb(hex_color: str) -> str:
+        h = hex_color.lstrip("#")
+        return f"rgb({int(h[:2], 16)}, {int(h[2:4], 16)}, {int(h[4:], 16)})"
+
+    shown = [c.evaluate("e => getComputedStyle(e).borderTopColor") for c in chips.all()]
+    assert shown == [rgb(c) for c in expected]
+    cut = [c.evaluate("e => { const s = e.querySelector('span'); return s.scrollWidth > s.clientWidth + 1; }")
+           for c in chips.all()]
+    assert not any(cut), labels
+
+
+def test_fresh_clone_attributions_name_cifar_predictions_with_cifar_classes(fresh):
+    """The built-in images through the CIFAR-10 runs: every prediction named with CIFAR-10's
+    classes (it said "coarse_checker 47 %"), and no fallback box anywhere."""
+    from core.engine.data import FEATURES10_CLASSES
+
+    server, page = fresh
+    TIMINGS["fresh clone: switch to Attributions"] = bs.go_to(page, "attributions")
+    assert_readable(page, "attributions, fresh clone")
+    bs.click_button(page, "Explain")
+    wait_charts(page, 1, "attributions of the shipped sample")
+    assert_readable(page, "attributions of the shipped sample")
+    assert figure_words(page) & CIFAR_CLASSES
+    key(page, "att_source").get_by_text("built-in set", exact=True).click()
+    bs.wait_idle(page)
+    bs.click_button(page, "Explain")
+    wait_charts(page, 1, "attributions of the built-in images")
+    assert_readable(page, "attributions of the built-in images")
+    words = figure_words(page)
+    assert words & CIFAR_CLASSES, words
+    assert not words & {c["name"] for c in FEATURES10_CLASSES}, words
+
+
+def test_fresh_clone_lesson_step_by_step(fresh):
+    from core.analysis.lesson import STEPS
+
+    server, page = fresh
+    seen = tour_lesson(page)
+    assert len(seen) == len(STEPS)
+    assert page.locator(".st-key-lesson_next button").is_disabled()
+    bs.click_button(page, "Back")
+    assert page.locator('[data-testid="stMain"] h3').first.inner_text().startswith(f"{len(STEPS) - 1}. ")
+
+
+def test_fresh_clone_enter_in_a_train_field_starts_nothing(fresh):
+    """Typing into Epochs, Batch size and Training images and pressing Enter queued four jobs."""
+    from core.engine.launcher import Launcher
+
+    server, page = fresh
+    bs.go_to(page, "train")
+    form = page.locator('[data-testid="stForm"]')
+    for label, value in (("Epochs", 1), ("Batch size", 16), ("Training images (0 = all)", 64)):
+        field = form.get_by_label(label, exact=True)
+        field.fill(str(value))
+        field.press("Enter")
+        time.sleep(0.5)
+        bs.wait_idle(page)
+    time.sleep(1.0)
+    assert "Started:" not in main_text(page) and "Queued" not in main_text(page)
+    root = Path(server.log).parent / "runs"
+    assert not root.exists() or Launcher(root).jobs() == []
+    assert_readable(page, "Train, after Enter")
+
+
+def test_fresh_clone_six_runs_read_at_1024(fresh):
+    """Six runs on the pages the issue found unreadable at 1024 px: Loss curves (bars, per class),
+    Filters & features (run titles), Memory (recorded, over training)."""
+    server, page = fresh
+    bs.go_to(page, "loss_curves")
+    bs.set_selection(page, SIX)
+    wait_charts(page, 5, "Loss curves, six runs")
+    assert_readable(page, "Loss curves, six runs")
+    for name in ("filters", "memory"):
+        bs.go_to(page, name)
+        wait_charts(page, 1, f"{name}, six runs")
+        assert_readable(page, f"{name}, six runs")
+    assert "Traceback" not in server.log_tail(100000)
+
+
+# =======================================================================================
 # Screenshot mode: python tests/test_browser.py --screenshots docs/img
 # =======================================================================================
 
@@ -370,6 +541,9 @@ def screenshot_run_dirs() -> list[str]:
 
 
 def take_screenshots(folder: str, steps_before_stop: int = 80) -> None:
+    """The README's pictures, at a projector's 1024x768, as a fresh clone shows the app: the
+    shipped runs, and the server in an empty folder, so without the CIFAR-10 data (the shipped
+    sample stands in)."""
     why = bs.missing_requirements()
     if why:
         sys.exit(f"cannot take screenshots: {why}")
@@ -378,8 +552,9 @@ def take_screenshots(folder: str, steps_before_stop: int = 80) -> None:
         env = {"POOLPROP_RUN_DIRS": os.pathsep.join(screenshot_run_dirs()), "POOLPROP_RUNS_ROOT": tmp, **SERVER_ENV}
         shots = Shots(folder)
         try:
-            with bs.streamlit_server(env, log_dir=Path(tmp)) as server, bs.chromium_page() as page:
+            with bs.streamlit_server(env, log_dir=Path(tmp), cwd=tmp) as server, bs.chromium_page(PROJECTOR) as page:
                 tour_home(page, server, shots)
+                tour_lesson(page, shots)
                 tour_loss_curves(page, shots)
                 tour_memory(page, shots, batch=32)
                 tour_fidelity(page, shots)
