@@ -48,7 +48,7 @@ from ..method import CompressionPolicy, PolicyError, compress_model, compressed,
 from ..method.conv import CompressedConv2d
 from ..method.gradients import METRICS, compare, gradients, trainable_convs
 from ..method.policy import KS, MODES, POOLS
-from ..method.probe import conv_input_shapes, too_small_for_k
+from ..method.probe import conv_input_shapes, pooled_convs, too_small_for_k
 from ..method.snapshot import preserved
 
 BIAS_METRICS = ("bias", "bias_floor")
@@ -159,7 +159,11 @@ def _fit_policy(policy: CompressionPolicy, model, convs, shapes) -> tuple[Compre
 
     Returns (policy to run, note) or (None, reason to skip).
     """
-    too_small = too_small_for_k(policy, shapes)
+    try:
+        pooled = pooled_convs(model, policy)
+    except PolicyError:  # a stage the model lacks: let the comparison itself say so
+        pooled = None
+    too_small = too_small_for_k(policy, shapes, pooled)
     if not too_small:
         return policy, None
     h, w = shapes[too_small[0]][1:]

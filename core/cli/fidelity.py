@@ -80,6 +80,9 @@ def load_inputs(args):
         if getattr(ds, "num_classes", num_classes) != num_classes:
             raise ValueError(f"{dataset} has {ds.num_classes} classes but the model has {num_classes}")
         what += f", {len(y)} {dataset} validation images"
+        if not args.run and args.size != x.shape[-1]:  # e.g. CIFAR's 32 px for a 224 px ImageNet model
+            x = F.interpolate(x, size=(args.size, args.size), mode="bilinear", align_corners=False)
+            what += f" resized to {args.size} px"
     dev = torch.device(args.device)
     return model.to(dev), x.to(dev), y.to(dev), what
 
@@ -167,7 +170,8 @@ def register(subparsers) -> None:
     src.add_argument("--dataset", default=None,
                      help=f"features10 | cifar10 | imagefolder:PATH | {SYNTHETIC} (default: the run's)")
     src.add_argument("--data-dir", default=None)
-    src.add_argument("--size", type=int, default=32, help=f"image size for --dataset {SYNTHETIC}")
+    src.add_argument("--size", type=int, default=32,
+                     help=f"image size for --dataset {SYNTHETIC}; without --run, other datasets are resized to it")
     p.add_argument("--policies", nargs="+", default=None, metavar="POLICY",
                    help=f"settings to compare (default: {' '.join(DEFAULT_POLICIES)})")
     p.add_argument("--sweep", action="store_true", help="sweep pooling x K x mode instead of --policies")

@@ -19,7 +19,7 @@ def check_config(config: TrainConfig) -> list[str]:
     import torch
 
     from ..method import CompressionPolicy, compress_model
-    from ..method.probe import conv_input_shapes, too_small_for_k
+    from ..method.probe import conv_input_shapes, pooled_convs, too_small_for_k
     from ..models import build_model
 
     policy = CompressionPolicy.parse(config.policy)
@@ -31,7 +31,7 @@ def check_config(config: TrainConfig) -> list[str]:
     if size is None or policy.pool is None or policy.k == 1:
         return []  # (an image folder's image size is known only once it is loaded)
     shapes = conv_input_shapes(model, torch.zeros(1, 3, size, size))
-    too_big = too_small_for_k(policy, shapes)
+    too_big = too_small_for_k(policy, shapes, pooled_convs(model, policy))
     if too_big:
         _c, h, w = shapes[too_big[0]]
         return [f"K={policy.k} is larger than the feature map entering {too_big[0]} ({h}x{w})"

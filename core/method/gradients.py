@@ -28,11 +28,20 @@ def trainable_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     return convs
 
 
+def _random_layers_off(model: nn.Module) -> None:
+    """Dropout and stochastic depth to eval mode (BatchNorm stays in train mode): the exact and
+    the compressed pass must drop the same units, or the comparison measures dropout's noise."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) or type(m).__name__ == "StochasticDepth":
+            m.eval()
+
+
 def gradients(model: nn.Module, convs, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable
               ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
     """Conv weight gradients and the input gradient of one forward+backward, in float32
-    (autocast off: the comparison is of the method, not of mixed precision)."""
+    (autocast off: the comparison is of the method, not of mixed precision), with dropout off."""
     xi = x.detach().requires_grad_(True)
+    _random_layers_off(model)
     with torch.autocast(x.device.type, enabled=False):
         out = model(xi)
         loss = loss_fn(out, y)

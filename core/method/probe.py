@@ -29,9 +29,24 @@ def conv_input_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int,
     return shapes
 
 
-def too_small_for_k(policy: CompressionPolicy, shapes: dict[str, tuple[int, int, int]]) -> list[str]:
-    """The convs `policy` pools (in its scope) whose feature map is smaller than K, in order."""
+def pooled_convs(model: nn.Module, policy: CompressionPolicy) -> set[str]:
+    """The convs `policy` would pool in `model` (a squeeze-excitation's are never pooled)."""
+    from .conv import ConvInputForm
+    from .convert import compressed
+
+    if policy.pool is None or policy.k == 1:
+        return set()
+    with compressed(model, policy):
+        return {n for n, m in model.named_modules() if isinstance(getattr(m, "pp_form", None), ConvInputForm)
+                and m.pp_form.pools and isinstance(m, nn.Conv2d)}
+
+
+def too_small_for_k(policy: CompressionPolicy, shapes: dict[str, tuple[int, int, int]],
+                    pooled: set[str] | None = None) -> list[str]:
+    """The convs `policy` pools (in its scope, or those in `pooled`) whose feature map is
+    smaller than K, in order."""
     if policy.pool is None or policy.k == 1:
         return []
     stem = next(iter(shapes), None)
-    return [n for n, (_c, h, w) in shapes.items() if in_scope(n, policy, stem) and min(h, w) < policy.k]
+    return [n for n, (_c, h, w) in shapes.items() if (in_scope(n, policy, stem) if pooled is None else n in pooled)
+            and min(h, w) < policy.k]
