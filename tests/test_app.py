@@ -554,11 +554,11 @@ def test_heldout_images_of_features10_are_its_validation_stream():
 
 def test_another_image_set_gives_other_features10_images():
     """The Attributions page's "Image set" number: each set is n other held-out images."""
-    from ui.common import heldout_images
+    from core.engine.data.samples import heldout_images
 
-    first, labels, _ = heldout_images.__wrapped__("features10", 4, 0, 0)
-    again = heldout_images.__wrapped__("features10", 4, 0, 0)[0]
-    other = heldout_images.__wrapped__("features10", 4, 0, 1)[0]
+    first, labels, _ = heldout_images("features10", 4, 0, 0)
+    again = heldout_images("features10", 4, 0, 0)[0]
+    other = heldout_images("features10", 4, 0, 1)[0]
     assert first.shape == other.shape == (4, 3, 32, 32) and len(labels) == 4
     assert (first == again).all() and not (first == other).all()
 

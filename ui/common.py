@@ -166,13 +166,6 @@ def builtin_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def heldout_images(dataset: str, n: int, split_seed: int = 0, seed: int = 0
-                   ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """n validation images of a run's dataset (cached); see core.engine.data.samples."""
-    return samples.heldout_images(dataset, n, split_seed, seed)
-
-
-@st.cache_data(max_entries=32, show_spinner=False)
 def _run_images(dataset: str, split_seed: int, classes: tuple, n: int, seed: int):
     return samples.run_images({"dataset": dataset, "split_seed": split_seed, "classes": list(classes)}, n, seed)
 

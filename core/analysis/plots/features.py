@@ -33,7 +33,7 @@ def filter_grid_figure(images: Mapping[str, np.ndarray], title: str | None = Non
     cols = max(1, min(cols or 2, len(names)))
     rows = -(-len(names) // cols)
     heads = [wrap_lines(n, 26 if cols > 1 else 52) for n in names]
-    head_px = 26 * max(h.count("<br>") + 1 for h in heads) + 10
+    head_px = 26 * max(h.count("<br>") + 1 for h in heads) + 30  # a title nearer its own grid than the one above
     top = (80 if title else 20) + head_px
     height = top + 30 + rows * PANEL + (rows - 1) * head_px
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=heads, horizontal_spacing=0.06,

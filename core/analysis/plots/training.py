@@ -115,7 +115,7 @@ def time_to_accuracy_bars(rows: Sequence[Mapping], threshold: float, by: str = "
             err = dict(type="data", symmetric=False, array=[hi - r[key]], arrayminus=[r[key] - lo], thickness=2,
                        width=6, color="#333")
         fig.add_trace(go.Bar(x=[r[key]], y=[ticks[n]], name=n, orientation="h", marker_color=cmap[n], error_x=err,
-                             text=[f"{r[key]:g}"], textposition="inside", insidetextanchor="start",
+                             text=[f"{r[key]:g}"], textposition="inside", insidetextanchor="start", textangle=0,
                              textfont=dict(size=TICK_SIZE, color="white"),
                              hovertemplate=f"{n}: %{{x:g}}<extra></extra>"))
     label = f"never reached {threshold:.0%}" if threshold <= 1 else f"never reached {threshold:g}"
@@ -126,7 +126,7 @@ def time_to_accuracy_bars(rows: Sequence[Mapping], threshold: float, by: str = "
                                  name="never"))
     lines = sum(t.count("<br>") + 1 for t in ticks.values())
     base_layout(fig, title, "epochs" if by == "epochs" else "wall time (s)", None,
-                height=(130 if title else 90) + 30 * lines + 14 * len(names))
+                height=max(220, (130 if title else 90) + 30 * lines + 14 * len(names)))
     fig.update_layout(showlegend=False, bargap=0.25)
     fig.update_yaxes(categoryorder="array", categoryarray=[ticks[n] for n in names], autorange="reversed",
                      automargin=True)
