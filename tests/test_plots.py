@@ -428,3 +428,14 @@ def test_legends_and_notes_of_ladder_and_fidelity_bars_do_not_share_the_top():
            "metrics": {"avg2+mask": {"cosine": [0.9, 0.8], "rel_error": [0.3, 0.4]}}}
     bars = P.fidelity_bars(res, "avg2+mask")
     assert bars.layout.legend.y < 0 and bars.layout.annotations[0].y > 1
+
+
+def test_selection_colours_keep_each_runs_colour_and_never_repeat_one():
+    everything = [f"run{i}" for i in range(18)]  # more runs on disk than colours
+    base = P.color_map(everything)
+    chosen = everything[:7]
+    colours = P.selection_colors(everything, chosen)
+    assert len(set(colours.values())) == 7
+    kept = [n for n in chosen if colours[n] == base[n]]
+    assert len(kept) >= len(set(base[n] for n in chosen))  # only a repeated colour is changed
+    assert P.selection_colors(everything, list(reversed(chosen))) == colours

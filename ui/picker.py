@@ -103,20 +103,11 @@ def names_of(runs: list[Run]) -> list[str]:
 
 def colors_for(runs: list[Run]) -> dict[str, str]:
     """Display name -> colour; the colour comes from the run's folder name, resolved over all runs
-    on disk, so a run keeps its colour on every page whatever else is selected."""
-    cmap = plots.color_map([r.name for r in all_runs()] + [r.name for r in runs])
+    on disk, so a run keeps its colour on every page whatever else is selected (two selected runs
+    never share one: plots.selection_colors)."""
+    by_folder = plots.selection_colors([r.name for r in all_runs()], [r.name for r in runs])
     d = _all_names(runs)
-    out = {d[str(r.path)]: cmap[r.name] for r in runs}
-    # more runs on disk than colours: two selected runs may share one; give the later ones
-    # (in name order, so deterministically) a colour no selected run has
-    if len(set(out.values())) < len(out):
-        taken: set[str] = set()
-        for label in sorted(out):
-            if out[label] in taken:
-                free = [c for c in plots.PALETTE if c not in taken and c not in out.values()]
-                out[label] = free[0] if free else out[label]
-            taken.add(out[label])
-    return out
+    return {d[str(r.path)]: by_folder[r.name] for r in runs}
 
 
 def seeds_apart() -> bool:

@@ -97,8 +97,9 @@ def pick(runs: Sequence[Run], policy: str, epochs: int = EPOCHS) -> Run:
 
 
 def run_colors(runs: Sequence[Run], chosen: dict[str, Run]) -> dict[str, str]:
-    """Label -> the colour its run has on the other pages (from its folder name, as ui.picker)."""
-    cmap = plots.color_map([r.name for r in runs])
+    """Label -> the colour its run has on the other pages (from its folder name, as ui.picker),
+    no two alike among `chosen`."""
+    cmap = plots.selection_colors([r.name for r in runs], [r.name for r in chosen.values()])
     return {label: cmap[r.name] for label, r in chosen.items()}
 
 

@@ -8,7 +8,18 @@ trace.
 """
 
 from .attribution import agreement_heatmap, attribution_grid
-from .common import FONT_SIZE, PALETTE, TEMPLATE, TICK_SIZE, TITLE_SIZE, base_layout, color_map, rgba, run_color
+from .common import (
+    FONT_SIZE,
+    PALETTE,
+    TEMPLATE,
+    TICK_SIZE,
+    TITLE_SIZE,
+    base_layout,
+    color_map,
+    rgba,
+    run_color,
+    selection_colors,
+)
 from .features import activation_images_figure, cka_heatmap, filter_grid_figure, hf_share_bars, spectra_figure
 from .fidelity import FIDELITY_METRIC_LABELS, fidelity_bars, fidelity_heatmap, fidelity_over_training_figure
 from .memory import (
@@ -30,5 +41,5 @@ __all__ = [
     "bytes_bars", "cka_heatmap", "color_map", "device_note", "fidelity_bars", "fidelity_heatmap",
     "fidelity_over_training_figure", "filter_grid_figure", "hf_share_bars", "loss_curves", "memory_ladder_figure",
     "memory_over_training", "method_figure", "pareto_scatter", "per_class_bars", "planner_figure", "planner_measure",
-    "rgba", "run_color", "run_memory_bars", "spectra_figure", "time_to_accuracy_bars",
+    "rgba", "run_color", "run_memory_bars", "selection_colors", "spectra_figure", "time_to_accuracy_bars",
 ]

@@ -68,6 +68,22 @@ def color_map(names: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def selection_colors(all_names: Sequence[str], chosen: Sequence[str]) -> dict[str, str]:
+    """Colours of the `chosen` runs (folder names) as the app shows them: each its colour among
+    all runs on disk (color_map), so that it keeps it whatever else is chosen; with more runs on
+    disk than colours two chosen runs may share one, and the later (in name order, so
+    deterministically) then gets a colour no chosen run has."""
+    cmap = color_map([*all_names, *chosen])
+    out = {n: cmap[n] for n in chosen}
+    taken: set[str] = set()
+    for n in sorted(out):
+        if out[n] in taken:
+            free = [c for c in PALETTE if c not in taken and c not in out.values()]
+            out[n] = free[0] if free else out[n]
+        taken.add(out[n])
+    return out
+
+
 def _colors(names: Sequence[str], colors: Mapping[str, str] | None) -> dict[str, str]:
     auto = color_map(names)
     return {n: (colors or {}).get(n, auto[n]) for n in names}
