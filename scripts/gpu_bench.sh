@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU figures issues 26 and 27 ask for, on an idle card (run it before any training: timing on
+# a busy card means nothing). Writes JSON into OUT_DIR; every command is bounded by BUDGET_S.
+#   speed:   ResNet-18 (ImageNet stem, 224 px, batch 256) and torchvision's ResNet-50 (224 px,
+#            batch 64): wall ratio (CUDA events) and max_memory_allocated per policy, with the
+#            Triton kernels on and with the PyTorch reference (--reference)
+#   planner: predicted peaks (fits at batches 64-128 on the card) against a real step's
+#            max_memory_allocated at a larger batch, for two torchvision models
+# Usage:  scripts/gpu_bench.sh OUT_DIR [BUDGET_S]             (device call: timeout_s >= BUDGET_S + 60)
+# CPU rehearsal: DEVICE=cpu SIZE=32 BATCH18=8 BATCH50=4 PLAN_BATCH=8 FIT="2 4" scripts/gpu_bench.sh /tmp/gb 300
+# Needs only torch, torchvision, numpy, safetensors.
+set -uo pipefail
+OUT=$1; BUDGET=${2:-480}
+DEVICE=${DEVICE:-cuda}; SIZE=${SIZE:-224}; BATCH18=${BATCH18:-256}; BATCH50=${BATCH50:-64}
+PLAN_BATCH=${PLAN_BATCH:-256}; FIT=${FIT:-64 96 128}
+POLICIES="none avg2+mask avg2+mask+bn8 q4+mask+bn4 q2+mask+bn2 ckpt"
+mkdir -p "$OUT"
+END=$(( $(date +%s) + BUDGET ))
+left() { echo $(( END - $(date +%s) )); }
+run() {  # name, then the command: bounded by the time left, output to OUT/name.json
+  local name=$1; shift
+  [ "$(left)" -gt 20 ] || { echo "skip $name: out of time"; return; }
+  timeout "$(left)" "$@" > "$OUT/$name.json" 2> "$OUT/$name.err"; echo "$name rc=$?"
+}
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/device.txt" 2>&1
+for ref in "" "--reference"; do
+  tag=${ref:+_reference}
+  run "speed_resnet18$tag" python -m core bench speed --model resnet18 --stem imagenet --size "$SIZE" \
+      --batch "$BATCH18" --repeats 7 --device "$DEVICE" --json --policies $POLICIES $ref
+  run "speed_resnet50$tag" python -m core bench speed --model torchvision:resnet50 --size "$SIZE" \
+      --batch "$BATCH50" --repeats 7 --device "$DEVICE" --json --policies $POLICIES $ref
+done
+run planner python - "$DEVICE" "$SIZE" "$PLAN_BATCH" $FIT <<'PY'
+import json, sys
+from core import build_model, compress_model
+from core.analysis import planner
+device, size, batch, fit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), [int(b) for b in sys.argv[4:]]
+out = []
+for name in ("torchvision:resnet50", "torchvision:efficientnet_b0"):
+    for policy in ("none", "avg2+mask+bn8", "q4+mask+bn4"):
+        kw = {"cuda_fit_batches": fit} if device == "cuda" else {"fit_batches": fit}
+        plan = planner.plan_memory(name, policy, size=size, device=device, num_classes=1000, **kw)
+        model = compress_model(build_model(name, num_classes=1000), policy).to(device)
+        measured = planner.training_peak(model, batch, size, 1000, device=device)
+        # CUDA: max_memory_allocated is absolute; the CPU's step peak counts what the step allocates
+        state = plan.model_state
+        predicted = plan.predict(batch) - (0 if device == "cuda" else state["params"] + state["optimizer"])
+        out.append({"model": name, "policy": policy, "batch": batch, "predicted": predicted, "measured": measured,
+                    "error": predicted / measured - 1, "measure": plan.measure})
+        print(name, policy, f"{predicted / measured - 1:+.1%}", file=sys.stderr, flush=True)
+print(json.dumps(out, indent=1))
+PY
+ls -la "$OUT"
