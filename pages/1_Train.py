@@ -12,13 +12,14 @@ from core.engine.launcher import device_key
 from core.engine.runs import live_progress, progress_fraction
 from core.method import CompressionPolicy
 from core.method.meter import format_bytes
-from core.models import MODEL_NAMES
+from core.models import MODEL_MENU
 from ui import common as ui
 
 ui.page("Train", "Start a training run and watch it live. It runs in its own process, so closing the tab "
                  "does not stop it. One run per device at a time; further starts wait in a queue.")
 
-PRESETS = ["none", "avg2+mask", "avg4+mask", "avg2+mask+bn8", "avg2-lowres+mask", "max2+mask", "avg2", "mask", "ckpt"]
+PRESETS = ["none", "avg2+mask", "avg4+mask", "avg2+mask+bn8", "q4+mask+bn4", "q2+mask+bn2", "avg2+res2+mask+bn4",
+           "avg2-lowres+mask", "max2+mask", "avg2", "mask", "ckpt"]
 DATASETS = {"features10 (built in)": "features10", "CIFAR-10 (torchvision)": "cifar10",
             "image folder…": "imagefolder"}
 JOB_KEY = "train_job_id"
@@ -74,7 +75,9 @@ def start(cfg: TrainConfig, label: str) -> None:
 # Enter in a field does not submit (enter_to_submit=False): only the Start button starts a run
 with st.form("train_form", enter_to_submit=False):
     c1, c2, c3 = st.columns(3)
-    model = c1.selectbox("Model", MODEL_NAMES, index=MODEL_NAMES.index("resnet20"))
+    model = c1.selectbox("Model", MODEL_MENU, index=MODEL_MENU.index("resnet20"),
+                         help="torchvision's models train at the data's own size (32 px for CIFAR): use qB policies, "
+                              "or stages=1,2, where their last stages are too small to pool")
     dataset_label = c2.selectbox("Dataset", list(DATASETS))
     folder = c3.text_input("Image folder (for 'image folder…')", placeholder="path/to/folder")
     c4, c5 = st.columns(2)

@@ -5,7 +5,7 @@ import torch
 
 from core.analysis import memory_ladder, planner, plots
 from core.method import CompressionPolicy
-from core.models import MODEL_NAMES
+from core.models import MODEL_MENU, PREFIX
 from ui import common as ui
 
 runs = ui.page("Memory", "What each policy keeps for the backward pass, measured, beside gradient checkpointing; "
@@ -23,32 +23,43 @@ def ladder(model: str, batch: int, size: int, stem: str, policies: tuple, timed:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def plan(model: str, policy: str, size: int, stem: str) -> planner.MemoryPlan:
-    return planner.plan_memory(model, policy, size=size, stem=stem, device=DEVICE,
-                              fit_batches=(4, 8))  # the meter is exactly linear in the batch
+    # the meter is exactly linear in the batch; the transients nearly so (tested at 128 from 8-32)
+    fit = (2, 4) if size >= 128 else (4, 8)
+    return planner.plan_memory(model, policy, size=size, stem=stem, device=DEVICE, fit_batches=fit,
+                               num_classes=1000 if model.startswith(PREFIX) else 10)
 
 
 # ---------------------------------------------------------------------------------------
 st.header("The ladder")
 c1, c2, c3, c4 = st.columns(4)
-model = c1.selectbox("Model", MODEL_NAMES, index=MODEL_NAMES.index("resnet20"), key="mem_model")
+model = c1.selectbox("Model", MODEL_MENU, index=MODEL_MENU.index("resnet20"), key="mem_model",
+                     help="PoolProp's ResNets, or one of torchvision's CNNs as it comes (random weights: "
+                          "nothing is downloaded); they take ImageNet-sized images: pick 224")
 batch = c2.number_input("Batch size", 1, 4096, 32, key="mem_batch")
 size = c3.select_slider("Image size", [32, 64, 96, 128, 224], 32, key="mem_size")
-stem = c4.radio("Stem", ["cifar", "imagenet"], horizontal=True, key="mem_stem",
-                disabled=model.startswith(("resnet20", "resnet32", "resnet56")),
-                help="ResNet-18/34/50 only: 3×3 CIFAR stem or 7×7 ImageNet stem with max-pool")
-if model in ("resnet20", "resnet32", "resnet56"):
+own_stem = model in ("resnet18", "resnet34", "resnet50")
+stem = c4.radio("Stem", ["cifar", "imagenet"], horizontal=True, key="mem_stem", disabled=not own_stem,
+                help="PoolProp's ResNet-18/34/50 only: 3×3 CIFAR stem or 7×7 ImageNet stem with max-pool")
+if not own_stem:
     stem = "cifar"
+if model.startswith(PREFIX) and size < 128:
+    st.caption(f"{model} is built for 224 px images: at {size} px its last stages are 1×1 or 2×2, too small for "
+               "pooling by 2 (the codes, qB, still fit).")
 c5, c6 = st.columns([3, 1])
-CHOICES = list(dict.fromkeys([*memory_ladder.LADDER_POLICIES, "avg4+mask", memory_ladder.STRONGEST_POLICY]))
+CHOICES = list(dict.fromkeys([*memory_ladder.LADDER_POLICIES, "avg4+mask", memory_ladder.STRONGEST_POLICY,
+                              *memory_ladder.FAMILY_POLICIES]))
 policies = c5.multiselect("Policies", CHOICES, default=list(memory_ladder.LADDER_POLICIES), key="mem_policies")
 extra = c5.text_input("Add a policy", placeholder="e.g. avg2-lowres+mask", key="mem_extra")
+families = c6.checkbox("All families", value=False, key="mem_families",
+                       help="Instead of the picked policies: each compression family's steps side by side "
+                            "(pooling, quantisation, pooled + residual, checkpointing)")
 timed = c6.checkbox("Time the steps", value=True, key="mem_timed",
                     help="Median of interleaved training steps (on a CPU at batch 16 at most; a minute or so)")
 
 
 def chosen_policies() -> tuple[str, ...]:
     """The picked policies and the typed one (the ladder and the planner both use them)."""
-    chosen = list(policies)
+    chosen = list(memory_ladder.FAMILY_POLICIES if families else policies)
     if extra.strip():
         try:
             chosen.append(str(CompressionPolicy.parse(extra)))
@@ -98,10 +109,12 @@ if ui.need_runs(runs, "recorded memory"):
             "policy fixes.")
 
 # ---------------------------------------------------------------------------------------
-st.header("Planner: the largest batch a GPU fits")
-p1, p2 = st.columns([3, 1])
-budget = p1.slider("GPU memory budget (GiB)", 1, 80, 8, key="mem_budget")
-if p2.button("Fit the planner", key="mem_plan"):
+st.header("Planner: does it fit my GPU?")
+p1, p2, p3 = st.columns([3, 1, 1])
+budget = p1.select_slider("GPU memory (GB)", [2, 4, 6, 8, 12, 16, 24, 32, 40, 48, 80], 8, key="mem_budget",
+                          help="A card's memory in GB of 2³⁰ bytes, as GPU makers count it")
+check_batch = p2.number_input("Batch to check", 1, 65536, 128, key="mem_check_batch")
+if p3.button("Fit the planner", key="mem_plan"):
     st.session_state["mem_plan_args"] = (model, int(size), stem, chosen_policies() or ("none",))
 pargs = st.session_state.get("mem_plan_args")
 if pargs is None:
@@ -118,7 +131,12 @@ else:
                 f"Predicted training memory of {pmodel} against the batch size, in GiB of "
                 f"{plots.planner_measure(plans)}; each diamond is the largest batch that fits {budget} GiB "
                 "(the table below lists them).")
-        rows = [{"policy": p.policy, "largest batch": planner.largest_batch(p, gib),
+        if plans:  # the paper's question, answered: this batch on this card, per policy
+            st.markdown(f"**{pmodel} at {psize} px, batch {int(check_batch)}, on a {budget} GB card:** " + ", ".join(
+                f"`{p.policy}` → {'yes' if p.fits(int(check_batch), gib) else 'no'} "
+                f"({p.predict(int(check_batch)) / planner.GIB:.1f} GB)" for p in plans))
+        rows = [{"policy": p.policy, "fits batch " + str(int(check_batch)): p.fits(int(check_batch), gib),
+                 "largest batch": planner.largest_batch(p, gib),
                  "MiB per image": round(p.bytes_per_image / 2 ** 20, 2)} for p in plans]
         st.dataframe(rows, hide_index=True)
         if plans:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -822,3 +823,42 @@ def test_the_picker_filters_and_colours_and_names_runs_in_full(shipped_env):
     runs = [inspect_run(p) for p in at.session_state["selected_runs"]]
     for i, color in enumerate(ui.colors_for(runs)[n] for n in ui.names_of(runs)):
         assert f'[data-tag-index="{i}"]' in css and f"border: 2px solid {color}" in css
+
+
+def test_families_are_offered_and_their_bias_shown(app_env):
+    """The Train page offers the families; the fidelity page shows each setting's bias over
+    draws: the codes' bias is what their noise explains (near its floor), pooling's is its error."""
+    at = page("train")
+    by_label = {b.label: b for b in at.selectbox}
+    assert {"q4+mask+bn4", "q2+mask+bn2", "avg2+res2+mask+bn4"} <= set(by_label["Policy"].options)
+    assert "torchvision:efficientnet_b0" in by_label["Model"].options
+    at = page("fidelity")
+    at.select_slider(key="fid_batch").set_value(8)
+    at.multiselect(key="fid_settings").set_value(["avg2+mask", "q2+mask+bn2"])
+    at.radio(key="fid_metric").set_value("bias")
+    at.button(key="fid_go").click().run()
+    no_errors(at)
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    z = np.array(fig["data"][0]["z"], dtype=float)  # layers x (avg2+mask, q2+mask+bn2)
+    caption = " ".join(c.value for c in at.caption)
+    assert "bias floor" in caption and "q2+mask+bn2" in caption
+    assert np.nanmean(z[:, 0]) > 0.2  # pooling: biased, every draw the same
+    floor = float(re.search(r"q2\+mask\+bn2 (\d+\.\d+)", caption)[1])
+    assert abs(np.nanmean(z[:, 1]) - floor) < 0.5 * floor  # the codes: near what the noise explains
+
+
+def test_memory_planner_answers_for_a_torchvision_model_and_a_card(app_env):
+    at = page("memory")
+    at.selectbox(key="mem_model").set_value("torchvision:mobilenet_v2")
+    at.select_slider(key="mem_size").set_value(64)
+    at.multiselect(key="mem_policies").set_value(["none", "q4+mask+bn4"])
+    at.select_slider(key="mem_budget").set_value(4)
+    at.number_input(key="mem_check_batch").set_value(64)
+    at.button(key="mem_plan").click().run()
+    no_errors(at)
+    sentence = " ".join(m.value for m in at.markdown)
+    assert "torchvision:mobilenet_v2 at 64 px, batch 64, on a 4 GB card" in sentence
+    assert "`none` →" in sentence and "`q4+mask+bn4` →" in sentence
+    table = at.dataframe[-1].value
+    assert list(table["policy"]) == ["none", "q4+mask+bn4"]
+    assert table["largest batch"][1] > table["largest batch"][0]  # the codes fit more on the same card

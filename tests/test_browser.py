@@ -327,6 +327,28 @@ def test_memory_ladder(app):
     tour_memory(app[1], Shots(None))
 
 
+def test_memory_planner_for_a_torchvision_model_and_a_consumer_card(app):
+    """Issue 26's question in the browser: MobileNetV2 from torchvision, a 6 GB card, batch 64."""
+    page = app[1]
+    bs.go_to(page, "memory")
+    key(page, "mem_model").locator("input").click()
+    page.get_by_role("option", name="torchvision:mobilenet_v2").click()
+    bs.wait_idle(page)
+    for name, presses in (("mem_size", 1), ("mem_budget", -1)):  # 32 -> 64 px; 8 -> 6 GB
+        slider = key(page, name).get_by_role("slider")
+        slider.focus()
+        for _ in range(abs(presses)):
+            slider.press("ArrowRight" if presses > 0 else "ArrowLeft")
+            time.sleep(0.2)
+    bs.wait_idle(page)
+    set_number(page, key(page, "mem_check_batch").locator("input"), 64)
+    bs.click_button(page, "Fit the planner")
+    assert_clean(page, "Memory planner, torchvision model")
+    text = main_text(page)
+    assert "torchvision:mobilenet_v2 at 64 px, batch 64, on a 6 GB card" in text
+    assert "none → " in text and "avg2+mask+bn8 → " in text
+
+
 def test_gradient_fidelity(app):
     tour_fidelity(app[1], Shots(None))
 

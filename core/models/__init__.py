@@ -10,10 +10,15 @@ from torch import nn
 
 from .resnet import CIFAR_RESNETS, IMAGENET_RESNETS, MODEL_NAMES, STEMS, BasicBlock, Bottleneck, ResNet
 from .resnet import build_model as build_resnet
-from .zoo import PREFIX, load_weights, torchvision_names
+from .zoo import EXAMPLES, PREFIX, load_weights, torchvision_names
 
-__all__ = ["CIFAR_RESNETS", "IMAGENET_RESNETS", "MODEL_NAMES", "PREFIX", "STEMS", "BasicBlock", "Bottleneck",
-           "ResNet", "build_model", "is_model_name", "load_weights", "model_names_help", "torchvision_names"]
+# what the app's model pickers offer: PoolProp's ResNets, then torchvision's usual suspects
+# (any other builder can be named where a text is taken: torchvision:NAME)
+MODEL_MENU = (*MODEL_NAMES, *(PREFIX + n for n in EXAMPLES))
+
+__all__ = ["CIFAR_RESNETS", "IMAGENET_RESNETS", "MODEL_MENU", "MODEL_NAMES", "PREFIX", "STEMS", "BasicBlock",
+           "Bottleneck", "ResNet", "build_model", "is_model_name", "load_weights", "model_names_help",
+           "torchvision_names"]
 
 
 def is_model_name(name: str) -> bool:

@@ -11,7 +11,8 @@ from .common import FONT_SIZE, PALETTE, TICK_SIZE, _colors, _legend_below, _note
 
 FIDELITY_METRIC_LABELS = {"cosine": "cosine similarity", "rel_error": "relative L2 error",
                           "sign_agreement": "sign agreement", "projection": "projection ratio ⟨g̃,g⟩/‖g‖²",
-                          "norm_ratio": "norm ratio ‖g̃‖/‖g‖"}
+                          "norm_ratio": "norm ratio ‖g̃‖/‖g‖", "bias": "bias ‖mean(g̃)−g‖/‖g‖",
+                          "bias_floor": "bias the draws' noise explains"}
 
 
 def _fidelity_scale(metric: str, values) -> dict:
@@ -19,7 +20,7 @@ def _fidelity_scale(metric: str, values) -> dict:
     if metric in ("projection", "norm_ratio"):  # 1 = right size: diverging around 1
         span = max([abs(v - 1) for v in vals] + [0.05])
         return dict(zmin=1 - span, zmax=1 + span, colorscale="RdBu", zmid=1)
-    if metric == "rel_error":
+    if metric in ("rel_error", "bias", "bias_floor"):
         return dict(zmin=0, zmax=max(vals + [1e-6]), colorscale="Viridis_r")
     lo = min(vals + [0.0]) if metric == "cosine" else min(vals + [0.5])
     return dict(zmin=min(lo, 0.0) if metric == "cosine" else lo, zmax=1, colorscale="Viridis")
