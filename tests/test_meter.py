@@ -66,3 +66,35 @@ def test_cpu_step_peak_is_at_least_the_saved_activations():
         peak = cpu_step_peak_bytes(step)
         assert saved <= peak["step_peak_bytes"] < 2 * saved + 4e6
         assert abs(peak["net_bytes"]) < 1e6  # everything allocated in the step is freed again
+
+
+def test_two_meters_in_two_threads_count_only_their_own_forward():
+    """The app runs pages in threads: a checkpointed model measured in one must add nothing to a
+    meter open in another, even over one shared model (a cached run two pages look at)."""
+    import threading
+
+    torch.manual_seed(0)
+    shared = build_model("resnet20", 10).train()
+    ckpt = compress_model(build_model("resnet20", 10), "ckpt")
+    x = torch.randn(2, 3, 32, 32)
+    alone = saved_activation_bytes(shared, x)
+    other_done, errors, got = threading.Event(), [], {}
+
+    def other():
+        try:
+            saved_activation_bytes(ckpt, x)  # its checkpointed blocks announce their inputs
+            shared(x).sum()  # and the shared model runs here, under the first meter's hooks
+        except Exception as e:  # noqa: BLE001 - handed to the main thread's assert
+            errors.append(e)
+        other_done.set()
+
+    with SavedActivationMeter(shared) as meter:
+        t = threading.Thread(target=other)
+        t.start()
+        assert other_done.wait(120)
+        t.join()
+        shared(x).sum()
+    got = meter.report()
+    assert not errors, errors
+    assert got.total_bytes == alone.total_bytes
+    assert got.by_kind == alone.by_kind and got.by_layer == alone.by_layer

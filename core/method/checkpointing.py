@@ -3,19 +3,29 @@ every compression policy is held against.
 
 Non-reentrant checkpointing keeps each block's input by reference, outside
 saved_tensors_hooks; a checkpointed block calls `note_checkpoint_input` so that the meters
-listening here (core.method.meter) still count it.
+listening here (core.method.meter) still count it. Listeners are per thread, like autograd's
+saved-tensor hooks: two pages of the app measuring at once must not count each other's blocks.
 """
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
-checkpoint_listeners: list = []
+_local = threading.local()
+
+
+def checkpoint_listeners() -> list:
+    """This thread's listeners (callables taking a checkpointed block's input)."""
+    if not hasattr(_local, "listeners"):
+        _local.listeners = []
+    return _local.listeners
 
 
 def note_checkpoint_input(x: torch.Tensor) -> None:
-    for listener in checkpoint_listeners:
+    for listener in checkpoint_listeners():
         listener(x)
 
 

@@ -12,6 +12,7 @@ Process RSS is deliberately not used: the allocator keeps freed blocks.
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -104,15 +105,18 @@ class SavedActivationMeter:
 
     def _enter_hook(self, name):
         def hook(module, args):
-            self._stack.append((name, module))
+            if threading.get_ident() == self._thread:  # a shared model run elsewhere meanwhile is not ours
+                self._stack.append((name, module))
         return hook
 
     def _exit_hook(self, module, args, output):
-        self._stack.pop()
+        if threading.get_ident() == self._thread:
+            self._stack.pop()
 
     def __enter__(self):
         # every module but the model itself: a tensor saved by a block's own forward (a
         # squeeze-excitation's product, a checkpointed block's input) is the block's
+        self._thread = threading.get_ident()  # saved-tensor hooks and checkpoint listeners are per thread too
         self._left_exact = set(getattr(self.model, "pp_uncompressed", []) or [])
         for name, m in self.model.named_modules():
             if name:
@@ -121,12 +125,12 @@ class SavedActivationMeter:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()
         self._listener = lambda t: self._record(t, "checkpoint input")
-        checkpoint_listeners.append(self._listener)
+        checkpoint_listeners().append(self._listener)
         return self
 
     def __exit__(self, *exc):
         self._hooks.__exit__(*exc)
-        checkpoint_listeners.remove(self._listener)
+        checkpoint_listeners().remove(self._listener)
         for h in self._handles:
             h.remove()
         self._handles.clear()
