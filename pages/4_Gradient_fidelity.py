@@ -22,7 +22,7 @@ runs = ui.page("Gradient fidelity", "How close each layer's compressed weight gr
 FAMILIES = ["q8+mask", "q4+mask", "q4+mask+bn4", "q2+mask+bn2", "avg2+res4+mask", "avg2+res2+mask"]
 SETTINGS = sweep_settings(ks=(2, 4, 8), pools=("avg", "max"), modes=("upsample", "lowres")) + ["avg2+mask+bn8",
                                                                                                 *FAMILIES]
-DEFAULT = ["avg2+mask", "avg4+mask", "avg8+mask", "max2+mask", "avg2-lowres+mask", "avg2+mask+bn8"]
+DEFAULT = ["avg2+mask", "avg4+mask", "avg8+mask", "max2+mask", "avg2-lowres+mask", "avg2+mask+bn8", "q4+mask+bn4"]
 DRAWS = 8  # of the stochastic families, for their bias (the deterministic ones need one)
 
 

@@ -226,7 +226,7 @@ def tour_fidelity(page, shots: Shots) -> None:
         slider.press("ArrowLeft")
         time.sleep(0.2)
     bs.wait_idle(page)
-    TIMINGS["Fidelity: Compute (8 images, 6 settings)"] = bs.click_button(page, "Compute")
+    TIMINGS["Fidelity: Compute (8 images, the default settings)"] = bs.click_button(page, "Compute")
     assert_clean(page, "Gradient fidelity, after Compute")
     wait_charts(page, before + 2, "fidelity heatmap and bars")
     assert "8 images" in main_text(page)
