@@ -129,6 +129,51 @@ def test_mask_relu_gradient_identical_and_bit_packed():
     assert torch.equal(unpack_mask(pack_mask(xc > 0), xc.shape, True), xc > 0)
 
 
+class _Fork(nn.Module):
+    """A ReLU read by two convs (a block's conv1 and its downsample)."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ReLU()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1, stride=2)
+
+    def forward(self, x, separate=False, bump=False):
+        y = self.act(x)
+        out = self.a(y).sum()
+        if bump:
+            y.mul_(2.0)  # changed in place after conv a pooled it: that copy is stale for conv b
+        return out + self.b(y.clone() if separate else y).sum()  # a clone is a tensor of its own
+
+
+@pytest.mark.parametrize("policy", ["avg2+mask", "max4+mask", "avg2+res2+mask"])
+def test_two_convs_reading_one_tensor_keep_one_pooled_copy(policy):
+    """The pooled copy is made once per tensor: the gradients are those of each conv pooling its
+    own copy, bit for bit, and the meter sees one copy fewer."""
+    from core.method.meter import SavedActivationMeter
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)  # the masked ReLU acts where a gradient flows
+    k = CompressionPolicy.parse(policy).k
+    pooled_bytes = x.numel() * 4 // (k * k)
+    net = compress_model(_Fork(), policy)
+
+    def conv_input_bytes(**kw):
+        with SavedActivationMeter(net) as meter:
+            net(x, **kw)
+        return meter.report().by_kind["conv input"]
+
+    shared = conv_input_bytes()
+    assert shared == conv_input_bytes(separate=True) - pooled_bytes
+    assert conv_input_bytes(bump=True) == shared + pooled_bytes  # stale: conv b pools the changed tensor
+    for bump in (False, True):
+        grads = []
+        for separate in (False, True):
+            torch.manual_seed(1)  # the residual's stochastic rounding
+            out = net(x, separate=separate, bump=bump)
+            grads.append(torch.autograd.grad(out, [x, *net.a.parameters(), *net.b.parameters()]))
+        assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 @pytest.mark.parametrize("store", ["bn16", "bn8"])
 def test_low_precision_bn_close_and_beta_exact(store):
     torch.manual_seed(0)

@@ -59,7 +59,7 @@ def test_a_training_step_is_the_same_on_the_fast_path():
     bit for bit, for each family (float32 rounding is the same: the same operations in the
     same order, only fused)."""
     x, y = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last), torch.randint(0, 10, (4,))
-    for policy in ("avg2+mask+bn8", "q2+mask+bn2"):
+    for policy in ("avg2+mask+bn8", "max4+mask", "q2+mask+bn2"):
         grads = []
         for compiled in (False, True):
             torch.manual_seed(0)

@@ -87,17 +87,18 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    model = args.model or ("resnet18" if args.what == "memory" else "resnet20")
+    # the stem is PoolProp's own ResNets' choice; a torchvision model comes with its own
+    title = model if model.startswith("torchvision:") else f"{model} ({args.stem} stem)"
     if args.what == "memory":
-        model = args.model or "resnet18"
         rows = bench_memory(model, args.batch, args.size, policies, device, args.stem, step_peak=not args.no_peak,
                             reference=args.reference)
-        text = format_memory(rows, f"memory: {model} ({args.stem} stem), batch {args.batch}, "
+        text = format_memory(rows, f"memory: {title}, batch {args.batch}, "
                                    f"{args.size}x{args.size}, {device.type}")
     else:
-        model = args.model or "resnet20"
         rows = bench_speed(model, args.batch, args.size, policies, device, args.stem, repeats=args.repeats,
                            reference=args.reference, peak=not args.no_peak)
-        text = format_speed(rows, f"speed: {model} ({args.stem} stem), batch {args.batch}, {args.size}x{args.size}, "
+        text = format_speed(rows, f"speed: {title}, batch {args.batch}, {args.size}x{args.size}, "
                                   f"{device.type}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     kernels = "PyTorch reference passes" if args.reference else "fast path where available"
     print(json.dumps({"model": model, "batch": args.batch, "size": args.size, "device": device.type,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .policy import CompressionPolicy, PolicyError
-from .pooling import lowres_weight_grad, pool, upsample
+from .pooling import lowres_weight_grad, pooled_copy, upsample
 from .quantize import dequantize, quantize
 
 
@@ -45,7 +45,7 @@ class ConvInputForm:
             return [packed, lo, scale], info
         if not self.pools:
             return [x], None
-        xp = pool(x, self.pool, self.k)  # (B, C, ceil(H/k), ceil(W/k))
+        xp = pooled_copy(x, self.pool, self.k)  # (B, C, ceil(H/k), ceil(W/k))
         if self.residual_bits is None:
             return [xp], None
         packed, lo, scale, info = quantize(x - upsample(xp, self.k, x.shape[2:]), self.residual_bits)

@@ -14,6 +14,18 @@ def pool(x: torch.Tensor, pool: str, k: int) -> torch.Tensor:
     return F.max_pool2d(x, k, k, ceil_mode=True)
 
 
+def pooled_copy(x: torch.Tensor, pool_kind: str, k: int) -> torch.Tensor:
+    """P_k(x), computed once per tensor: the copy is attached to x with x's version counter, so
+    two convs reading one tensor (a ResNet block's first conv and its downsample shortcut) keep
+    one copy, not two; a tensor changed in place since is pooled again."""
+    stash = getattr(x, "pp_pooled", None)
+    if stash is not None and stash[:3] == (pool_kind, k, x._version):
+        return stash[3]
+    xp = pool(x, pool_kind, k)
+    x.pp_pooled = (pool_kind, k, x._version, xp)
+    return xp
+
+
 def upsample(xp: torch.Tensor, k: int, size: tuple[int, int]) -> torch.Tensor:
     """Piecewise-constant reconstruction of the pooled copy, cropped to the original size."""
     x = F.interpolate(xp, scale_factor=k, mode="nearest")  # one kernel, keeps channels_last
