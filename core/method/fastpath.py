@@ -5,9 +5,10 @@ Every pass registered here with `@fused` is the reference: plain PyTorch, any de
 tests check the method against. `use_compiled(True)` swaps in torch.compile'd versions (static
 shapes: inductor writes one vectorised C++ loop per pass and shape, compiled once per process
 and cached on disk). On CUDA, passes with a Triton kernel (core.method.kernels) run that
-kernel instead. Compiled and Triton passes are bit-identical to the reference (tested; Triton
-under TRITON_INTERPRET=1 on the CPU). The trainer and the benchmarks switch the fast path on;
-POOLPROP_COMPILE=0 keeps the reference everywhere.
+kernel instead. Compiled and Triton element-wise passes are bit-identical to the reference
+(tested; Triton under TRITON_INTERPRET=1 on the CPU); compiled reductions (BatchNorm's backward)
+sum in another order and match it to float32 rounding. The trainer and the benchmarks switch
+the fast path on; POOLPROP_COMPILE=0 keeps the reference everywhere.
 """
 
 from __future__ import annotations

@@ -21,11 +21,31 @@ def _bn_keep(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, store: t
     return x_hat.to(store)
 
 
-@fused
-def _bn_rebuild(x_hat: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x = x_hat / invstd + mean, back in `dtype`: one pass."""
+def _bn_grads(g: torch.Tensor, x_hat: torch.Tensor, weight: torch.Tensor | None, invstd: torch.Tensor):
+    """Training-mode BatchNorm backward from x_hat (float32): (gx, g_gamma, g_beta), float32."""
     shape = (1, -1, 1, 1)
-    return (x_hat.to(torch.float32) / invstd.view(shape) + mean.view(shape)).to(dtype)
+    g = g.float()
+    n = g.numel() // g.shape[1]
+    gb = g.sum((0, 2, 3))
+    gw = (g * x_hat).sum((0, 2, 3))
+    scale = invstd if weight is None else weight.float() * invstd
+    return scale.view(shape) * (g - (gb / n).view(shape) - x_hat * (gw / n).view(shape)), gw, gb
+
+
+@fused
+def _bn_backward_from_hat(g: torch.Tensor, x_hat: torch.Tensor, weight: torch.Tensor | None,
+                          invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BatchNorm's backward reading x_hat as kept (bf16, float8): compiled, it is widened in
+    registers, one reduction pass and one output pass, no full-size float32 copy."""
+    return _bn_grads(g, x_hat.to(torch.float32), weight, invstd)
+
+
+@fused
+def _bn_backward_from_input(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+                            invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same from a (decoded) input x: x_hat = (x - mean) * invstd in registers."""
+    shape = (1, -1, 1, 1)
+    return _bn_grads(g, (x.float() - mean.view(shape)) * invstd.view(shape), weight, invstd)
 
 
 class LowPrecisionBNFunction(torch.autograd.Function):
@@ -49,18 +69,22 @@ class LowPrecisionBNFunction(torch.autograd.Function):
         else:
             kept = [_bn_keep(x, mean, invstd, store)]
         ctx.save_for_backward(*kept, weight, mean, invstd)
-        ctx.conf = (x.dtype, eps, info)
+        ctx.conf = (x.dtype, info)
         return out
 
     @staticmethod
     def backward(ctx, g):
         *kept, weight, mean, invstd = ctx.saved_tensors
-        dtype, eps, info = ctx.conf
-        x_rec = dequantize(*kept, info) if info is not None else _bn_rebuild(kept[0], mean, invstd, dtype)
-        need = ctx.needs_input_grad
-        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            g, x_rec, weight, None, None, mean, invstd, True, eps, [need[0], need[1], need[2]])
-        return gx, gw, gb, None, None, None, None, None
+        dtype, info = ctx.conf
+        if info is not None:
+            gx, gw, gb = _bn_backward_from_input(g, dequantize(*kept, info), weight, mean, invstd)
+        else:
+            gx, gw, gb = _bn_backward_from_hat(g, kept[0], weight, invstd)
+        if weight is None:
+            gw = gb = None
+        else:
+            gw, gb = gw.to(weight.dtype), gb.to(weight.dtype)
+        return gx.to(dtype), gw, gb, None, None, None, None, None
 
 
 class LowPrecisionBatchNorm2d(nn.BatchNorm2d):
