@@ -9,7 +9,6 @@ from core.analysis import plots, run_groups, run_views
 from core.analysis.images import to_display
 from core.analysis.layers import layer_names
 from core.analysis.method_picture import method_picture
-from core.engine.runs import dataset_label
 from ui import common as ui
 from ui.navigation import VIEWS
 
@@ -78,15 +77,16 @@ else:
     st.info("No runs yet. The shipped checkpoints go in checkpoints/; train your own on the Train page.")
 
 prows_all = ui.usable_runs()
-datasets = sorted({str((r.config or {}).get("dataset")) for r in prows_all
+# by the data a run learned (CIFAR-10 is CIFAR-10 wherever its folder was), not the path string
+datasets = sorted({run_groups.data_name(r.config or {}) for r in prows_all
                    if isinstance((r.summary or {}).get("last_val_acc"), (int, float))})
 if datasets:
-    first = str((runs[0].config or {}).get("dataset")) if runs else None  # start on the picked runs' dataset
+    first = run_groups.data_name(runs[0].config or {}) if runs else None  # start on the picked runs' data
     start = datasets.index(first) if first in datasets else 0
     c_ds, c_ep = st.columns([3, 2])
-    ds = c_ds.selectbox("Dataset for the accuracy-vs-memory plot", datasets, index=start, key="home_pareto_ds",
-                        format_func=dataset_label) if len(datasets) > 1 else datasets[0]
-    subset = [r for r in prows_all if str((r.config or {}).get("dataset")) == ds]
+    ds = c_ds.selectbox("Dataset for the accuracy-vs-memory plot", datasets, index=start,
+                        key="home_pareto_ds") if len(datasets) > 1 else datasets[0]
+    subset = [r for r in prows_all if run_groups.data_name(r.config or {}) == ds]
     # compare like with like: a longer schedule is another trade-off, so one schedule at a time
     # (20 epochs, the shipped runs' usual one, first), or all of them with a front each
     epochs = run_groups.filter_options(subset)["epochs"]

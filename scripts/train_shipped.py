@@ -178,10 +178,23 @@ def print_table(out_root: Path) -> None:
               f"{s.get('wall_s', 0):6.0f}s")
 
 
-def collect(src: Path, dest: Path) -> int:
+def _relative_to(root: Path, value):
+    """A path inside `root` ('imagefolder:PATH' too) as root-relative; anything else unchanged."""
+    if not isinstance(value, str):
+        return value
+    prefix, _, path = value.rpartition(":") if value.startswith("imagefolder:") else ("", "", value)
+    if not os.path.isabs(path) or not Path(path).resolve().is_relative_to(root.resolve()):
+        return value
+    rel = Path(path).resolve().relative_to(root.resolve()).as_posix()
+    return f"{prefix}:{rel}" if prefix else rel
+
+
+def collect(src: Path, dest: Path, root: Path = ROOT) -> int:
     """Copy finished runs into checkpoints/ (weights, config, metrics, summary; no resume state).
-    A run already shipped is left as it is (shipped files may have been amended since): delete
-    it from checkpoints/ to replace it."""
+    Paths inside the repository (the data set, the run folder) are stored relative to it, as a
+    fresh clone needs them and as the runs of one recipe must compare equal. A run already
+    shipped is left as it is (shipped files may have been amended since): delete it from
+    checkpoints/ to replace it."""
     dest.mkdir(parents=True, exist_ok=True)
     for run in sorted(p.parent for p in src.glob("*/summary.json")):
         status = json.loads((run / "summary.json").read_text()).get("status")
@@ -189,9 +202,16 @@ def collect(src: Path, dest: Path) -> int:
         if status != "finished" or target.exists():
             print(f"skip {run.name}: {'already shipped' if target.exists() else status}")
             continue
-        target.mkdir()
-        for f in ("config.json", "metrics.jsonl", "model.safetensors", "summary.json"):
-            shutil.copy2(run / f, target / f)
+        tmp = dest / f".{run.name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for f in ("metrics.jsonl", "model.safetensors"):
+            shutil.copy2(run / f, tmp / f)
+        for f in ("config.json", "summary.json"):
+            d = json.loads((run / f).read_text())
+            d = {k: _relative_to(root, v) if k in ("dataset", "data_dir", "out") else v for k, v in d.items()}
+            (tmp / f).write_text(json.dumps(d, indent=2) + "\n")
+        tmp.rename(target)  # whole or not at all
         print(f"shipped {run.name}")
     return 0
 

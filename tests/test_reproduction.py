@@ -198,3 +198,22 @@ def test_collect_ships_finished_runs_without_resume_state_and_keeps_shipped_ones
     assert (dest / "new" / "model.safetensors").read_bytes() == (src / "new" / "model.safetensors").read_bytes()
     assert not (dest / "cut").exists()
     assert json.loads((dest / "old" / "summary.json").read_text()) == {"amended": True}
+
+
+def test_collect_stores_paths_inside_the_repository_relative_to_it(tmp_path, tiny_runs):
+    """A run trained with absolute paths (data and run folder inside the repository) ships with
+    them relative, as the other shipped runs of its recipe have them; paths outside stay."""
+    root = tmp_path / "repo"
+    src, dest = root / "runs" / "shipped", root / "checkpoints"
+    shutil.copytree(tiny_runs / "tiny-none", src / "abs")
+    for f in ("config.json", "summary.json"):
+        d = json.loads((src / "abs" / f).read_text())
+        d.update(dataset=f"imagefolder:{root}/.data/cifar10-jpeg/train", out=str(src / "abs"),
+                 data_dir="/elsewhere/data")
+        (src / "abs" / f).write_text(json.dumps(d))
+    assert _load_script().collect(src, dest, root=root) == 0
+    for f in ("config.json", "summary.json"):
+        d = json.loads((dest / "abs" / f).read_text())
+        assert d["dataset"] == "imagefolder:.data/cifar10-jpeg/train"
+        assert d["out"] == "runs/shipped/abs" and d["data_dir"] == "/elsewhere/data"
+    assert not list(dest.glob(".*"))  # no partial folder left behind
