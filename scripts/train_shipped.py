@@ -182,11 +182,11 @@ def _relative_to(root: Path, value):
     """A path inside `root` ('imagefolder:PATH' too) as root-relative; anything else unchanged."""
     if not isinstance(value, str):
         return value
-    prefix, _, path = value.rpartition(":") if value.startswith("imagefolder:") else ("", "", value)
-    if not os.path.isabs(path) or not Path(path).resolve().is_relative_to(root.resolve()):
+    prefix = "imagefolder:" if value.startswith("imagefolder:") else ""
+    path = Path(value[len(prefix):])
+    if not path.is_absolute() or not path.resolve().is_relative_to(root.resolve()):
         return value
-    rel = Path(path).resolve().relative_to(root.resolve()).as_posix()
-    return f"{prefix}:{rel}" if prefix else rel
+    return prefix + path.resolve().relative_to(root.resolve()).as_posix()
 
 
 def collect(src: Path, dest: Path, root: Path = ROOT) -> int:
