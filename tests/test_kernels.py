@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.method import compress_model, fastpath, masks, norms
+from core.method import compress_model, fastpath, masks, norms, pooling
 from core.method import quantize as Q
 from core.models import build_model
 
@@ -25,8 +25,11 @@ def _cases():
 
 def _all_passes(x, cl):
     """Every element-wise fused pass on x: the masks of the three kinds, codes of every width,
-    BN's x_hat."""
+    BN's x_hat, pooling (odd sizes: partial edge blocks) and upsampling back (cropped)."""
     out = []
+    for kind, k in (("avg", 2), ("max", 2), ("avg", 3)):
+        pooled = pooling.pool(x, kind, k)
+        out += [pooled, pooling.upsample(pooled, k, tuple(x.shape[2:]))]
     for kind, a, b in (("relu", 0.0, 0.0), ("hardtanh", -0.3, 0.4), ("leaky", 0.1, 0.0)):
         p = masks._mask_pack(x, kind, a, b, cl)
         out += [p, masks._mask_apply(x * 2, p, tuple(x.shape), cl, kind, a if kind == "leaky" else 0.0)]

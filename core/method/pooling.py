@@ -1,12 +1,20 @@
 """Pooling a conv's input and rebuilding it: the paper's compression, and its low-resolution
-weight gradient (exact for inputs constant over each K x K block)."""
+weight gradient (exact for inputs constant over each K x K block).
+
+Pooling and upsampling are fast-path passes (core.method.fastpath): compiled on the CPU,
+inductor's loops beat ATen's channels_last pooling (about 1.7x at ResNet-20's first stage) and
+give the same bits.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .fastpath import fused
 
+
+@fused
 def pool(x: torch.Tensor, pool: str, k: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, ceil(H/k), ceil(W/k)); partial edge blocks pool what they hold."""
     if pool == "avg":
@@ -26,6 +34,7 @@ def pooled_copy(x: torch.Tensor, pool_kind: str, k: int) -> torch.Tensor:
     return xp
 
 
+@fused
 def upsample(xp: torch.Tensor, k: int, size: tuple[int, int]) -> torch.Tensor:
     """Piecewise-constant reconstruction of the pooled copy, cropped to the original size."""
     x = F.interpolate(xp, scale_factor=k, mode="nearest")  # one kernel, keeps channels_last
