@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.method.conv import CompressedConvFunction, ConvInputForm
+from core.method.conv import CompressedConvFunction, ConvInputForm, _input_grad
 from core.method.convert import compress_model, compressed, decompress_model
 from core.method.masks import pack_mask, unpack_mask
 from core.method.policy import CompressionPolicy, PolicyError
+from core.method.pooling import blockwise_applies, blockwise_weight_grad, upsample
 from core.models.resnet import build_model
 
 from helpers import block_constant
@@ -51,6 +52,45 @@ def test_lowres_exact_for_block_constant_input_and_gradient(case, k):
     got = torch.autograd.grad((_pooled(x, w, None, case, "avg", k, "lowres") * g).sum(), [x, w])
     for r, o in zip(ref, got):
         torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", [c for c in CONV_CASES if c[1] > 1] + [(3, 4, 1, 1, 1), (3, 2, 2, 2, 2)])
+@pytest.mark.parametrize("k", [2, 4])
+def test_blockwise_weight_grad_equals_the_upsampled_copys(case, k):
+    """Any pooled copy (not block-constant inputs): the weight gradient read off the blocks
+    equals the one from the upsampled copy, to float64 rounding."""
+    ks, s, p, d, gr = case
+    if s % k:
+        assert not blockwise_applies((16, 16), (s, s), k)
+        return
+    assert blockwise_applies((16, 16), (s, s), k) and not blockwise_applies((18, 16), (s, s), 4)
+    xp = torch.randn(2, 4, 16 // k, 16 // k, dtype=torch.float64)
+    x_rec = upsample(xp, k, (16, 16))
+    w_shape = (6, 4 // gr, ks, ks)
+    g = torch.randn_like(F.conv2d(x_rec, torch.zeros(w_shape, dtype=torch.float64), None, s, p, d, gr))
+    ref = torch.nn.grad.conv2d_weight(x_rec, w_shape, g, s, p, d, gr)
+    got = blockwise_weight_grad(xp, g, w_shape, (s, s), (p, p), (d, d), gr, k)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_input_gradient_without_the_input_is_convolution_backwards(case, channels_last):
+    """To the bit, but for grouped convs in channels_last: oneDNN runs another kernel for
+    those, equal to float32 rounding (1e-6 of the largest value; 3e-7 seen)."""
+    ks, s, p, d, gr = case
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 4, 15, 16).contiguous(memory_format=fmt)
+    w = torch.randn(6, 4 // gr, ks, ks).contiguous(memory_format=fmt)
+    g = torch.randn_like(F.conv2d(x, w, None, s, p, d, gr)).contiguous(memory_format=fmt)
+    ref = torch.ops.aten.convolution_backward(g, x, w, None, [s, s], [p, p], [d, d], False, [0, 0], gr,
+                                              [True, False, False])[0]
+    got = _input_grad(g, w, tuple(x.shape), (s, s), (p, p), (d, d), gr)
+    assert got.stride() == ref.stride()
+    if gr > 1 and channels_last:
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-6 * ref.abs().max().item())
+    else:
+        assert torch.equal(got, ref)
 
 
 def test_naive_lowres_rescale_would_not_be_exact():

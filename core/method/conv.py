@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .policy import CompressionPolicy, PolicyError
-from .pooling import lowres_weight_grad, pooled_copy, upsample
+from .pooling import blockwise_applies, blockwise_weight_grad, lowres_weight_grad, pooled_copy, upsample
 from .quantize import dequantize, quantize
 
 
@@ -38,6 +38,11 @@ class ConvInputForm:
     def pools(self) -> bool:
         return self.pool is not None and self.k > 1
 
+    @property
+    def rebuilds_by_upsampling(self) -> bool:
+        """The input rebuilt is the pooled copy upsampled, nothing added."""
+        return self.pools and self.mode == "upsample" and self.residual_bits is None
+
     def keep(self, x: torch.Tensor) -> tuple[list[torch.Tensor], object]:
         """-> (tensors to save for backward, what else rebuilding needs)."""
         if self.bits is not None:
@@ -61,6 +66,15 @@ class ConvInputForm:
         if self.residual_bits is not None:
             x = x + dequantize(*kept[1:], info)
         return x
+
+
+def _input_grad(g, weight, x_shape, stride, padding, dilation, groups):
+    """conv2d's input gradient, from the weight and the input's shape only: the transposed
+    convolution (the kernel convolution_backward runs: equal to the bit, but for grouped convs
+    in channels_last, equal to float32 rounding; tested)."""
+    out_pad = [x_shape[2 + a] - ((g.shape[2 + a] - 1) * stride[a] - 2 * padding[a]
+                                 + dilation[a] * (weight.shape[2 + a] - 1) + 1) for a in range(2)]
+    return F.conv_transpose2d(g, weight, None, stride, padding, out_pad, groups, dilation)
 
 
 class CompressedConvFunction(torch.autograd.Function):
@@ -95,14 +109,14 @@ class CompressedConvFunction(torch.autograd.Function):
         x_shape, stride, padding, dilation, groups, form, info, has_bias = ctx.conf
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         g = g.to(weight.dtype)
-        if form.mode == "lowres" and form.pools:
+        blockwise = form.rebuilds_by_upsampling and blockwise_applies(x_shape[2:], stride, form.k)
+        if blockwise or (form.mode == "lowres" and form.pools):
+            # No full-size input: the input gradient needs only the weight, the weight gradient
+            # comes from the pooled copy (blockwise: exactly as from its upsampling).
             xp = kept[0]
-            gx = None
-            if need_x:  # exact: needs the weight and the input's shape only
-                gx = torch.ops.aten.convolution_backward(
-                    g, xp.new_empty(x_shape), weight, None, list(stride), list(padding), list(dilation),
-                    False, [0, 0], groups, [True, False, False])[0]
-            gw = lowres_weight_grad(xp, g, weight.shape, stride, padding, dilation, groups, form.k) if need_w else None
+            gx = _input_grad(g, weight, x_shape, stride, padding, dilation, groups) if need_x else None
+            weight_grad = blockwise_weight_grad if blockwise else lowres_weight_grad
+            gw = weight_grad(xp, g, weight.shape, stride, padding, dilation, groups, form.k) if need_w else None
             gb = g.sum((0, 2, 3)) if need_b and has_bias else None
         else:
             x_rec = form.rebuild(kept, info, x_shape).to(weight.dtype)

@@ -41,6 +41,37 @@ def upsample(xp: torch.Tensor, k: int, size: tuple[int, int]) -> torch.Tensor:
     return x[:, :, : size[0], : size[1]]
 
 
+def blockwise_applies(in_hw, stride, k: int) -> bool:
+    """Whether `blockwise_weight_grad` gives the upsample-mode weight gradient: strides that are
+    multiples of k over sizes divisible by k (no cropped edge blocks)."""
+    return all(s % k == 0 and n % k == 0 for s, n in zip(stride, in_hw))
+
+
+def blockwise_weight_grad(xp, g, weight_shape, stride, padding, dilation, groups, k):
+    """The weight gradient of a conv reading up_k(xp), without building the full-size copy.
+
+    Output p reads input u = stride*p + t*dilation - padding, whose block is
+    (stride/k)*p + floor((t*dilation - padding)/k) when k divides the stride: every tap reads
+    one block offset, so one correlation of g with xp at stride/k over the few offsets the taps
+    fall on gives all taps (a 3x3 stride-2 conv at k=2: 2x2 offsets, 4/9 of the products).
+    Exact: the same sums as from the upsampled copy, in another order.
+    """
+    offsets = [[(t * dilation[a] - padding[a]) // k for t in range(weight_shape[2 + a])] for a in range(2)]
+    (lo_y, hi_y), (lo_x, hi_x) = [(min(o), max(o)) for o in offsets]
+    block_stride = [s // k for s in stride]
+    hg, wg = g.shape[2:]
+    need_h = block_stride[0] * (hg - 1) + (hi_y - lo_y) + 1
+    need_w = block_stride[1] * (wg - 1) + (hi_x - lo_x) + 1
+    xpad = F.pad(xp, (-lo_x, need_w - xp.shape[3] + lo_x, -lo_y, need_h - xp.shape[2] + lo_y))
+    kernel = (weight_shape[0], weight_shape[1], hi_y - lo_y + 1, hi_x - lo_x + 1)
+    c = torch.ops.aten.convolution_backward(
+        g, xpad, g.new_empty(kernel), None, block_stride, [0, 0], [1, 1], False, [0, 0], groups,
+        [False, True, False])[1]  # (O, C/groups, offsets_y, offsets_x)
+    iy = torch.tensor([o - lo_y for o in offsets[0]], device=c.device)
+    ix = torch.tensor([o - lo_x for o in offsets[1]], device=c.device)
+    return c.index_select(2, iy).index_select(3, ix)
+
+
 def _lowres_taps(k: int, stride: int, offsets: list[int]):
     """For each tap offset t, how the k output positions of a block split over input blocks.
 
