@@ -169,6 +169,43 @@ def test_mask_relu_gradient_identical_and_bit_packed():
     assert torch.equal(unpack_mask(pack_mask(xc > 0), xc.shape, True), xc > 0)
 
 
+def test_mask_relus_run_in_place_where_the_model_vouches_and_only_there():
+    """Our ResNets declare that each activation reads a temporary: the mask ReLUs overwrite it
+    (one full-size tensor fewer in the forward) with the same gradients, bit for bit. A model
+    that reads an activation's input again declares nothing and keeps it intact."""
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    grads = []
+    for inplace in (True, False):
+        torch.manual_seed(1)
+        model = compress_model(build_model("resnet20"), "avg2+mask")
+        relus = [m for m in model.modules() if type(m).__name__ == "MaskReLU"]
+        assert relus and all(m.pp_inplace for m in relus)
+        for m in relus:
+            m.pp_inplace = inplace
+        same = []
+        relus[3].register_forward_hook(lambda m, i, o: same.append(o.data_ptr() == i[0].data_ptr()))
+        F.cross_entropy(model(x), y).backward()
+        assert same == [inplace]
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+    class Reread(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.act = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+
+        def forward(self, x):
+            h = self.bn(self.conv(x))
+            return self.act(h) + h
+
+    plain = Reread()
+    model = compress_model(copy.deepcopy(plain), "mask")
+    assert not model.act.pp_inplace
+    xr = torch.randn(2, 3, 8, 8, requires_grad=True)
+    assert torch.equal(model(xr), plain(xr))
+
+
 class _Fork(nn.Module):
     """A ReLU read by two convs (a block's conv1 and its downsample)."""
 

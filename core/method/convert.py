@@ -120,7 +120,8 @@ def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], lis
                      pp_channels_first=type(m).__name__ == "LayerNorm2d")
         elif type(m) in _MASKABLE_TYPES:
             if policy.relu_mask:
-                swap(MaskReLU if type(m) is nn.ReLU else _variant(type(m), _Masked, "Masked"))
+                swap(MaskReLU if type(m) is nn.ReLU else _variant(type(m), _Masked, "Masked"),
+                     pp_inplace=bool(getattr(model, "pp_activations_read_temporaries", False)))
         elif isinstance(m, SMOOTH) and type(m) in SMOOTH:
             if policy.relu_mask:
                 swap(_variant(type(m), _Coded, "Coded"), pp_bits=code_bits)

@@ -75,16 +75,18 @@ class MaskedActivationFunction(torch.autograd.Function):
     slope 0), "leaky" (x > 0, slope negative_slope)."""
 
     @staticmethod
-    def forward(ctx, x, kind: str, a: float, b: float):
-        if kind == "relu":
-            y = torch.relu(x)
-        elif kind == "hardtanh":
-            y = F.hardtanh(x, a, b)
-        else:
-            y = F.leaky_relu(x, a)
+    def forward(ctx, x, kind: str, a: float, b: float, inplace: bool = False):
         cl = is_channels_last(x)
         ctx.conf = (tuple(x.shape), cl, kind, a)
-        ctx.save_for_backward(_mask_pack(x, kind, a, b, cl))
+        ctx.save_for_backward(_mask_pack(x, kind, a, b, cl))  # before an in-place f overwrites x
+        if kind == "relu":
+            y = torch.relu_(x) if inplace else torch.relu(x)
+        elif kind == "hardtanh":
+            y = F.hardtanh(x, a, b, inplace=inplace)
+        else:
+            y = F.leaky_relu(x, a, inplace=inplace)
+        if inplace:
+            ctx.mark_dirty(x)
         return y
 
     @staticmethod
@@ -94,12 +96,16 @@ class MaskedActivationFunction(torch.autograd.Function):
         # The gradient in the input's layout: g may come in without one (the head's mean gives a
         # stride-0 gradient), and BatchNorm's backward below runs twice as long on NCHW (measured).
         slope = a if kind == "leaky" else 0.0
-        return _mask_apply(g, packed, shape, cl, kind, slope), None, None, None
+        return _mask_apply(g, packed, shape, cl, kind, slope), None, None, None, None
 
 
 class _Masked:
     """Mixin for nn.ReLU / ReLU6 / Hardtanh / LeakyReLU: the same forward, a 1-bit backward.
-    In-place modules compute out of place here (the mask replaces what in-place saved)."""
+    In place where the module is (`inplace`), or where the model vouches that every activation
+    reads a temporary nothing else reads (`pp_inplace`, set by compress_model): the forward then
+    holds one full-size tensor fewer at a time."""
+
+    pp_inplace: bool = False
 
     def _mask_args(self) -> tuple[str, float, float]:
         if isinstance(self, nn.Hardtanh):
@@ -110,7 +116,7 @@ class _Masked:
 
     def forward(self, x):
         if torch.is_grad_enabled() and x.requires_grad:
-            return MaskedActivationFunction.apply(x, *self._mask_args())
+            return MaskedActivationFunction.apply(x, *self._mask_args(), bool(self.inplace or self.pp_inplace))
         return super().forward(x)
 
 

@@ -1,7 +1,9 @@
 """ResNets for CIFAR-sized and ImageNet-sized inputs.
 
 Every ReLU is its own non-in-place module (Captum's DeepLift/GuidedBackprop need that,
-and the mask ReLU swapped in by `compress_model` replaces modules one by one).
+and the mask ReLU swapped in by `compress_model` replaces modules one by one). Each reads a
+temporary nothing else reads (a BatchNorm output or the residual sum), which the models declare
+(`pp_activations_read_temporaries`): compressed, the mask ReLUs then run in place.
 The head averages with a plain mean rather than `AdaptiveAvgPool2d`: the latter keeps
 the last ReLU output alive for its backward, which would hide the savings we measure.
 
@@ -111,6 +113,8 @@ class Bottleneck(ResidualBlock):
 
 
 class ResNet(nn.Module):
+    pp_activations_read_temporaries = True  # see the module docstring
+
     def __init__(self, block, layers, widths, num_classes=10, stem="cifar", shortcut="conv"):
         super().__init__()
         if stem not in STEMS:
