@@ -184,7 +184,7 @@ def test_mask_relus_run_in_place_where_the_model_vouches_and_only_there():
         for m in relus:
             m.pp_inplace = inplace
         same = []
-        relus[3].register_forward_hook(lambda m, i, o: same.append(o.data_ptr() == i[0].data_ptr()))
+        relus[3].register_forward_hook(lambda m, i, o, same=same: same.append(o.data_ptr() == i[0].data_ptr()))
         F.cross_entropy(model(x), y).backward()
         assert same == [inplace]
         grads.append([p.grad for p in model.parameters()])
