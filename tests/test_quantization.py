@@ -75,6 +75,24 @@ def test_reconstruction_is_unbiased(bits):
     assert ((nearest - x) / se)[se > 0].abs().mean() > 10.0
 
 
+def test_the_dither_hash_is_a_bijection_and_looks_random_within_a_draw():
+    """Unbiasedness needs each value's dither uniform over the seeds: the hash is a bijection of
+    the 31-bit integers (no two of 2^20 inputs collide, and none leaves the range). The noise of
+    one draw needs the dithers of neighbouring values to look independent: 15-bit values
+    uniform over 64 bins and no correlation between neighbours, with a seed of 0 or random."""
+    k = torch.arange(1 << 20, dtype=torch.int64)
+    h = Q._hash31(k * 2047 % (1 << 31))
+    assert h.unique().numel() == k.numel() and h.min() >= 0 and h.max() < (1 << 31)
+    for seed in (0, int(Q.dither_seed("cpu", torch.Generator().manual_seed(3)))):
+        u = ((Q._hash31((k[: 1 << 16] + seed) & 0x7FFFFFFF) >> 8) & 0x7FFF).double()
+        counts = torch.bincount((u // 512).long(), minlength=64).double()
+        expected = u.numel() / 64
+        chi2 = ((counts - expected) ** 2 / expected).sum().item()
+        assert chi2 < 120  # 63 degrees of freedom: p ~ 1e-5 beyond
+        a, b = u[:-1] - u.mean(), u[1:] - u.mean()
+        assert abs((a * b).mean() / a.pow(2).mean()) < 0.02
+
+
 def test_compiled_passes_are_bit_identical():
     x = _layout(torch.randn(4, 8, 6, 6), True)
     try:

@@ -62,13 +62,15 @@ def _mask_apply_kernel(g_ptr, packed_ptr, out_ptr, n, m, slope, LEAKY: tl.conste
 
 
 @triton.jit
-def _encode_kernel(x_ptr, lo_ptr, inv_ptr, dither_ptr, out_ptr, n, m, C, HW,
+def _encode_kernel(x_ptr, lo_ptr, inv_ptr, seed_ptr, out_ptr, n, m, C, HW,
                    BITS: tl.constexpr, PER: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
-    """out[j] = sum_i q(i*m + j) << (BITS*i), q = floor((x - lo) * inv + u), u from the dither."""
+    """out[j] = sum_i q(i*m + j) << (BITS*i), q = floor((x - lo) * inv + u), u from the hash of
+    (seed + index) as in core.method.quantize._encode_pass."""
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     keep = j < m
     acc = tl.zeros([BLOCK], dtype=tl.int32)
     top = (1 << BITS) - 1
+    seed = tl.load(seed_ptr)
     for i in tl.static_range(PER):
         idx = i * m + j
         inside = keep & (idx < n)
@@ -82,8 +84,13 @@ def _encode_kernel(x_ptr, lo_ptr, inv_ptr, dither_ptr, out_ptr, n, m, C, HW,
         x = tl.load(x_ptr + idx, mask=inside, other=0.0).to(tl.float32)
         lo = tl.load(lo_ptr + grp, mask=inside, other=0.0)
         inv = tl.load(inv_ptr + grp, mask=inside, other=0.0)
-        d = tl.load(dither_ptr + idx, mask=keep, other=0).to(tl.int32)
-        u = ((d & 0x7FFF).to(tl.float32) + 0.5) * (1.0 / 32768.0)
+        h = (idx.to(tl.int64) + seed) & 0x7FFFFFFF
+        h = h ^ (h >> 16)
+        h = (h * 0x7FEB352D) & 0x7FFFFFFF
+        h = h ^ (h >> 15)
+        h = (h * 0x846CA68B) & 0x7FFFFFFF
+        h = h ^ (h >> 16)
+        u = (((h >> 8) & 0x7FFF).to(tl.float32) + 0.5) * (1.0 / 32768.0)
         q = ((x - lo) * inv + u).to(tl.int32)
         q = tl.minimum(q, top)
         q = tl.where(inside, q, 0)
@@ -143,13 +150,13 @@ def mask_apply(g: torch.Tensor, packed: torch.Tensor, shape: tuple[int, ...], ch
     return from_memory_order(out, shape, channels_last) if len(shape) == 4 else out.view(shape)
 
 
-def encode(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, dither: torch.Tensor, bits: int,
+def encode(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, seed: torch.Tensor, bits: int,
            channels_last: bool) -> torch.Tensor:
     flat = _flat(x, channels_last)
     n, per = flat.numel(), 8 // bits
     m = -(-n // per)
     out = torch.empty(m, dtype=torch.uint8, device=x.device)
-    _encode_kernel[_grid(m)](flat, lo.float().contiguous(), inv.float().contiguous(), dither.contiguous(), out, n, m,
+    _encode_kernel[_grid(m)](flat, lo.float().contiguous(), inv.float().contiguous(), seed.contiguous(), out, n, m,
                              x.shape[1], math.prod(x.shape[2:]), BITS=bits, PER=per,
                              CHANNELS_LAST=channels_last, BLOCK=BLOCK)
     return out

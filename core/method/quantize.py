@@ -10,8 +10,15 @@ the same whatever the memory layout (NCHW or channels_last).
 
 `lo` is rounded down and `scale` up to bfloat16, so every value lies in
 [lo, lo + (2^B - 1) * scale] and the rounding never clamps (clamping would bias it). The dither
-has 15 random bits, u = (h + 1/2) / 2^15, so the mean of a code is off by at most 2^-16 of a
-step: far below the noise of one draw (up to half a step), invisible in any gradient.
+has 15 bits, u = (h + 1/2) / 2^15, so the mean of a code is off by at most 2^-16 of a step: far
+below the noise of one draw (up to half a step), invisible in any gradient.
+
+The dither is not drawn into a tensor: h is 15 bits of a hash of (seed + index) computed inside
+the encode pass, with one random 31-bit seed drawn per call. The hash (xor-shifts and odd
+multipliers modulo 2^31) is a bijection of the 31-bit integers, so for a uniform seed every
+value's h is exactly uniform, whatever the index: the rounding stays unbiased. Computed in
+the pass it costs no memory (a drawn dither held 2 bytes per value, a quarter of a float32
+input, at the forward's peak) and no extra pass over memory.
 
 Codes are packed 8/B to a byte, *planar*: the tensor's values in memory order are cut into
 8/B equal planes and byte j holds value j of every plane (plane i in bits B*i..B*i+B-1). 2-bit
@@ -22,7 +29,7 @@ packed bytes plus 4 bytes of range per group.
 
 Speed: the three passes below are plain PyTorch (the reference, any device), registered with
 core.method.fastpath: compiled on the CPU they run as one fused loop each (about 4x faster),
-bit-identical given the same dither (tested).
+bit-identical given the same seed (tested).
 """
 
 from __future__ import annotations
@@ -77,18 +84,32 @@ def _range_pass(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lo.float(), hi.float()
 
 
+def _hash31(k: torch.Tensor) -> torch.Tensor:
+    """A bijection of [0, 2^31) (int64 in, int64 out): xor-shifts and odd multipliers modulo
+    2^31 (the 'lowbias32' mixer on 31 bits). Products stay below 2^63: no overflow anywhere."""
+    m = 0x7FFFFFFF
+    k = k ^ (k >> 16)
+    k = (k * 0x7FEB352D) & m
+    k = k ^ (k >> 15)
+    k = (k * 0x846CA68B) & m
+    return k ^ (k >> 16)
+
+
 @fused
-def _encode_pass(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, dither: torch.Tensor,
+def _encode_pass(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, seed: torch.Tensor,
                  bits: int, channels_last: bool) -> torch.Tensor:
-    """Codes floor((x - lo) * inv + u), planar-packed. lo, inv float32 (N, C); dither int16 with
-    one entry per padded value (memory order); u = ((dither & 0x7fff) + 1/2) / 2^15."""
+    """Codes floor((x - lo) * inv + u), planar-packed. lo, inv float32 (N, C); seed int64 (1,);
+    u = (h + 1/2) / 2^15, h = 15 bits of _hash31((seed + k) mod 2^31) for the value's padded
+    memory-order index k."""
     per = 8 // bits
     v = (x.float() - lo[:, :, None, None]) * inv[:, :, None, None]  # (N, C, H, W), in [0, 2^B - 1]
     flat = memory_order_flat(v, channels_last)
-    pad = dither.numel() - flat.numel()
+    pad = plane_size(flat.numel(), bits) * per - flat.numel()
     if pad:
         flat = F.pad(flat, (0, pad))
-    u = ((dither.to(torch.int32) & 0x7FFF).float() + 0.5) * (1.0 / 2 ** DITHER_BITS)
+    k = torch.arange(flat.numel(), dtype=torch.int64, device=x.device)
+    h = (_hash31((k + seed) & 0x7FFFFFFF) >> 8) & 0x7FFF
+    u = (h.float() + 0.5) * (1.0 / 2 ** DITHER_BITS)
     q = (flat + u).to(torch.int32).clamp_max((1 << bits) - 1).view(per, -1)  # v + u >= 0: truncation = floor
     packed = q[0]
     for i in range(1, per):
@@ -127,11 +148,10 @@ def group_range(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]
     return lo, scale
 
 
-def dither(numel: int, bits: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random int16, one per padded value (15 random bits used): two per int32 draw."""
-    n = plane_size(numel, bits) * (8 // bits)
-    words = torch.empty(-(-n // 2), dtype=torch.int32, device=device).random_(generator=generator)
-    return words.view(torch.int16)[:n]
+def dither_seed(device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The per-call random seed of the dither: int64 (1,) uniform in [0, 2^31), on `device`."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randint(0, 1 << 31, (1,), generator=generator, device=gen_device).to(device)
 
 
 def _as_4d(x: torch.Tensor) -> torch.Tensor:
@@ -157,9 +177,8 @@ def quantize(x: torch.Tensor, bits: int, generator: torch.Generator | None = Non
     lo, scale = group_range(x, bits)
     s = scale.float()
     inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
-    u = dither(x.numel(), bits, x.device, generator)
     cl = is_channels_last(x)
-    packed = _encode_pass(x, lo.float(), inv, u, bits, cl)
+    packed = _encode_pass(x, lo.float(), inv, dither_seed(x.device, generator), bits, cl)
     return packed, lo, scale, PackedShape(tuple(x.shape), cl, bits, x.dtype, orig)
 
 
