@@ -93,6 +93,16 @@ def test_the_dither_hash_is_a_bijection_and_looks_random_within_a_draw():
         assert abs((a * b).mean() / a.pow(2).mean()) < 0.02
 
 
+def test_the_dither_is_the_same_drawn_in_chunks(monkeypatch):
+    """Eagerly the dither is hashed a chunk at a time (bounded temporaries): the same bits as in
+    one piece, so the codes do not depend on the chunk size."""
+    x = torch.randn(3, 5, 7, 11)
+    whole = Q.quantize(x, 2, generator=torch.Generator().manual_seed(9))[0]
+    monkeypatch.setattr(Q, "_DITHER_CHUNK", 100)
+    chunked = Q.quantize(x, 2, generator=torch.Generator().manual_seed(9))[0]
+    assert torch.equal(whole, chunked)
+
+
 def test_compiled_passes_are_bit_identical():
     x = _layout(torch.randn(4, 8, 6, 6), True)
     try:

@@ -95,6 +95,26 @@ def _hash31(k: torch.Tensor) -> torch.Tensor:
     return k ^ (k >> 16)
 
 
+_DITHER_CHUNK = 1 << 18
+
+
+def _dither(n: int, seed: torch.Tensor, device) -> torch.Tensor:
+    """u (n,) float32 for padded indices 0..n-1. Compiled, the hash is fused into the encode
+    loop; run eagerly, it goes a chunk at a time, so its int64 temporaries stay a few MiB
+    however large the tensor (the same bits either way: integer arithmetic)."""
+    def u_of(k):
+        h = (_hash31((k + seed) & 0x7FFFFFFF) >> 8) & 0x7FFF
+        return (h.float() + 0.5) * (1.0 / 2 ** DITHER_BITS)
+
+    if torch.compiler.is_compiling() or n <= _DITHER_CHUNK:
+        return u_of(torch.arange(n, dtype=torch.int64, device=device))
+    u = torch.empty(n, dtype=torch.float32, device=device)
+    for start in range(0, n, _DITHER_CHUNK):
+        stop = min(n, start + _DITHER_CHUNK)
+        u[start:stop] = u_of(torch.arange(start, stop, dtype=torch.int64, device=device))
+    return u
+
+
 @fused
 def _encode_pass(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, seed: torch.Tensor,
                  bits: int, channels_last: bool) -> torch.Tensor:
@@ -107,9 +127,7 @@ def _encode_pass(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, seed: tor
     pad = plane_size(flat.numel(), bits) * per - flat.numel()
     if pad:
         flat = F.pad(flat, (0, pad))
-    k = torch.arange(flat.numel(), dtype=torch.int64, device=x.device)
-    h = (_hash31((k + seed) & 0x7FFFFFFF) >> 8) & 0x7FFF
-    u = (h.float() + 0.5) * (1.0 / 2 ** DITHER_BITS)
+    u = _dither(flat.numel(), seed, x.device)
     q = (flat + u).to(torch.int32).clamp_max((1 << bits) - 1).view(per, -1)  # v + u >= 0: truncation = floor
     packed = q[0]
     for i in range(1, per):
