@@ -41,6 +41,21 @@ def upsample(xp: torch.Tensor, k: int, size: tuple[int, int]) -> torch.Tensor:
     return x[:, :, : size[0], : size[1]]
 
 
+def _block_correlation(xp, g, weight_shape, span_y, span_x, stride, groups):
+    """c[o, c, dy, dx] = sum over samples and positions P of g[P] * xp[stride*P + lo + d], for
+    block offsets d in [lo, hi] per axis (zero outside xp): xp is padded (or cropped) so that a
+    dense correlation at `stride` has g's size. -> (O, C/groups, hi_y-lo_y+1, hi_x-lo_x+1)."""
+    (lo_y, hi_y), (lo_x, hi_x) = span_y, span_x
+    hg, wg = g.shape[2:]
+    need_h = stride[0] * (hg - 1) + (hi_y - lo_y) + 1
+    need_w = stride[1] * (wg - 1) + (hi_x - lo_x) + 1
+    xpad = F.pad(xp, (-lo_x, need_w - xp.shape[3] + lo_x, -lo_y, need_h - xp.shape[2] + lo_y))
+    kernel = (weight_shape[0], weight_shape[1], hi_y - lo_y + 1, hi_x - lo_x + 1)
+    return torch.ops.aten.convolution_backward(
+        g, xpad, g.new_empty(kernel), None, list(stride), [0, 0], [1, 1], False, [0, 0], groups,
+        [False, True, False])[1]
+
+
 def blockwise_applies(in_hw, stride, k: int) -> bool:
     """Whether `blockwise_weight_grad` gives the upsample-mode weight gradient: strides that are
     multiples of k over sizes divisible by k (no cropped edge blocks)."""
@@ -58,15 +73,7 @@ def blockwise_weight_grad(xp, g, weight_shape, stride, padding, dilation, groups
     """
     offsets = [[(t * dilation[a] - padding[a]) // k for t in range(weight_shape[2 + a])] for a in range(2)]
     (lo_y, hi_y), (lo_x, hi_x) = [(min(o), max(o)) for o in offsets]
-    block_stride = [s // k for s in stride]
-    hg, wg = g.shape[2:]
-    need_h = block_stride[0] * (hg - 1) + (hi_y - lo_y) + 1
-    need_w = block_stride[1] * (wg - 1) + (hi_x - lo_x) + 1
-    xpad = F.pad(xp, (-lo_x, need_w - xp.shape[3] + lo_x, -lo_y, need_h - xp.shape[2] + lo_y))
-    kernel = (weight_shape[0], weight_shape[1], hi_y - lo_y + 1, hi_x - lo_x + 1)
-    c = torch.ops.aten.convolution_backward(
-        g, xpad, g.new_empty(kernel), None, block_stride, [0, 0], [1, 1], False, [0, 0], groups,
-        [False, True, False])[1]  # (O, C/groups, offsets_y, offsets_x)
+    c = _block_correlation(xp, g, weight_shape, (lo_y, hi_y), (lo_x, hi_x), [s // k for s in stride], groups)
     iy = torch.tensor([o - lo_y for o in offsets[0]], device=c.device)
     ix = torch.tensor([o - lo_x for o in offsets[1]], device=c.device)
     return c.index_select(2, iy).index_select(3, ix)
@@ -95,15 +102,7 @@ def lowres_weight_grad(xp, g, weight_shape, stride, padding, dilation, groups, k
         offsets = [i * dilation[axis] - padding[axis] for i in range(weight_shape[2 + axis])]
         dims.append(_lowres_taps(k, stride[axis], offsets))
     (ay, lo_y, hi_y), (ax, lo_x, hi_x) = dims
-    # Pad (or crop) X so that a dense correlation over [lo, hi] at `stride` has Gp's size.
-    hg, wg = gp.shape[2:]
-    need_h = stride[0] * (hg - 1) + (hi_y - lo_y) + 1
-    need_w = stride[1] * (wg - 1) + (hi_x - lo_x) + 1
-    xpad = F.pad(xp, (-lo_x, need_w - xp.shape[3] + lo_x, -lo_y, need_h - xp.shape[2] + lo_y))
-    kernel = (weight_shape[0], weight_shape[1], hi_y - lo_y + 1, hi_x - lo_x + 1)
-    c = torch.ops.aten.convolution_backward(
-        gp, xpad, gp.new_empty(kernel), None, list(stride), [0, 0], [1, 1], False, [0, 0], groups,
-        [False, True, False])[1]  # (O, C/g, dy, dx)
+    c = _block_correlation(xp, gp, weight_shape, (lo_y, hi_y), (lo_x, hi_x), list(stride), groups)
     ay, ax = ay.to(c), ax.to(c)
     return torch.einsum("iy,jx,ocyx->ocij", ay, ax, c)
 
