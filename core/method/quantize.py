@@ -95,7 +95,7 @@ def _hash31(k: torch.Tensor) -> torch.Tensor:
     return k ^ (k >> 16)
 
 
-_DITHER_CHUNK = 1 << 18
+_DITHER_CHUNK = 1 << 16
 
 
 def _dither(n: int, seed: torch.Tensor, device) -> torch.Tensor:
