@@ -110,19 +110,23 @@ class CompressedConvFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         g = g.to(weight.dtype)
         blockwise = form.rebuilds_by_upsampling and blockwise_applies(x_shape[2:], stride, form.k)
+        # The weight gradient first, then the input gradient from the weight alone: a full-size
+        # rebuilt input is freed before the full-size input gradient is allocated, so the two
+        # never coexist (at ResNet-18's first stage that is 32 MiB off the step peak).
+        gw = gb = None
         if blockwise or (form.mode == "lowres" and form.pools):
-            # No full-size input: the input gradient needs only the weight, the weight gradient
-            # comes from the pooled copy (blockwise: exactly as from its upsampling).
-            xp = kept[0]
-            gx = _input_grad(g, weight, x_shape, stride, padding, dilation, groups) if need_x else None
+            # No full-size input: the pooled copy gives the weight gradient (blockwise: exactly
+            # as its upsampling would).
             weight_grad = blockwise_weight_grad if blockwise else lowres_weight_grad
-            gw = weight_grad(xp, g, weight.shape, stride, padding, dilation, groups, form.k) if need_w else None
+            gw = weight_grad(kept[0], g, weight.shape, stride, padding, dilation, groups, form.k) if need_w else None
             gb = g.sum((0, 2, 3)) if need_b and has_bias else None
-        else:
+        elif need_w or (need_b and has_bias):
             x_rec = form.rebuild(kept, info, x_shape).to(weight.dtype)
-            gx, gw, gb = torch.ops.aten.convolution_backward(
+            _, gw, gb = torch.ops.aten.convolution_backward(
                 g, x_rec, weight, [weight.shape[0]] if has_bias else None, list(stride), list(padding),
-                list(dilation), False, [0, 0], groups, [need_x, need_w, need_b and has_bias])
+                list(dilation), False, [0, 0], groups, [False, need_w, need_b and has_bias])
+            del x_rec
+        gx = _input_grad(g, weight, x_shape, stride, padding, dilation, groups) if need_x else None
         if ctx.dtypes is not None:
             dx, dw, db = ctx.dtypes
             gx = None if gx is None else gx.to(dx)
