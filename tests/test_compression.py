@@ -252,19 +252,27 @@ def test_two_convs_reading_one_tensor_keep_one_pooled_copy(policy):
 
 
 def test_batchnorm_backward_from_its_kept_form_is_pytorchs_backward():
-    """The backward the low-precision BatchNorm runs (from x_hat, or from a decoded input) is
-    PyTorch's own BatchNorm backward given the same input, to float32 rounding."""
+    """The backward the low-precision BatchNorm runs (from x_hat, or from x's codes) is
+    PyTorch's own BatchNorm backward given the same input (for codes: the decoded input), to
+    float32 rounding."""
     from core.method import norms
+    from core.method.quantize import dequantize, quantize
 
     torch.manual_seed(0)
     x = (torch.randn(6, 5, 7, 9) * 3 + 2).contiguous(memory_format=torch.channels_last)
     g, weight = torch.randn_like(x), torch.rand(5) + 0.5
     mean, invstd = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False).add(1e-5).rsqrt()
-    expected = torch.ops.aten.native_batch_norm_backward(g, x, weight, None, None, mean, invstd, True, 1e-5,
+
+    def pytorchs(x_in):
+        return torch.ops.aten.native_batch_norm_backward(g, x_in, weight, None, None, mean, invstd, True, 1e-5,
                                                          [True, True, True])
+
     x_hat = (x - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
-    for got in (norms._bn_backward_from_hat(g, x_hat, weight, invstd),
-                norms._bn_backward_from_input(g, x, weight, mean, invstd)):
+    packed, lo, scale, info = quantize(x, 4)
+    from_codes = norms._bn_backward_from_codes(g, packed, lo, scale, info.shape, info.channels_last, info.bits,
+                                               weight, mean, invstd)
+    for expected, got in ((pytorchs(x), norms._bn_backward_from_hat(g, x_hat, weight, invstd)),
+                          (pytorchs(dequantize(packed, lo, scale, info)), from_codes)):
         for e, o in zip(expected, got):
             torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
         assert got[0].is_contiguous(memory_format=torch.channels_last)  # the gradient's layout

@@ -44,14 +44,15 @@ def _all_passes(x, cl):
 
 
 def _bn_backward_passes(x, cl):
-    """BatchNorm's two backward passes (from the kept x_hat, from a decoded input)."""
+    """BatchNorm's two backward passes (from the kept x_hat, from the codes of x)."""
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).contiguous(
         memory_format=torch.channels_last if cl else torch.contiguous_format)
     weight = torch.rand(x.shape[1], generator=torch.Generator().manual_seed(8)) + 0.5
     mean, invstd = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False).add(1e-5).rsqrt()
     x_hat = norms._bn_keep(x, mean, invstd, torch.float8_e4m3fn)
+    packed, lo, scale, info = Q.quantize(x, 2, generator=torch.Generator().manual_seed(9))
     return [*norms._bn_backward_from_hat(g, x_hat, weight, invstd),
-            *norms._bn_backward_from_input(g, x, weight, mean, invstd)]
+            *norms._bn_backward_from_codes(g, packed, lo, scale, info.shape, cl, 2, weight, mean, invstd)]
 
 
 def test_compiled_passes_are_bit_identical_to_the_reference():

@@ -44,3 +44,14 @@ def test_a_conv_backward_never_holds_its_rebuilt_input_and_its_input_gradient_at
     conv = compress_model(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False)), policy).to(memory_format=CL)
     x = _input()
     assert S <= _backward_peak(conv, x) < 1.5 * S
+
+
+def test_batchnorm_backward_decodes_its_codes_inside_its_passes(compiled):
+    """Compiled, the 4-bit BatchNorm's backward forms x_hat from the codes in registers: the only
+    full-size tensor it allocates is the input gradient. The reference decodes x first (2 S)."""
+    torch.manual_seed(0)
+    bn = compress_model(nn.Sequential(nn.BatchNorm2d(16)), "bn4")
+    x = _input()
+    assert S <= _backward_peak(bn, x) < 1.5 * S
+    fastpath.use_compiled(False)
+    assert _backward_peak(bn, x) >= 2 * S
