@@ -7,7 +7,8 @@ from torch import nn
 
 from core.method import fastpath
 from core.method.convert import compress_model
-from core.method.meter import cpu_step_peak_bytes
+from core.method.meter import cpu_step_peak_bytes, saved_activation_bytes
+from core.models.resnet import BasicBlock
 
 SHAPE = (8, 16, 32, 32)
 S = 8 * 16 * 32 * 32 * 4
@@ -55,3 +56,16 @@ def test_batchnorm_backward_decodes_its_codes_inside_its_passes(compiled):
     assert S <= _backward_peak(bn, x) < 1.5 * S
     fastpath.use_compiled(False)
     assert _backward_peak(bn, x) >= 2 * S
+
+
+def test_a_compressed_residual_block_forward_holds_two_full_size_tensors_beside_what_it_keeps(compiled):
+    """In a block whose activations and BatchNorm inputs are kept compressed, the forward's
+    working set beyond the block's input is an op's input and output: 2 S. The first ReLU's
+    output must not outlive the conv that reads it (3 S when `out = bn2(conv2(out))` kept it)."""
+    torch.manual_seed(0)
+    block = compress_model(BasicBlock(16, 16), "avg2+mask+bn8").to(memory_format=CL)
+    x = _input()
+    saved = saved_activation_bytes(block, x).total_bytes
+    out = []
+    peak = cpu_step_peak_bytes(lambda: out.append(block(x)))["step_peak_bytes"]
+    assert peak - saved < 2.5 * S

@@ -33,6 +33,7 @@ class ResidualBlock(nn.Module):
     """Base for blocks: optional gradient checkpointing of the whole block (the exact reference)."""
 
     checkpointed: bool = False
+    pp_activations_read_temporaries = True  # a block compressed alone too (see the module docstring)
 
     def forward(self, x):
         if self.checkpointed and torch.is_grad_enabled() and x.requires_grad:
@@ -81,7 +82,8 @@ class BasicBlock(ResidualBlock):
     def _forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.act1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.conv2(out)  # one call per line: `out` is freed as soon as the next op has read it
+        out = self.bn2(out)
         return self.act2(out + identity)
 
 
@@ -107,8 +109,10 @@ class Bottleneck(ResidualBlock):
     def _forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.act1(self.bn1(self.conv1(x)))
-        out = self.act2(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = self.conv2(out)  # one call per line: `out` is freed as soon as the next op has read it
+        out = self.act2(self.bn2(out))
+        out = self.conv3(out)
+        out = self.bn3(out)
         return self.act3(out + identity)
 
 
