@@ -37,14 +37,15 @@ def _backward_peak(module, x):
     return peak["step_peak_bytes"]
 
 
-@pytest.mark.parametrize("policy", ["q4", "avg2"])
-def test_a_conv_backward_never_holds_its_rebuilt_input_and_its_input_gradient_at_once(policy, compiled):
+@pytest.mark.parametrize("policy, bound", [("q4", 1.5), ("avg2", 1.5), ("avg2+res2", 2.5)])
+def test_a_conv_backward_never_holds_its_rebuilt_input_and_its_input_gradient_at_once(policy, bound, compiled):
     """A stride-1 conv rebuilds its full-size input for the weight gradient (S bytes); the input
-    gradient (S) is computed after that input is freed: the peak is one S, not two."""
+    gradient (S) is computed after that input is freed: the peak is one S, not two. The residual
+    form decodes its residual (S) into the upsampled copy in place: 2 S while rebuilding, not 3."""
     torch.manual_seed(0)
     conv = compress_model(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False)), policy).to(memory_format=CL)
     x = _input()
-    assert S <= _backward_peak(conv, x) < 1.5 * S
+    assert S <= _backward_peak(conv, x) < bound * S
 
 
 def test_batchnorm_backward_decodes_its_codes_inside_its_passes(compiled):

@@ -64,7 +64,7 @@ class ConvInputForm:
             return kept[0]
         x = upsample(kept[0], self.k, shape[2:])
         if self.residual_bits is not None:
-            x = x + dequantize(*kept[1:], info)
+            x.add_(dequantize(*kept[1:], info))  # in place: the upsampled copy is ours (one full-size tensor less)
         return x
 
 
