@@ -84,7 +84,8 @@ class BasicBlock(ResidualBlock):
         out = self.act1(self.bn1(self.conv1(x)))
         out = self.conv2(out)  # one call per line: `out` is freed as soon as the next op has read it
         out = self.bn2(out)
-        return self.act2(out + identity)
+        out = out + identity
+        return self.act2(out)
 
 
 class Bottleneck(ResidualBlock):
@@ -113,7 +114,8 @@ class Bottleneck(ResidualBlock):
         out = self.act2(self.bn2(out))
         out = self.conv3(out)
         out = self.bn3(out)
-        return self.act3(out + identity)
+        out = out + identity
+        return self.act3(out)
 
 
 class ResNet(nn.Module):
