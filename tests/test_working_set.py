@@ -17,7 +17,10 @@ CL = torch.channels_last  # the layout the trainer runs in (in NCHW oneDNN adds 
 
 @pytest.fixture
 def compiled():
-    """The fast path, as the trainer runs it (the reference passes build temporaries of their own)."""
+    """The fast path, as the trainer runs it (the reference passes build temporaries of their own).
+    Dynamo's caches are cleared first: after the rest of the suite has compiled a pass for
+    hundreds of shapes, dynamo stops compiling it and runs it eagerly (accumulated_recompile_limit)."""
+    torch._dynamo.reset()
     if not fastpath.use_compiled(True):
         pytest.skip("torch.compile unavailable here (no C++ compiler)")
     yield
