@@ -112,6 +112,25 @@ def test_a_training_step_is_the_same_on_the_fast_path():
             assert all(torch.equal(a, b) for a, b in zip(*grads)), policy
 
 
+def test_batchnorm_from_codes_run_eagerly_decodes_through_the_dispatching_pass(monkeypatch):
+    """Eagerly (the reference mode, and CUDA, where no pass is compiled) BatchNorm's backward
+    from codes decodes through the registered pass, so CUDA runs its Triton decode kernel; only
+    a compiled trace inlines the reference decode."""
+    name = Q._decode_pass.pass_name
+    calls = []
+
+    def spy(*args):
+        calls.append(args[3])
+        return Q._decode_pass.reference(*args)
+
+    monkeypatch.setitem(fastpath._active, name, spy)
+    x = torch.randn(2, 3, 4, 4)
+    packed, lo, scale, info = Q.quantize(x, 4)
+    g, mean, invstd = torch.randn_like(x), x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False).add(1e-5).rsqrt()
+    norms._bn_backward_from_codes(g, packed, lo, scale, info.shape, info.channels_last, 4, None, mean, invstd)
+    assert calls == [info.shape]
+
+
 @pytest.mark.skipif(not fastpath.triton_available(), reason="Triton is not installed")
 def test_every_kernel_replaces_a_registered_pass():
     from core.method.kernels import KERNELS

@@ -48,7 +48,10 @@ def _bn_backward_from_codes(g: torch.Tensor, packed: torch.Tensor, lo: torch.Ten
     """The same from x's B-bit codes: compiled, decoding is fused into the reduction and output
     passes (x_hat = (lo + code * scale - mean) * invstd in registers), so no full-size float32
     x is built (at ResNet-18's first stage that was 32 MiB at the step peak)."""
-    x = _decode_pass.reference(packed, lo, scale, shape, channels_last, bits, torch.float32)
+    # traced, the reference decode fuses into these passes; run eagerly, the dispatching pass
+    # (CUDA: its Triton kernel) decodes first
+    decode = _decode_pass.reference if torch.compiler.is_compiling() else _decode_pass
+    x = decode(packed, lo, scale, shape, channels_last, bits, torch.float32)
     view = (1, -1, 1, 1)
     return _bn_grads(g, (x - mean.view(view)) * invstd.view(view), weight, invstd)
 
