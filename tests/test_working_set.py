@@ -8,7 +8,7 @@ from torch import nn
 from core.method import fastpath
 from core.method.convert import compress_model
 from core.method.meter import cpu_step_peak_bytes, saved_activation_bytes
-from core.models.resnet import BasicBlock
+from core.models.resnet import BasicBlock, build_model
 
 SHAPE = (8, 16, 32, 32)
 S = 8 * 16 * 32 * 32 * 4
@@ -73,3 +73,35 @@ def test_a_compressed_residual_block_forward_holds_two_full_size_tensors_beside_
     out = []
     peak = cpu_step_peak_bytes(lambda: out.append(block(x)))["step_peak_bytes"]
     assert peak - saved < 2.5 * S
+
+
+def test_a_resnet_stage_frees_its_input_once_its_first_block_has_read_it(compiled):
+    """ResNet-20's first stage at batch 8 works on S-sized tensors. The stage's input must not
+    stay alive through its later blocks once the first has read it. Measured as the forward's
+    peak minus everything it keeps (not all kept yet at the peak, so this is below what is in
+    flight): 0.9 S, and 1.6 S when the Sequential's call held the stage's input."""
+    torch.manual_seed(0)
+    model = compress_model(build_model("resnet20"), "avg2+mask+bn8").to(memory_format=CL)
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=CL)
+    saved = saved_activation_bytes(model, x).total_bytes
+    out = []
+    peak = cpu_step_peak_bytes(lambda: out.append(model(x)))["step_peak_bytes"]
+    assert peak - saved < 1.25 * S
+
+
+def test_hooks_on_a_resnet_stage_still_see_one_call():
+    """With a hook on a stage the stage is called as a module; without, its blocks one by one:
+    the same result either way."""
+    model = build_model("resnet20").eval()
+    x = torch.randn(2, 3, 32, 32)
+    seen = []
+    handle = model.layer2.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+    with torch.no_grad():
+        logits = model(x)
+        stem = model.act1(model.bn1(model.conv1(x)))
+        stage_in = model.layer1(stem)
+    handle.remove()
+    assert len(seen) == 1
+    assert torch.equal(seen[0][0], stage_in) and torch.equal(seen[0][1], model.layer2(stage_in))
+    with torch.no_grad():
+        assert torch.equal(model(x), logits)  # no hooks: the blocks run one by one, the same result
