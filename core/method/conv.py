@@ -39,6 +39,11 @@ class ConvInputForm:
         return self.pool is not None and self.k > 1
 
     @property
+    def keeps_input(self) -> bool:
+        """x itself is kept (K=1, no codes): backward rebuilds nothing."""
+        return self.bits is None and not self.pools
+
+    @property
     def rebuilds_by_upsampling(self) -> bool:
         """The input rebuilt is the pooled copy upsampled, nothing added."""
         return self.pools and self.mode == "upsample" and self.residual_bits is None
@@ -112,21 +117,23 @@ class CompressedConvFunction(torch.autograd.Function):
         blockwise = form.rebuilds_by_upsampling and blockwise_applies(x_shape[2:], stride, form.k)
         # The weight gradient first, then the input gradient from the weight alone: a full-size
         # rebuilt input is freed before the full-size input gradient is allocated, so the two
-        # never coexist (at ResNet-18's first stage that is 32 MiB off the step peak).
-        gw = gb = None
+        # never coexist (at ResNet-18's first stage that is 32 MiB off the step peak). An input
+        # kept as is frees nothing that way: one call gives PyTorch's own three gradients.
+        gx = gw = gb = None
         if blockwise or (form.mode == "lowres" and form.pools):
             # No full-size input: the pooled copy gives the weight gradient (blockwise: exactly
             # as its upsampling would).
             weight_grad = blockwise_weight_grad if blockwise else lowres_weight_grad
             gw = weight_grad(kept[0], g, weight.shape, stride, padding, dilation, groups, form.k) if need_w else None
             gb = g.sum((0, 2, 3)) if need_b and has_bias else None
-        elif need_w or (need_b and has_bias):
+        elif form.keeps_input or need_w or (need_b and has_bias):
             x_rec = form.rebuild(kept, info, x_shape).to(weight.dtype)
-            _, gw, gb = torch.ops.aten.convolution_backward(
+            gx, gw, gb = torch.ops.aten.convolution_backward(
                 g, x_rec, weight, [weight.shape[0]] if has_bias else None, list(stride), list(padding),
-                list(dilation), False, [0, 0], groups, [False, need_w, need_b and has_bias])
+                list(dilation), False, [0, 0], groups, [need_x and form.keeps_input, need_w, need_b and has_bias])
             del x_rec
-        gx = _input_grad(g, weight, x_shape, stride, padding, dilation, groups) if need_x else None
+        if need_x and gx is None:
+            gx = _input_grad(g, weight, x_shape, stride, padding, dilation, groups)
         if ctx.dtypes is not None:
             dx, dw, db = ctx.dtypes
             gx = None if gx is None else gx.to(dx)
