@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 from torch.utils.checkpoint import checkpoint
 
 from ..method.checkpointing import note_checkpoint_input
@@ -32,8 +33,7 @@ STEMS = ("cifar", "imagenet")
 def _called_plainly(module: nn.Module) -> bool:
     """Whether calling `module` runs just its forward: no hooks on it and none global (the test
     nn.Module.__call__ makes before its own fast path)."""
-    from torch.nn.modules import module as m
-
+    m = torch_module
     return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks or m._global_forward_hooks or m._global_forward_pre_hooks
                 or m._global_backward_hooks or m._global_backward_pre_hooks)
