@@ -100,6 +100,9 @@ with st.form("train_form", enter_to_submit=False):
     steps = c11.number_input("Stop after steps (0 = no cap)", 0, 10 ** 7, 0)
     subset = c12.number_input("Training images (0 = all)", 0, 10 ** 8, 0,
                               help="A fixed subset makes a quick classroom run on a CPU")
+    in_backward = st.checkbox("Optimiser step inside the backward (less memory, the same weights)",
+                              help="Each parameter is updated as soon as its gradient is complete and that gradient "
+                                   "freed, so the gradients never all coexist (--step-in-backward)")
     submitted = st.form_submit_button("Start training", type="primary")
 
 if submitted:
@@ -118,7 +121,8 @@ if submitted:
     if not problems:
         cfg = TrainConfig(model=model, dataset=dataset, policy=policy, epochs=int(epochs), batch_size=int(batch),
                           lr=float(lr) or None, seed=int(seed), steps=int(steps) or None,
-                          train_subset=int(subset) or None, time_budget=float(budget) or None, log_every=10)
+                          train_subset=int(subset) or None, time_budget=float(budget) or None, log_every=10,
+                          step_in_backward=in_backward)
         problems = check_config(cfg)
     if problems:
         for p in problems:

@@ -287,6 +287,15 @@ def test_the_train_form_has_the_time_budget_of_the_classroom_recipe(app_env, fak
     assert fake_launcher["submit"][0].time_budget == 55.0
 
 
+def test_the_train_form_can_step_the_optimiser_inside_the_backward(app_env, fake_launcher):
+    at = page("train")
+    _start(at)
+    (box,) = [c for c in at.checkbox if c.label.startswith("Optimiser step inside the backward")]
+    box.check()
+    _start(at)
+    assert [c.step_in_backward for c in fake_launcher["submit"]] == [False, True]
+
+
 def test_a_failed_run_says_failed_and_the_started_banner_goes(app_env, fake_launcher):
     at = page("train")
     _start(at)
@@ -355,6 +364,12 @@ def test_memory_ladder_and_planner(app_env):
     no_errors(at)
     assert list(at.dataframe[-1].value["policy"]) == ["none", "avg2+mask", "ckpt", "avg4+mask"]
     assert "largest batch" in at.dataframe[-1].value
+    assert not any("inside the backward" in c.value for c in at.caption)
+    at.checkbox(key="mem_step_in_backward").check()
+    at.button(key="mem_plan").click().run()
+    no_errors(at)  # planned again, for training with the step inside the backward
+    assert list(at.dataframe[-1].value["policy"]) == ["none", "avg2+mask", "ckpt", "avg4+mask"]
+    assert any("the optimiser stepping inside the backward" in c.value for c in at.caption)
 
 
 def test_gradient_fidelity(app_env):

@@ -133,6 +133,19 @@ def test_planner_predicts_saved_bytes_and_the_step_peak_at_128_resnet20(policy):
     assert plan.predict(128) > measured + state["total"]  # the transients are real
 
 
+def test_planner_line_goes_through_the_measured_peaks_even_below_saved_plus_gradients():
+    # ResNet-20 at batches 4 and 8: its 1 MiB of gradients outweighs the working set, so the
+    # transients are negative; clamped at 0 they hid the working set's growth with the batch
+    plan = plan_memory("resnet20", "avg2+mask", fit_batches=(4, 8))
+    assert min(plan.transient_bytes) < 0
+    model = compress_model(build_model("resnet20"), "avg2+mask")
+    state = model_state_bytes(model, "sgd")
+    for batch in (4, 8):
+        peak = training_peak(model, batch, 32, 10, "sgd", "cpu")
+        assert plan.predict(batch) == pytest.approx(state["params"] + state["optimizer"] + peak, rel=0.01)
+    assert plan.transient_fit[1] > 0  # the working set grows with the batch
+
+
 @pytest.mark.slow
 def test_planner_predicts_saved_bytes_at_128_resnet18():
     """The one heavy measurement (~1.5 GFLOP x 128 forward): resnet18, CIFAR stem, avg2+mask."""

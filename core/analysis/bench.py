@@ -10,6 +10,7 @@ Gradient checkpointing (`ckpt`) is the exact reference row a user would otherwis
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -17,13 +18,13 @@ import torch
 from torch import nn
 
 from ..engine.environment import pick_device
+from ..engine.step_in_backward import StepInBackward
 from ..method import CompressionPolicy, compress_model, fastpath
 from ..method.meter import (
     cpu_step_peak_bytes,
     cuda_step_peak_bytes,
     model_state_bytes,
     saved_activation_bytes,
-    training_step_fn,
 )
 from ..models import build_model
 
@@ -53,12 +54,27 @@ def _fast_path(policies, device, reference: bool) -> None:
             fastpath.use_compiled_on(device)  # as the trainer does: the same bytes, fused passes
 
 
+def _training_step(model, x, y, opt, in_backward: StepInBackward | None, amp=False):
+    """Forward, backward, update: the optimiser steps after the backward, or inside it."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        loss = nn.functional.cross_entropy(model(x), y)
+    if in_backward is not None:
+        with in_backward.armed():
+            loss.backward()
+        return
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def bench_memory(model_name="resnet18", batch=128, size=32, policies=DEFAULT_POLICIES, device="auto",
-                 stem="cifar", optimizer="sgd", channels_last=True, step_peak=True, reference=False) -> list[dict]:
+                 stem="cifar", optimizer="sgd", channels_last=True, step_peak=True, reference=False,
+                 step_in_backward=False) -> list[dict]:
     """Per policy: saved bytes (the meter), model state, and (step_peak) the peak of one
     training step: CUDA max_memory_allocated or the CPU profiler's live bytes; `transient_bytes`
     is that peak minus the saved bytes, what the backward builds on the way. `reference`: the
-    PyTorch reference passes only (no compiled or fused kernels)."""
+    PyTorch reference passes only (no compiled or fused kernels). `step_in_backward`: the
+    optimiser steps inside the backward (core/engine/step_in_backward.py)."""
     device = pick_device(device)
     _fast_path(policies, device, reference)
     rows = []
@@ -66,13 +82,14 @@ def bench_memory(model_name="resnet18", batch=128, size=32, policies=DEFAULT_POL
         policy = CompressionPolicy.parse(text)
         model, x, y = _setup(model_name, policy, batch, size, device, stem, channels_last)
         report = saved_activation_bytes(model, x, y)
-        state = model_state_bytes(model, optimizer)
+        state = model_state_bytes(model, optimizer, step_in_backward)
         row = {"policy": str(policy), "exact": policy.is_exact, "saved_bytes": report.total_bytes,
                "by_kind": report.by_kind, "state_bytes": state["total"],
                "total_bytes": report.total_bytes + state["total"]}
         if step_peak:
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-            step = training_step_fn(model, x, y, opt)
+            hooks = StepInBackward(model, opt) if step_in_backward else None
+            step = functools.partial(_training_step, model, x, y, opt, hooks)
             step()  # warm-up: creates the optimiser state, so the peak is a steady-state step's
             if device.type == "cuda":
                 peak = cuda_step_peak_bytes(step, device)
@@ -93,26 +110,26 @@ def bench_memory(model_name="resnet18", batch=128, size=32, policies=DEFAULT_POL
 
 def bench_speed(model_name="resnet20", batch=128, size=32, policies=DEFAULT_POLICIES, device="auto",
                 stem="cifar", repeats=7, warmup=2, channels_last=True, amp=None, reference=False,
-                peak=True) -> list[dict]:
+                peak=True, step_in_backward=False) -> list[dict]:
     """Median step time per policy; repeats interleave the policies (A B C A B C ...). On CUDA
     the time is CUDA events' (the kernels' wall time, launches included). With `peak`, after
     the timing one more step per policy gives the step peak (CUDA max_memory_allocated or the
-    CPU profiler's) and its transients (peak - saved activations)."""
+    CPU profiler's) and its transients (peak - saved activations). With `step_in_backward`
+    every policy also runs a plain step, interleaved with it: `vs_plain` (and on the CPU
+    `cpu_vs_plain`) is what stepping inside the backward costs, as a ratio."""
     device = pick_device(device)
     _fast_path(policies, device, reference)
     amp = (device.type == "cuda") if amp is None else amp
-    setups = {}
+    setups = {}  # (policy, steps in the backward) -> (model, x, y, opt, hooks)
     for text in policies:
-        model, x, y = _setup(model_name, CompressionPolicy.parse(text), batch, size, device, stem, channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        setups[str(CompressionPolicy.parse(text))] = (model, x, y, opt)
+        for in_backward in ((False, True) if step_in_backward else (False,)):
+            model, x, y = _setup(model_name, CompressionPolicy.parse(text), batch, size, device, stem, channels_last)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            hooks = StepInBackward(model, opt) if in_backward else None
+            setups[(str(CompressionPolicy.parse(text)), in_backward)] = (model, x, y, opt, hooks)
 
-    def step(model, x, y, opt):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step(model, x, y, opt, hooks):
+        _training_step(model, x, y, opt, hooks, amp)
 
     def sync():
         if device.type == "cuda":
@@ -120,11 +137,11 @@ def bench_speed(model_name="resnet20", batch=128, size=32, policies=DEFAULT_POLI
 
     # Wall time, and on the CPU also this process's CPU time: on a shared machine the latter
     # is far less disturbed by other processes (it does not count time spent waiting for a core).
-    times: dict[str, list[float]] = {k: [] for k in setups}
-    cpu_times: dict[str, list[float]] = {k: [] for k in setups}
+    times: dict[tuple, list[float]] = {k: [] for k in setups}
+    cpu_times: dict[tuple, list[float]] = {k: [] for k in setups}
     cuda = device.type == "cuda"
     for r in range(warmup + repeats):
-        for name, s in setups.items():
+        for key, s in setups.items():
             sync()
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -135,22 +152,27 @@ def bench_speed(model_name="resnet20", batch=128, size=32, policies=DEFAULT_POLI
                 end.record()
             sync()
             if r >= warmup:
-                times[name].append(start.elapsed_time(end) / 1000 if cuda else time.perf_counter() - t0)
-                cpu_times[name].append(time.process_time() - c0)
-    base = statistics.median(times.get("none") or next(iter(times.values())))
-    cpu_base = statistics.median(cpu_times.get("none") or next(iter(cpu_times.values())))
+                times[key].append(start.elapsed_time(end) / 1000 if cuda else time.perf_counter() - t0)
+                cpu_times[key].append(time.process_time() - c0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu_times.items()}
+    shown = [k for k in setups if k[1] == step_in_backward]
+    base_key = next((k for k in shown if k[0] == "none"), shown[0])
     rows = []
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        row = {"policy": name, "step_s": med, "ratio": med / base, "images_per_s": batch / med,
-               "spread": (max(ts) - min(ts)) / med}
+    for key in shown:
+        name, ts = key[0], times[key]
+        row = {"policy": name, "step_s": med[key], "ratio": med[key] / med[base_key],
+               "images_per_s": batch / med[key], "spread": (max(ts) - min(ts)) / med[key]}
         if device.type == "cpu":
-            cpu_med = statistics.median(cpu_times[name])
-            row.update(cpu_step_s=cpu_med, cpu_ratio=cpu_med / cpu_base)
+            row.update(cpu_step_s=cpu_med[key], cpu_ratio=cpu_med[key] / cpu_med[base_key])
+        if step_in_backward:
+            row["vs_plain"] = med[key] / med[(name, False)]
+            if device.type == "cpu":
+                row["cpu_vs_plain"] = cpu_med[key] / cpu_med[(name, False)]
         if peak:
-            model, x, y, opt = setups[name]
+            model, x, y, *_ = setups[key]
             saved = saved_activation_bytes(model, x, y).total_bytes
-            one = (lambda s=setups[name]: step(*s))
+            one = (lambda s=setups[key]: step(*s))
             row["peak_bytes"] = (cuda_step_peak_bytes(one, device)["step_extra_bytes"] if cuda
                                  else cpu_step_peak_bytes(one)["step_peak_bytes"])
             row["saved_bytes"], row["transient_bytes"] = saved, row["peak_bytes"] - saved

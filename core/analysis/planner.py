@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..engine.step_in_backward import StepInBackward
 from ..method import CompressionPolicy, compress_model, model_policy, set_policy
 from ..method.meter import cpu_step_peak_bytes, cuda_step_peak_bytes, model_state_bytes, saved_activation_bytes
 from .memory_ladder import LADDER_POLICIES
@@ -56,8 +57,9 @@ class MemoryPlan:
     peak_fit_batches: list[int] | None = None
     peak_fit: tuple[float, float] | None = None
     overhead_bytes: float | None = None  # CUDA: intercept of peak_fit minus model state
-    transient_bytes: list[int] | None = None  # CPU: step peak - saved - gradients, per fit batch
+    transient_bytes: list[int] | None = None  # CPU: step peak - saved - gradients, per fit batch (may be < 0)
     transient_fit: tuple[float, float] | None = None
+    step_in_backward: bool = False  # the optimiser steps inside the backward (one gradient at a time)
 
     @property
     def measure(self) -> str:
@@ -97,7 +99,8 @@ class MemoryPlan:
 
 def plan_memory(model_name, policy: str, size: int = 32, optimizer: str = "sgd", stem: str = "cifar",
                 fit_batches=(8, 16, 24, 32), device="cpu", num_classes: int = 10, amp: bool = False,
-                cuda_fit_batches=(64, 96, 128), transients: bool = True) -> MemoryPlan:
+                cuda_fit_batches=(64, 96, 128), transients: bool = True,
+                step_in_backward: bool = False) -> MemoryPlan:
     """Measure at a few small batches, fit bytes = a + b*batch, predict any batch (see MemoryPlan).
 
     The meter's saved bytes are exactly linear in the batch, so `fit_batches` can be small.
@@ -107,6 +110,8 @@ def plan_memory(model_name, policy: str, size: int = 32, optimizer: str = "sgd",
     -7.5..+0.4%; hence the separate, larger `cuda_fit_batches` for the peak fit.
     `amp` (CUDA): bf16 autocast in the measured steps and the meter, as the trainer does on CUDA.
     `transients` (CPU): also measure a training step's peak at each fit batch (slower).
+    `step_in_backward`: the optimiser steps inside the backward (`train --step-in-backward`),
+    so the gradients never all coexist; the measured steps do the same.
     """
     fit_batches = sorted({int(b) for b in fit_batches})
     if len(fit_batches) < 2 or fit_batches[0] < 2:
@@ -122,19 +127,25 @@ def plan_memory(model_name, policy: str, size: int = 32, optimizer: str = "sgd",
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 saved.append(saved_activation_bytes(model, x, y).total_bytes)
             del x, y
-        state = model_state_bytes(model, optimizer)
+        state = model_state_bytes(model, optimizer, step_in_backward)
         plan = MemoryPlan(model=model_label(model_name), policy=policy, size=size, optimizer=optimizer, stem=stem,
                           device=str(dev), fit_batches=fit_batches, saved_bytes=saved,
-                          saved_fit=_linear_fit(fit_batches, saved), model_state=state)
+                          saved_fit=_linear_fit(fit_batches, saved), model_state=state,
+                          step_in_backward=step_in_backward)
         if dev.type == "cuda":
             plan.peak_fit_batches = sorted({int(b) for b in cuda_fit_batches})
-            plan.peak_bytes = [training_peak(model, b, size, num_classes, optimizer, dev, amp=amp)
+            plan.peak_bytes = [training_peak(model, b, size, num_classes, optimizer, dev, amp=amp,
+                                             step_in_backward=step_in_backward)
                                for b in plan.peak_fit_batches]
             plan.peak_fit = _linear_fit(plan.peak_fit_batches, plan.peak_bytes)
             plan.overhead_bytes = plan.peak_fit[0] - state["total"]
         elif transients:
-            peaks = [training_peak(model, b, size, num_classes, optimizer, dev) for b in fit_batches]
-            plan.transient_bytes = [max(0, p - s - state["grads"]) for p, s in zip(peaks, saved)]
+            peaks = [training_peak(model, b, size, num_classes, optimizer, dev, step_in_backward=step_in_backward)
+                     for b in fit_batches]
+            # Not clamped at 0: negative where a step peaks before all its gradients exist, or
+            # (small batches) where the gradients outweigh the working set, and the fit must
+            # still see how that working set grows with the batch: state + saved + this = peak.
+            plan.transient_bytes = [p - s - state["grads"] for p, s in zip(peaks, saved)]
             plan.transient_fit = _linear_fit(fit_batches, plan.transient_bytes)
     finally:
         set_policy(model, before)
@@ -142,14 +153,15 @@ def plan_memory(model_name, policy: str, size: int = 32, optimizer: str = "sgd",
 
 
 def training_peak(model: nn.Module, batch: int, size: int, num_classes: int, optimizer: str = "sgd",
-                  device=None, amp: bool = False) -> int:
+                  device=None, amp: bool = False, step_in_backward: bool = False) -> int:
     """The peak of one full training step (forward, loss, backward, optimiser step), with the
     optimiser state already allocated by an untimed warm-up step: on CUDA
     `max_memory_allocated` (process-wide: whatever else the process holds counts too), on the
     CPU the profiler's peak of live bytes above what existed before the step.
 
     Runs on `model` itself (no second copy) and puts its weights, buffers and `.grad` back
-    afterwards. `amp`: bf16 autocast, as the trainer uses on CUDA.
+    afterwards. `amp`: bf16 autocast, as the trainer uses on CUDA. `step_in_backward`: the
+    optimiser steps inside the backward (hooks removed afterwards).
     """
     dev = torch.device(device or "cuda")
     cuda = dev.type == "cuda"
@@ -163,15 +175,21 @@ def training_peak(model: nn.Module, batch: int, size: int, num_classes: int, opt
     x, y = random_batch(batch, size, num_classes, dev)
     held = {"opt": optimizer_for(model, optimizer), "x": x, "y": y}  # cleared before empty_cache
     del x, y
+    if step_in_backward and held["opt"] is not None:
+        held["hooks"] = StepInBackward(model, held["opt"])
 
     def step():
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             loss = nn.functional.cross_entropy(model(held["x"]), held["y"])
-        loss.backward()
-        if held["opt"] is not None:
+        if "hooks" in held:
+            with held["hooks"].armed():
+                loss.backward()
+        elif held["opt"] is not None:
+            loss.backward()
             held["opt"].step()
             held["opt"].zero_grad(set_to_none=True)
         else:
+            loss.backward()
             for p in model.parameters():
                 p.grad = None
 
@@ -181,6 +199,8 @@ def training_peak(model: nn.Module, batch: int, size: int, num_classes: int, opt
             return int(cuda_step_peak_bytes(step, dev)["peak_bytes"])
         return int(cpu_step_peak_bytes(step)["step_peak_bytes"])
     finally:
+        if "hooks" in held:
+            held["hooks"].remove()
         held.clear()
         model.load_state_dict(state)
         for p, g in grads.items():
@@ -210,7 +230,7 @@ GPU_SIZES_GB = (4, 6, 8, 12, 16, 24)  # consumer cards: the paper's "smaller GPU
 
 def largest_batches(model_name, policies=LADDER_POLICIES, budgets_gb=(4, 8, 12, 16, 24, 80), size: int = 32,
                     optimizer: str = "sgd", stem: str = "cifar", device="cpu", fit_batches=(8, 16, 24, 32),
-                    num_classes: int = 10) -> list[dict]:
+                    num_classes: int = 10, step_in_backward: bool = False) -> list[dict]:
     """A table: for each policy and budget (GiB), the largest batch the planner predicts fits.
 
     Rows: {"policy", "budget_gb", "largest_batch", "bytes_per_image", "fixed_bytes", "measure"}.
@@ -218,7 +238,7 @@ def largest_batches(model_name, policies=LADDER_POLICIES, budgets_gb=(4, 8, 12, 
     rows = []
     for p in policies:
         plan = plan_memory(model_name, p, size=size, optimizer=optimizer, stem=stem, fit_batches=fit_batches,
-                           device=device, num_classes=num_classes)
+                           device=device, num_classes=num_classes, step_in_backward=step_in_backward)
         for gb in budgets_gb:
             rows.append({"model": plan.model, "policy": plan.policy, "budget_gb": gb,
                          "largest_batch": largest_batch(plan, gb * GIB), "bytes_per_image": plan.bytes_per_image,

@@ -44,7 +44,8 @@ def format_memory(rows, header) -> str:
             "\n* = approximate weight gradients (pooled, quantised or residual inputs, or low-precision BN);"
             " unmarked rows are exact."
             "\nsaved activations: distinct bytes autograd keeps for backward in one forward pass (meter);"
-            "\nmodel state: parameters + gradients + SGD momentum; transients: step peak - saved activations.")
+            "\nmodel state: parameters + gradients (one at a time with the step in the backward) + SGD momentum;"
+            " transients: step peak - saved activations.")
 
 
 def format_speed(rows, header) -> str:
@@ -59,6 +60,11 @@ def format_speed(rows, header) -> str:
         cols += [("CPU time", lambda r: f"{r['cpu_step_s'] * 1000:.0f} ms"),
                  ("CPU-time ratio", lambda r: f"{r['cpu_ratio']:.2f}")]
         note += "\nCPU time = this process's CPU seconds per step (robust on a shared machine)."
+    if all("vs_plain" in r for r in rows):
+        key = "cpu_vs_plain" if all("cpu_vs_plain" in r for r in rows) else "vs_plain"
+        cols += [("vs plain step", lambda r: f"{r[key]:.2f}")]
+        note += ("\nvs plain step = the step in the backward against a plain step of the same policy, "
+                 f"interleaved ({'CPU' if key == 'cpu_vs_plain' else 'wall'} time).")
     return f"{header}\n" + _table(rows, cols) + note
 
 
@@ -77,6 +83,9 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--reference", action="store_true",
                    help="PyTorch reference passes only (no compiled or fused kernels), to compare against")
+    p.add_argument("--step-in-backward", action="store_true",
+                   help="the optimiser steps inside the backward, each parameter as its gradient completes "
+                        "(train --step-in-backward)")
     p.set_defaults(func=run)
 
 
@@ -92,15 +101,18 @@ def run(args) -> int:
     title = model if model.startswith("torchvision:") else f"{model} ({args.stem} stem)"
     if args.what == "memory":
         rows = bench_memory(model, args.batch, args.size, policies, device, args.stem, step_peak=not args.no_peak,
-                            reference=args.reference)
+                            reference=args.reference, step_in_backward=args.step_in_backward)
         text = format_memory(rows, f"memory: {title}, batch {args.batch}, "
                                    f"{args.size}x{args.size}, {device.type}")
     else:
         rows = bench_speed(model, args.batch, args.size, policies, device, args.stem, repeats=args.repeats,
-                           reference=args.reference, peak=not args.no_peak)
+                           reference=args.reference, peak=not args.no_peak,
+                           step_in_backward=args.step_in_backward)
         text = format_speed(rows, f"speed: {title}, batch {args.batch}, {args.size}x{args.size}, "
                                   f"{device.type}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     kernels = "PyTorch reference passes" if args.reference else "fast path where available"
+    if args.step_in_backward:
+        kernels += "; optimiser step inside the backward"
     print(json.dumps({"model": model, "batch": args.batch, "size": args.size, "device": device.type,
                       "torch": torch.__version__, "kernels": kernels, "rows": rows}, indent=1)
           if args.json else text + f"\nkernels: {kernels}.")

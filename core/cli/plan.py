@@ -34,7 +34,8 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     fit = args.fit_batches or ((2, 4) if args.size >= 128 else (8, 16, 24, 32))
     plans = [plan_memory(args.model, p, size=args.size, device=args.device, fit_batches=fit,
-                         num_classes=args.num_classes, stem=args.stem) for p in policies]
+                         num_classes=args.num_classes, stem=args.stem, step_in_backward=args.step_in_backward)
+             for p in policies]
     budget = args.gpu * GIB
     if args.json:
         print(json.dumps([{**p.to_dict(), "batch": args.batch, "predicted_peak": p.predict(args.batch),
@@ -50,7 +51,8 @@ def run(args) -> int:
     for p in plans:
         print(f"  {p.policy:18s} " + "  ".join(f"{largest_batch(p, g * GIB):>6d}" for g in GPU_SIZES_GB))
     print("\nper image: " + ", ".join(f"{p.policy} {format_bytes(p.bytes_per_image)}" for p in plans))
-    print(f"measured: {plans[0].measure}, at batches {', '.join(map(str, fit))} on {plans[0].device}.")
+    print(f"measured: {plans[0].measure}, at batches {', '.join(map(str, fit))} on {plans[0].device}"
+          + (", the optimiser stepping inside the backward." if args.step_in_backward else "."))
     return 0
 
 
@@ -68,5 +70,7 @@ def register(subparsers) -> None:
                    help="batches measured for the fit (default 2 4 at 224 px, 8 16 24 32 at 32 px)")
     p.add_argument("--device", default="cpu", help="cpu (meter + CPU step peak), or cuda (max_memory_allocated)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--step-in-backward", action="store_true",
+                   help="plan for train --step-in-backward (the gradients never all coexist)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)

@@ -21,7 +21,7 @@ BASE_WD = {"sgd": 5e-4, "adamw": 0.05}
 BASE_WARMUP = {"onecycle": 0.25, "cosine": 0.05}  # fraction of all steps
 # Settings that may differ on `--resume` without changing what is trained.
 RESUME_MAY_CHANGE = {"epochs", "device", "num_threads", "log_every", "progress", "data_dir", "eval_every",
-                     "fidelity_every"}
+                     "fidelity_every", "step_in_backward"}
 
 
 def _f(default, help: str, **meta):
@@ -50,6 +50,9 @@ class TrainConfig:
     amp: bool | None = _f(None, "mixed precision (default: on for CUDA only)")
     amp_dtype: str = _f("auto", "bf16 where supported, else fp16 (+ GradScaler)", choices=AMP_DTYPES)
     channels_last: bool = _f(True, "channels_last memory format")
+    step_in_backward: bool = _f(False, "optimiser step inside the backward: each parameter updated as soon as its "
+                                       "gradient is complete, so the gradients never all coexist (less memory, same "
+                                       "update; not with fp16 loss scaling or several GPUs)")
     out: str | None = _f(None, "run directory (default runs/<model>-<data>-<policy>-s<seed>-<time>)")
     data_dir: str | None = _f(None, "where datasets are cached/downloaded")
     log_every: int = _f(20, "steps between step records")

@@ -26,7 +26,7 @@ from ..method import CompressionPolicy, PolicyError, compress_model, fastpath, m
 from ..method.gradients import layer_fidelity
 from ..models import build_model
 from . import data as data_mod
-from . import distributed, records
+from . import distributed, records, step_in_backward
 from .config import RESUME_MAY_CHANGE, TrainConfig
 from .environment import configure_process, is_oom, pick_device, seed_everything
 from .evaluate import evaluate_model
@@ -156,6 +156,11 @@ class Trainer:
                 dev.type != "cuda" or torch.cuda.is_bf16_supported()))
             self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 and dev.type == "cuda" else None
+        self.in_backward = None
+        if cfg.step_in_backward:
+            if why := step_in_backward.refusal(self.scaler is not None, self.world):
+                raise ValueError(why)
+            self.in_backward = step_in_backward.StepInBackward(self.model, self.opt)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     def _restore(self) -> None:
@@ -188,7 +193,7 @@ class Trainer:
         except PolicyError as e:
             raise PolicyError(f"policy {cfg.policy} does not fit {cfg.model} on {cfg.dataset}: {e}") from None
         self.measured_batch = int(yb.shape[0])
-        self.state_bytes = model_state_bytes(self.model, cfg.optimizer)
+        self.state_bytes = model_state_bytes(self.model, cfg.optimizer, cfg.step_in_backward)
         self.num_params = sum(p.numel() for p in self.model.parameters())
         self.net = self.model  # what the training step runs: the model, or its DDP wrapper
         if self.world > 1:
@@ -239,7 +244,10 @@ class Trainer:
             out = self.net(x)
             loss = self.criterion(out, y)
         self.opt.zero_grad(set_to_none=True)
-        if self.scaler is not None:
+        if self.in_backward is not None:
+            with self.in_backward.armed():  # the update happens inside
+                loss.backward()
+        elif self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -313,6 +321,8 @@ class Trainer:
         if bar is not None:
             bar.close()
         self._restore_signal_handlers(old_handlers)
+        if self.in_backward is not None:
+            self.in_backward.remove()
         self.summary = self.write_summary(status, finished=now_iso(), **extra)
         self.writer.close()
         if self._owns_pg:

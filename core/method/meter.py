@@ -168,10 +168,12 @@ def optimizer_state_bytes_per_param(optimizer: str) -> int:
     return {"sgd": 1, "sgd-nesterov": 1, "adamw": 2, "none": 0}[optimizer]
 
 
-def model_state_bytes(model: nn.Module, optimizer: str = "sgd") -> dict[str, int]:
-    """Parameters + gradients + optimiser state, in bytes."""
+def model_state_bytes(model: nn.Module, optimizer: str = "sgd", step_in_backward: bool = False) -> dict[str, int]:
+    """Parameters + gradients + optimiser state, in bytes. With the optimiser step in the
+    backward (core/engine/step_in_backward.py) one gradient at a time: the largest."""
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    sizes = [p.numel() * p.element_size() for p in model.parameters() if p.requires_grad]
+    grads = max(sizes, default=0) if step_in_backward else sum(sizes)
     opt = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad) * optimizer_state_bytes_per_param(
         optimizer)
     return {"params": params, "grads": grads, "optimizer": opt, "total": params + grads + opt}
