@@ -6,8 +6,9 @@
 #            Triton kernels on and with the PyTorch reference (--reference)
 #   planner: predicted peaks (fits at batches 64-128 on the card) against a real step's
 #            max_memory_allocated at a larger batch, for two torchvision models
+#   then, if time is left: ResNet-18's peaks with the optimiser step inside the backward
 # Usage:  scripts/gpu_bench.sh OUT_DIR [BUDGET_S]             (device call: timeout_s >= BUDGET_S + 60)
-# CPU rehearsal: DEVICE=cpu SIZE=32 BATCH18=8 BATCH50=4 PLAN_BATCH=8 FIT="2 4" scripts/gpu_bench.sh /tmp/gb 300
+# CPU rehearsal: DEVICE=cpu SIZE=64 BATCH18=8 BATCH50=4 PLAN_BATCH=8 FIT="2 4" scripts/gpu_bench.sh /tmp/gb 300
 # Needs only torch, torchvision, numpy, safetensors.
 set -uo pipefail
 OUT=$1; BUDGET=${2:-480}
@@ -51,4 +52,6 @@ for name in ("torchvision:resnet50", "torchvision:efficientnet_b0"):
         print(name, policy, f"{predicted / measured - 1:+.1%}", file=sys.stderr, flush=True)
 print(json.dumps(out, indent=1))
 PY
+run memory_resnet18_step_in_backward python -m core bench memory --model resnet18 --stem imagenet --size "$SIZE" \
+    --batch "$BATCH18" --device "$DEVICE" --json --policies $POLICIES --step-in-backward
 ls -la "$OUT"
