@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.method.conv import CompressedConvFunction, ConvInputForm, _input_grad
+from core.method.conv import CompressedConvFunction, ConvInputForm, _input_grad, tapwise_weight_grad
 from core.method.convert import compress_model, compressed, decompress_model
 from core.method.masks import pack_mask, unpack_mask
 from core.method.policy import CompressionPolicy, PolicyError
@@ -71,6 +71,24 @@ def test_blockwise_weight_grad_equals_the_upsampled_copys(case, k):
     ref = torch.nn.grad.conv2d_weight(x_rec, w_shape, g, s, p, d, gr)
     got = blockwise_weight_grad(xp, g, w_shape, (s, s), (p, p), (d, d), gr, k)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", [c for c in CONV_CASES if c[4] == 1] + [(3, 3, 0, 1, 1), (2, 2, 0, 1, 1)])
+@pytest.mark.parametrize("size", [(15, 16), (4, 4), (1, 1)])
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
+def test_the_tap_by_tap_weight_gradient_is_conv2d_weight(case, size, fmt):
+    """Every tap's rows, strides, dilations and paddings (taps that read only padding included),
+    against PyTorch's weight gradient, to float64 rounding; the result in the weight's layout."""
+    ks, s, p, d, _ = case
+    if min(size) + 2 * p < d * (ks - 1) + 1:
+        return  # no output
+    x = torch.randn(2, 4, *size, dtype=torch.float64).contiguous(memory_format=fmt)
+    w = torch.randn(6, 4, ks, ks, dtype=torch.float64).contiguous(memory_format=fmt)
+    g = torch.randn_like(F.conv2d(x, w, None, s, p, d)).contiguous(memory_format=fmt)
+    ref = torch.nn.grad.conv2d_weight(x, w.shape, g, s, p, d)
+    got = tapwise_weight_grad(g, x, w, (s, s), (p, p), (d, d))
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    assert got.stride() == w.stride()
 
 
 @pytest.mark.parametrize("case", CONV_CASES)

@@ -31,12 +31,14 @@ def _input():
     return torch.randn(SHAPE).contiguous(memory_format=CL).requires_grad_()
 
 
-def _backward_peak(module, x):
-    """Peak live bytes allocated while autograd computes every gradient of `module(x)`."""
+def _backward_peak(module, x, inputs=True):
+    """Peak live bytes allocated while autograd computes every gradient of `module(x)` (the
+    parameters' alone when not `inputs`)."""
     y = module(x)
     g = torch.randn_like(y)
     out = []
-    peak = cpu_step_peak_bytes(lambda: out.append(torch.autograd.grad(y, [x, *module.parameters()], g)))
+    wrt = [x, *module.parameters()] if inputs else list(module.parameters())
+    peak = cpu_step_peak_bytes(lambda: out.append(torch.autograd.grad(y, wrt, g)))
     return peak["step_peak_bytes"]
 
 
@@ -49,6 +51,21 @@ def test_a_conv_backward_never_holds_its_rebuilt_input_and_its_input_gradient_at
     conv = compress_model(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False)), policy).to(memory_format=CL)
     x = _input()
     assert S <= _backward_peak(conv, x) < bound * S
+
+
+@pytest.mark.parametrize("policy", ["avg2", "q4"])
+def test_a_wide_convs_weight_gradient_holds_one_weight_sized_buffer_not_three(policy, compiled):
+    """Where the weight outweighs the input (a ResNet's last stage: 256 channels at 4x4 here,
+    W = 2.25 MiB of weight against 0.5 MiB of input), convolution_backward would hold its
+    gradient in its own layout and the reorder back beside the result (3 W); the tap-by-tap
+    weight gradient holds the result and one tap's slices."""
+    torch.manual_seed(0)
+    w_bytes = 256 * 256 * 9 * 4
+    conv = compress_model(nn.Sequential(nn.Conv2d(256, 256, 3, padding=1, bias=False)), policy).to(memory_format=CL)
+    x = torch.randn(8, 256, 4, 4).contiguous(memory_format=CL)  # no input gradient: the weight's alone
+    assert w_bytes <= _backward_peak(conv, x, inputs=False) < 1.5 * w_bytes
+    plain = nn.Conv2d(256, 256, 3, padding=1, bias=False).to(memory_format=CL)
+    assert _backward_peak(plain, x, inputs=False) >= 2.5 * w_bytes  # PyTorch's own
 
 
 def test_batchnorm_backward_decodes_its_codes_inside_its_passes(compiled):
