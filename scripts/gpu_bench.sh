@@ -6,7 +6,8 @@
 #            Triton kernels on and with the PyTorch reference (--reference)
 #   planner: predicted peaks (fits at batches 64-128 on the card) against a real step's
 #            max_memory_allocated at a larger batch, for two torchvision models
-#   then, if time is left: ResNet-18's peaks with the optimiser step inside the backward
+#   then, if time is left: ResNet-18's peaks with the optimiser step inside the backward, and
+#            what that step costs against a plain one
 # Usage:  scripts/gpu_bench.sh OUT_DIR [BUDGET_S]             (device call: timeout_s >= BUDGET_S + 60)
 # CPU rehearsal: DEVICE=cpu SIZE=64 BATCH18=8 BATCH50=4 PLAN_BATCH=8 FIT="2 4" scripts/gpu_bench.sh /tmp/gb 300
 # Needs only torch, torchvision, numpy, safetensors.
@@ -54,4 +55,6 @@ print(json.dumps(out, indent=1))
 PY
 run memory_resnet18_step_in_backward python -m core bench memory --model resnet18 --stem imagenet --size "$SIZE" \
     --batch "$BATCH18" --device "$DEVICE" --json --policies $POLICIES --step-in-backward
+run speed_resnet18_step_in_backward python -m core bench speed --model resnet18 --stem imagenet --size "$SIZE" \
+    --batch "$BATCH18" --repeats 5 --no-peak --device "$DEVICE" --json --policies none avg2+mask+bn8 --step-in-backward
 ls -la "$OUT"

@@ -91,6 +91,17 @@ def test_the_tap_by_tap_weight_gradient_is_conv2d_weight(case, size, fmt):
     assert got.stride() == w.stride()
 
 
+def test_the_tap_by_tap_weight_gradient_reads_each_axis_on_its_own():
+    """A 3x2 kernel, stride (1, 2), padding (1, 0), dilation (2, 1): the rows and columns each
+    tap reads come from the two axes' own settings."""
+    x = torch.randn(2, 4, 9, 11, dtype=torch.float64)
+    w = torch.randn(6, 4, 3, 2, dtype=torch.float64)
+    s, p, d = (1, 2), (1, 0), (2, 1)
+    g = torch.randn_like(F.conv2d(x, w, None, s, p, d))
+    ref = torch.nn.grad.conv2d_weight(x, w.shape, g, s, p, d)
+    torch.testing.assert_close(tapwise_weight_grad(g, x, w, s, p, d), ref, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("case", CONV_CASES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_input_gradient_without_the_input_is_convolution_backwards(case, channels_last):

@@ -13,8 +13,10 @@ from torch import nn
 
 from core.analysis.planner import plan_memory, training_peak
 from core.cli import main
+from core.engine.checks import check_config
+from core.engine.config import TrainConfig
 from core.engine.step_in_backward import StepInBackward, refusal
-from core.engine.trainer import train
+from core.engine.trainer import resume, train
 from core.method.convert import compress_model
 from core.method.meter import cpu_step_peak_bytes, model_state_bytes
 from core.models.resnet import build_model
@@ -108,10 +110,32 @@ def test_outside_a_training_step_a_backward_updates_nothing_and_keeps_its_gradie
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_what_cannot_step_in_the_backward_is_refused_by_name():
+def test_what_cannot_step_in_the_backward_is_refused_by_name(tmp_path, capsys):
     assert refusal(False, 1) is None
     assert "fp16 loss scaling" in refusal(True, 1) and "bf16" in refusal(True, 1)
     assert "several GPUs" in refusal(False, 2)
+    # fp16 asked for: refused before anything runs (the app's check, the CLI), nothing written
+    assert check_config(TrainConfig(step_in_backward=True, amp_dtype="fp16")) == [refusal(True, 1)]
+    assert check_config(TrainConfig(step_in_backward=True, amp_dtype="fp16", amp=False)) == []
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--step-in-backward", "--amp-dtype", "fp16", "--out", str(out)]) == 2
+    assert "fp16 loss scaling" in capsys.readouterr().err and not out.exists()
+
+
+def test_the_switch_may_change_when_a_run_is_resumed(tmp_path):
+    kw = dict(epochs=2, deterministic=True, fidelity_every=0)
+    straight = train(tiny_config(tmp_path / "a", **kw))
+
+    def stop_after_first_epoch(trainer, rec):
+        if rec["epoch"] == 1:
+            trainer.request_stop("test")
+
+    first = train(tiny_config(tmp_path / "b", **kw), callbacks={"on_epoch": [stop_after_first_epoch]})
+    assert straight.status == "finished" and first.status == "stopped"
+    second = resume(tmp_path / "b", overrides={"step_in_backward": True})
+    assert second.status == "finished"
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
 def test_cli_train_and_bench_take_the_switch(tmp_path, capsys):

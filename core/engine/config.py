@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ..method import CompressionPolicy
 from ..models import STEMS, is_model_name, model_names_help
+from .step_in_backward import refusal as step_in_backward_refusal
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine")
@@ -111,6 +112,8 @@ class TrainConfig:
             raise ValueError("time_budget must be positive (seconds)")
         if self.warmup is not None and not 0 <= self.warmup < 1:
             raise ValueError("warmup is a fraction of the steps, in [0, 1)")
+        if self.step_in_backward and self.amp_dtype == "fp16" and self.amp is not False:
+            raise ValueError(step_in_backward_refusal(fp16_scaling=True, world=1))
         if self.device.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"unknown device {self.device!r}; use auto, cpu, cuda[:N] or mps")
 

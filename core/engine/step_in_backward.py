@@ -8,8 +8,9 @@ one parameter's gradient is alive at a time. The update is the same, parameter b
 (torch.optim updates each parameter on its own; equal to the bit on the CPU, tested), and the
 optimiser, its state and its checkpoints are the usual ones. PyTorch's tutorial
 "How to save memory by fusing the optimizer step into the backward pass" does the same with
-one optimiser per parameter; one shared optimiser keeps the state_dict format of a plain run,
-so a run may switch this on or off when it is resumed.
+one optimiser per parameter; here those single-parameter optimisers step with the run
+optimiser's state and options, so its state_dict stays that of a plain run, and a run may
+switch this on or off when it is resumed (tested).
 
 What cannot work this way, and is refused: fp16 loss scaling (the scaler must see every
 gradient before any step), and DDP (its all-reduce comes after a gradient is accumulated).
@@ -42,14 +43,24 @@ class StepInBackward:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
         self._armed = False
+        # One single-parameter optimiser of the same class per parameter: stepping the run's
+        # optimiser itself would walk every parameter for each one. At each step it takes the
+        # run's state (momentum, Adam's moments and step counts) and its parameter group's
+        # options (the LR the schedule sets) from the run's optimiser, looked up then:
+        # load_state_dict (a resume) replaces both.
+        self._single = {}
+        for i, group in enumerate(optimizer.param_groups):
+            for p in group["params"]:
+                self._single[p] = (type(optimizer)([p]), i)
         self._handles = [p.register_post_accumulate_grad_hook(self._step)
-                         for p in model.parameters() if p.requires_grad]
+                         for p in model.parameters() if p.requires_grad and p in self._single]
 
     def _step(self, p: torch.Tensor) -> None:
         if self._armed:
-            # Every other parameter's .grad is None here (freed after its own step, or not yet
-            # computed), so the optimiser updates exactly this one.
-            self.optimizer.step()
+            one, i = self._single[p]
+            one.state = self.optimizer.state
+            one.param_groups[0].update((k, v) for k, v in self.optimizer.param_groups[i].items() if k != "params")
+            one.step()
             p.grad = None
 
     @contextlib.contextmanager
