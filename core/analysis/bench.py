@@ -15,7 +15,6 @@ import statistics
 import time
 
 import torch
-from torch import nn
 
 from ..engine.environment import pick_device
 from ..engine.step_in_backward import StepInBackward
@@ -27,6 +26,7 @@ from ..method.meter import (
     saved_activation_bytes,
 )
 from ..models import build_model
+from .synthetic import training_step
 
 DEFAULT_POLICIES = ("none", "avg2", "mask", "avg2+mask", "avg4+mask", "avg2-lowres+mask", "max2+mask",
                     "avg2+mask+bn16", "avg2+mask+bn8", "avg4+mask+bn8", "q8+mask", "q4+mask", "q4+mask+bn4",
@@ -54,19 +54,6 @@ def _fast_path(policies, device, reference: bool) -> None:
             fastpath.use_compiled_on(device)  # as the trainer does: the same bytes, fused passes
 
 
-def _training_step(model, x, y, opt, in_backward: StepInBackward | None, amp=False):
-    """Forward, backward, update: the optimiser steps after the backward, or inside it."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        loss = nn.functional.cross_entropy(model(x), y)
-    if in_backward is not None:
-        with in_backward.armed():
-            loss.backward()
-        return
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
 def bench_memory(model_name="resnet18", batch=128, size=32, policies=DEFAULT_POLICIES, device="auto",
                  stem="cifar", optimizer="sgd", channels_last=True, step_peak=True, reference=False,
                  step_in_backward=False) -> list[dict]:
@@ -89,7 +76,7 @@ def bench_memory(model_name="resnet18", batch=128, size=32, policies=DEFAULT_POL
         if step_peak:
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
             hooks = StepInBackward(model, opt) if step_in_backward else None
-            step = functools.partial(_training_step, model, x, y, opt, hooks)
+            step = functools.partial(training_step, model, x, y, opt, hooks)
             step()  # warm-up: creates the optimiser state, so the peak is a steady-state step's
             if device.type == "cuda":
                 peak = cuda_step_peak_bytes(step, device)
@@ -129,7 +116,7 @@ def bench_speed(model_name="resnet20", batch=128, size=32, policies=DEFAULT_POLI
             setups[(str(CompressionPolicy.parse(text)), in_backward)] = (model, x, y, opt, hooks)
 
     def step(model, x, y, opt, hooks):
-        _training_step(model, x, y, opt, hooks, amp)
+        training_step(model, x, y, opt, hooks, amp)
 
     def sync():
         if device.type == "cuda":

@@ -13,7 +13,7 @@ from ..engine.step_in_backward import StepInBackward
 from ..method import CompressionPolicy, compress_model, model_policy, set_policy
 from ..method.meter import cpu_step_peak_bytes, cuda_step_peak_bytes, model_state_bytes, saved_activation_bytes
 from .memory_ladder import LADDER_POLICIES
-from .synthetic import model_label, optimizer_for, placed, random_batch
+from .synthetic import model_label, optimizer_for, placed, random_batch, training_step
 
 
 def _linear_fit(xs, ys) -> tuple[float, float]:
@@ -179,19 +179,7 @@ def training_peak(model: nn.Module, batch: int, size: int, num_classes: int, opt
         held["hooks"] = StepInBackward(model, held["opt"])
 
     def step():
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            loss = nn.functional.cross_entropy(model(held["x"]), held["y"])
-        if "hooks" in held:
-            with held["hooks"].armed():
-                loss.backward()
-        elif held["opt"] is not None:
-            loss.backward()
-            held["opt"].step()
-            held["opt"].zero_grad(set_to_none=True)
-        else:
-            loss.backward()
-            for p in model.parameters():
-                p.grad = None
+        training_step(model, held["x"], held["y"], held["opt"], held.get("hooks"), amp)
 
     try:
         step()  # warm-up: optimiser state, allocator and library workspaces settle

@@ -1,12 +1,13 @@
 """Models and batches made up for measuring: a model by name (or a given module) placed on a
-device, a batch of random images, an optimiser. Used by the memory ladder, the planner and the
-benchmarks, which measure bytes and time, not accuracy."""
+device, a batch of random images, an optimiser, a training step. Used by the memory ladder, the
+planner and the benchmarks, which measure bytes and time, not accuracy."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from ..engine.step_in_backward import StepInBackward
 from ..models import build_model
 
 
@@ -45,3 +46,21 @@ def optimizer_for(model: nn.Module, optimizer: str):
     if optimizer == "none":
         return None
     raise ValueError(f"unknown optimizer {optimizer!r}; use sgd, sgd-nesterov, adamw or none")
+
+
+def training_step(model: nn.Module, x, y, opt, in_backward: StepInBackward | None = None, amp: bool = False) -> None:
+    """Forward, loss, backward, update: the optimiser steps after the backward, or inside it
+    (`in_backward`, hooks of `opt`); with no optimiser the gradients are dropped."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        loss = nn.functional.cross_entropy(model(x), y)
+    if in_backward is not None:
+        with in_backward.armed():
+            loss.backward()
+        return
+    loss.backward()
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    else:
+        for p in model.parameters():
+            p.grad = None

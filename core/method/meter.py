@@ -212,23 +212,6 @@ def cpu_step_peak_bytes(step_fn) -> dict[str, int]:
     return {"step_peak_bytes": peak, "net_bytes": live}
 
 
-def training_step_fn(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, optimizer=None):
-    """A closure doing forward, loss, backward (and optimiser step when given)."""
-
-    def step():
-        out = model(inputs)
-        loss = nn.functional.cross_entropy(out, targets)
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            for p in model.parameters():
-                p.grad = None
-
-    return step
-
-
 def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
