@@ -219,6 +219,18 @@ def test_mask_relus_run_in_place_where_the_model_vouches_and_only_there():
         grads.append([p.grad for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
+    # A full backward hook on each module hands every BatchNorm output on as a view, which may
+    # not be overwritten: the ReLUs then run out of place, same gradients, and the hooks fire.
+    torch.manual_seed(1)
+    model = compress_model(build_model("resnet20"), "avg2+mask")
+    fired = []
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.register_full_backward_hook(lambda m, gi, go: fired.append(go[0].shape))
+    F.cross_entropy(model(x), y).backward()
+    assert len(fired) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads[0]))
+
     class Reread(nn.Module):
         def __init__(self):
             super().__init__()

@@ -116,7 +116,11 @@ class _Masked:
 
     def forward(self, x):
         if torch.is_grad_enabled() and x.requires_grad:
-            return MaskedActivationFunction.apply(x, *self._mask_args(), bool(self.inplace or self.pp_inplace))
+            # Not over a view: autograd forbids that for one a custom Function made, and a full
+            # backward hook on the module before (register_full_backward_hook) hands its output
+            # on as one; the mask is the same, only the forward holds one more tensor.
+            inplace = bool(self.inplace or self.pp_inplace) and x._base is None
+            return MaskedActivationFunction.apply(x, *self._mask_args(), inplace)
         return super().forward(x)
 
 
