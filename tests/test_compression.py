@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.method.conv import CompressedConvFunction, ConvInputForm, _input_grad, tapwise_weight_grad
+from core.method.conv import CompressedConvFunction, ConvInputForm, _input_grad
 from core.method.convert import compress_model, compressed, decompress_model
 from core.method.masks import pack_mask, unpack_mask
 from core.method.policy import CompressionPolicy, PolicyError
-from core.method.pooling import blockwise_applies, blockwise_weight_grad, upsample
+from core.method.pooling import blockwise_applies, blockwise_weight_grad, lowres_weight_grad, upsample
+from core.method.weight_grad import tapwise_weight_grad
 from core.models.resnet import build_model
 
 from helpers import block_constant
@@ -73,6 +74,25 @@ def test_blockwise_weight_grad_equals_the_upsampled_copys(case, k):
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("mode, stride, k", [("upsample", 2, 2), ("lowres", 1, 2), ("lowres", 2, 2), ("lowres", 1, 4)])
+def test_a_wide_convs_weight_gradient_from_blocks_is_the_same_tap_by_tap(mode, stride, k):
+    """A weight larger than its pooled input (a ResNet's last stage) takes its block
+    correlations one offset at a time: the same gradient as the reference (from the upsampled
+    copy; lowres: for block-constant inputs and gradients, where it is exact), to float64
+    rounding, in the strides asked for (the weight's, channels_last here)."""
+    x = block_constant((2, 16, 8, 8), k)
+    w = torch.randn(32, 16, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    assert w.numel() > x.numel() // k ** 2 * 4  # the pooled copy, padded, is smaller than the weight
+    y = F.conv2d(x, w, None, stride, 1)
+    g = block_constant(y.shape, k, seed=1) if mode == "lowres" else torch.randn_like(y)
+    ref = torch.nn.grad.conv2d_weight(x, w.shape, g, stride, 1)
+    xp = F.avg_pool2d(x, k)
+    grad = blockwise_weight_grad if mode == "upsample" else lowres_weight_grad
+    got = grad(xp, g, w.shape, (stride, stride), (1, 1), (1, 1), 1, k, w.stride())
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    assert got.stride() == w.stride()
+
+
 @pytest.mark.parametrize("case", [c for c in CONV_CASES if c[4] == 1] + [(3, 3, 0, 1, 1), (2, 2, 0, 1, 1)])
 @pytest.mark.parametrize("size", [(15, 16), (4, 4), (1, 1)])
 @pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
@@ -86,7 +106,7 @@ def test_the_tap_by_tap_weight_gradient_is_conv2d_weight(case, size, fmt):
     w = torch.randn(6, 4, ks, ks, dtype=torch.float64).contiguous(memory_format=fmt)
     g = torch.randn_like(F.conv2d(x, w, None, s, p, d)).contiguous(memory_format=fmt)
     ref = torch.nn.grad.conv2d_weight(x, w.shape, g, s, p, d)
-    got = tapwise_weight_grad(g, x, w, (s, s), (p, p), (d, d))
+    got = tapwise_weight_grad(g, x, w.shape, (s, s), (p, p), (d, d), w.stride())
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
     assert got.stride() == w.stride()
 
@@ -99,7 +119,7 @@ def test_the_tap_by_tap_weight_gradient_reads_each_axis_on_its_own():
     s, p, d = (1, 2), (1, 0), (2, 1)
     g = torch.randn_like(F.conv2d(x, w, None, s, p, d))
     ref = torch.nn.grad.conv2d_weight(x, w.shape, g, s, p, d)
-    torch.testing.assert_close(tapwise_weight_grad(g, x, w, s, p, d), ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(tapwise_weight_grad(g, x, w.shape, s, p, d), ref, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("case", CONV_CASES)

@@ -53,12 +53,12 @@ def test_a_conv_backward_never_holds_its_rebuilt_input_and_its_input_gradient_at
     assert S <= _backward_peak(conv, x) < bound * S
 
 
-@pytest.mark.parametrize("policy", ["avg2", "q4"])
+@pytest.mark.parametrize("policy", ["avg2", "q4", "avg2-lowres"])
 def test_a_wide_convs_weight_gradient_holds_one_weight_sized_buffer_not_three(policy, compiled):
     """Where the weight outweighs the input (a ResNet's last stage: 256 channels at 4x4 here,
     W = 2.25 MiB of weight against 0.5 MiB of input), convolution_backward would hold its
     gradient in its own layout and the reorder back beside the result (3 W); the tap-by-tap
-    weight gradient holds the result and one tap's slices."""
+    weight gradient holds the result and one tap's slices (lowres: one block offset's)."""
     torch.manual_seed(0)
     w_bytes = 256 * 256 * 9 * 4
     conv = compress_model(nn.Sequential(nn.Conv2d(256, 256, 3, padding=1, bias=False)), policy).to(memory_format=CL)

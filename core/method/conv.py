@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +11,7 @@ from torch import nn
 from .policy import CompressionPolicy, PolicyError
 from .pooling import blockwise_applies, blockwise_weight_grad, lowres_weight_grad, pooled_copy, upsample
 from .quantize import dequantize, quantize
+from .weight_grad import tapwise_pays, tapwise_weight_grad
 
 
 @dataclass(frozen=True)
@@ -83,57 +83,6 @@ def _input_grad(g, weight, x_shape, stride, padding, dilation, groups):
     return F.conv_transpose2d(g, weight, None, stride, padding, out_pad, groups, dilation)
 
 
-def _tap_rows(t: int, size: int, out_size: int, stride: int, padding: int, dilation: int) -> tuple[int, int]:
-    """The output rows [lo, hi) whose tap t reads an input row inside [0, size)."""
-    lo = max(0, -((dilation * t - padding) // stride))  # ceil((padding - dilation*t) / stride)
-    hi = min(out_size, (size - 1 + padding - dilation * t) // stride + 1)
-    return lo, max(lo, hi)
-
-
-def tapwise_weight_grad(g, x, weight, stride, padding, dilation) -> torch.Tensor:
-    """conv2d's weight gradient (groups 1) one kernel tap at a time: for each tap, the output
-    gradient times the input rows that tap reads, as (positions x channels) matrices.
-
-    Beside the gradient it holds one tap's slices; convolution_backward holds two more
-    weight-sized buffers (its own layout and the reorder back). That matters where the weight
-    outweighs the activations: ResNet-18's last stage at batch 128 (9 MiB of weight, a 4 MiB
-    input), where the step peaks once the optimiser steps inside the backward. The result has
-    the weight's shape, dtype and layout (so autograd keeps it as the .grad without a copy).
-    """
-    o, c, kh, kw = weight.shape
-    h, w = x.shape[2:]
-    ho, wo = g.shape[2:]
-    gl, xl = g.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1)  # (N, H, W, C): views in channels_last
-    out = torch.zeros_like(weight)
-    for ty in range(kh):
-        y0, y1 = _tap_rows(ty, h, ho, stride[0], padding[0], dilation[0])
-        for tx in range(kw):
-            x0, x1 = _tap_rows(tx, w, wo, stride[1], padding[1], dilation[1])
-            if y0 == y1 or x0 == x1:
-                continue  # the tap reads only padding
-            iy = stride[0] * y0 + dilation[0] * ty - padding[0]
-            ix = stride[1] * x0 + dilation[1] * tx - padding[1]
-            xs = xl[:, iy: iy + stride[0] * (y1 - y0 - 1) + 1: stride[0],
-                    ix: ix + stride[1] * (x1 - x0 - 1) + 1: stride[1]].reshape(-1, c)
-            gs = gl[:, y0:y1, x0:x1].reshape(-1, o).t()
-            tap = out[:, :, ty, tx]
-            if tap.is_contiguous():  # 1x1 kernels: straight into the result
-                torch.mm(gs, xs, out=tap)
-            else:
-                tap.copy_(gs @ xs)
-            del gs, xs  # before the next tap's copies
-    return out
-
-
-def _tapwise_pays(weight: torch.Tensor, x_shape, stride, groups: int) -> bool:
-    """Whether tapwise_weight_grad holds less than convolution_backward (measured on the CPU;
-    cuDNN's buffers are its own, not measured yet): the weight larger than the input it is
-    computed from, and not a 1x1 stride-1 conv (one GEMM either way)."""
-    one_gemm = weight.shape[2:] == (1, 1) and tuple(stride) == (1, 1)
-    return (weight.device.type == "cpu" and groups == 1 and not one_gemm
-            and weight.numel() > math.prod(x_shape))
-
-
 class CompressedConvFunction(torch.autograd.Function):
     """conv2d whose backward sees only what `form` keeps of its input."""
 
@@ -176,11 +125,12 @@ class CompressedConvFunction(torch.autograd.Function):
             # No full-size input: the pooled copy gives the weight gradient (blockwise: exactly
             # as its upsampling would).
             weight_grad = blockwise_weight_grad if blockwise else lowres_weight_grad
-            gw = weight_grad(kept[0], g, weight.shape, stride, padding, dilation, groups, form.k) if need_w else None
+            gw = (weight_grad(kept[0], g, weight.shape, stride, padding, dilation, groups, form.k, weight.stride())
+                  if need_w else None)
             gb = g.sum((0, 2, 3)) if need_b and has_bias else None
-        elif need_w and not form.keeps_input and _tapwise_pays(weight, x_shape, stride, groups):
+        elif need_w and not form.keeps_input and tapwise_pays(weight.shape, weight.device, x_shape, stride, groups):
             x_rec = form.rebuild(kept, info, x_shape).to(weight.dtype)
-            gw = tapwise_weight_grad(g, x_rec, weight, stride, padding, dilation)
+            gw = tapwise_weight_grad(g, x_rec, weight.shape, stride, padding, dilation, weight.stride())
             del x_rec
             gb = g.sum((0, 2, 3)) if need_b and has_bias else None
         elif form.keeps_input or need_w or (need_b and has_bias):

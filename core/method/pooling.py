@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .fastpath import fused
+from .weight_grad import tap_factors, tapwise_pays, zeros_with_strides
 
 
 @fused
@@ -41,19 +42,47 @@ def upsample(xp: torch.Tensor, k: int, size: tuple[int, int]) -> torch.Tensor:
     return x[:, :, : size[0], : size[1]]
 
 
-def _block_correlation(xp, g, weight_shape, span_y, span_x, stride, groups):
-    """c[o, c, dy, dx] = sum over samples and positions P of g[P] * xp[stride*P + lo + d], for
-    block offsets d in [lo, hi] per axis (zero outside xp): xp is padded (or cropped) so that a
-    dense correlation at `stride` has g's size. -> (O, C/groups, hi_y-lo_y+1, hi_x-lo_x+1)."""
+def _weight_grad_from_blocks(xp, g, weight_shape, span_y, span_x, stride, groups, ay, ax, strides):
+    """A weight gradient made of block correlations. c[o, c, dy, dx] = sum over samples and
+    positions P of g[P] * xp[stride*P + lo + d], for block offsets d in [lo, hi] per axis (zero
+    outside xp: xp is padded or cropped so that a dense correlation at `stride` has g's size);
+    weight tap (i, j) is the sum over (y, x) of ay[i, y] * ax[j, x] * c[:, :, y, x]. Returned
+    with `strides` (the weight's, so that autograd keeps it as the .grad as it is; default
+    contiguous)."""
     (lo_y, hi_y), (lo_x, hi_x) = span_y, span_x
     hg, wg = g.shape[2:]
     need_h = stride[0] * (hg - 1) + (hi_y - lo_y) + 1
     need_w = stride[1] * (wg - 1) + (hi_x - lo_x) + 1
     xpad = F.pad(xp, (-lo_x, need_w - xp.shape[3] + lo_x, -lo_y, need_h - xp.shape[2] + lo_y))
     kernel = (weight_shape[0], weight_shape[1], hi_y - lo_y + 1, hi_x - lo_x + 1)
-    return torch.ops.aten.convolution_backward(
+    if tapwise_pays(kernel, g.device, xpad.shape, stride, groups):
+        # A weight larger than the input (ResNet-18's last stage): one offset's correlation at
+        # a time, added into the taps that read it. convolution_backward and the sum below
+        # hold a kernel-shaped weight to read the shape from, its reorder, the correlation,
+        # its reorder back and the sum: five weights, where this holds one.
+        out = zeros_with_strides(g, weight_shape, strides)
+        for y, x, gs, xs in tap_factors(g, xpad, kernel[2:], stride, (0, 0), (1, 1)):
+            readers = [(i, j) for i in ay[:, y].nonzero().flatten().tolist()
+                       for j in ax[:, x].nonzero().flatten().tolist()]
+            if readers:
+                c = gs @ xs
+                for i, j in readers:
+                    out[:, :, i, j].add_(c, alpha=float(ay[i, y] * ax[j, x]))
+                del c
+            del gs, xs  # before tap_factors copies the next offset's
+        return out
+    c = torch.ops.aten.convolution_backward(
         g, xpad, g.new_empty(kernel), None, list(stride), [0, 0], [1, 1], False, [0, 0], groups,
         [False, True, False])[1]
+    if all(bool((a.sum(1) == 1).all() and (a.max(1).values == 1).all()) for a in (ay, ax)):
+        # each tap reads one offset (blockwise): a gather, exact
+        grad = c.index_select(2, ay.argmax(1).to(c.device)).index_select(3, ax.argmax(1).to(c.device))
+    else:
+        grad = torch.einsum("iy,jx,ocyx->ocij", ay.to(c), ax.to(c), c)
+    del c  # before the copy below
+    if strides is None or grad.stride() == tuple(strides):
+        return grad
+    return g.new_empty_strided(weight_shape, strides).copy_(grad)  # autograd would copy it anyway
 
 
 def blockwise_applies(in_hw, stride, k: int) -> bool:
@@ -62,21 +91,21 @@ def blockwise_applies(in_hw, stride, k: int) -> bool:
     return all(s % k == 0 and n % k == 0 for s, n in zip(stride, in_hw))
 
 
-def blockwise_weight_grad(xp, g, weight_shape, stride, padding, dilation, groups, k):
+def blockwise_weight_grad(xp, g, weight_shape, stride, padding, dilation, groups, k, strides=None):
     """The weight gradient of a conv reading up_k(xp), without building the full-size copy.
 
     Output p reads input u = stride*p + t*dilation - padding, whose block is
     (stride/k)*p + floor((t*dilation - padding)/k) when k divides the stride: every tap reads
     one block offset, so one correlation of g with xp at stride/k over the few offsets the taps
     fall on gives all taps (a 3x3 stride-2 conv at k=2: 2x2 offsets, 4/9 of the products).
-    Exact: the same sums as from the upsampled copy, in another order.
+    Exact: the same sums as from the upsampled copy, in another order. `strides`: the result's
+    (the weight's own; default contiguous).
     """
     offsets = [[(t * dilation[a] - padding[a]) // k for t in range(weight_shape[2 + a])] for a in range(2)]
     (lo_y, hi_y), (lo_x, hi_x) = [(min(o), max(o)) for o in offsets]
-    c = _block_correlation(xp, g, weight_shape, (lo_y, hi_y), (lo_x, hi_x), [s // k for s in stride], groups)
-    iy = torch.tensor([o - lo_y for o in offsets[0]], device=c.device)
-    ix = torch.tensor([o - lo_x for o in offsets[1]], device=c.device)
-    return c.index_select(2, iy).index_select(3, ix)
+    ay, ax = [F.one_hot(torch.tensor(o) - min(o), max(o) - min(o) + 1).float() for o in offsets]
+    return _weight_grad_from_blocks(xp, g, weight_shape, (lo_y, hi_y), (lo_x, hi_x), [s // k for s in stride],
+                                    groups, ay, ax, strides)
 
 
 def _lowres_taps(k: int, stride: int, offsets: list[int]):
@@ -95,15 +124,12 @@ def _lowres_taps(k: int, stride: int, offsets: list[int]):
     return a, deltas[0], deltas[-1]
 
 
-def lowres_weight_grad(xp, g, weight_shape, stride, padding, dilation, groups, k):
+def lowres_weight_grad(xp, g, weight_shape, stride, padding, dilation, groups, k, strides=None):
     gp = F.avg_pool2d(g, k, k, ceil_mode=True, count_include_pad=False)  # (B, O, Hg, Wg)
     dims = []
     for axis in range(2):
         offsets = [i * dilation[axis] - padding[axis] for i in range(weight_shape[2 + axis])]
         dims.append(_lowres_taps(k, stride[axis], offsets))
     (ay, lo_y, hi_y), (ax, lo_x, hi_x) = dims
-    c = _block_correlation(xp, gp, weight_shape, (lo_y, hi_y), (lo_x, hi_x), list(stride), groups)
-    ay, ax = ay.to(c), ax.to(c)
-    return torch.einsum("iy,jx,ocyx->ocij", ay, ax, c)
-
-
+    return _weight_grad_from_blocks(xp, gp, weight_shape, (lo_y, hi_y), (lo_x, hi_x), list(stride), groups, ay, ax,
+                                    strides)
