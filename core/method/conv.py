@@ -59,7 +59,12 @@ class ConvInputForm:
         xp = pooled_copy(x, self.pool, self.k)  # (B, C, ceil(H/k), ceil(W/k))
         if self.residual_bits is None:
             return [xp], None
-        packed, lo, scale, info = quantize(x - upsample(xp, self.k, x.shape[2:]), self.residual_bits)
+        residual = upsample(xp, self.k, x.shape[2:])
+        if residual.stride() == x.stride():  # our own copy, laid out as x: the residual goes over
+            torch.sub(x, residual, out=residual)  # it (one full-size temporary in the forward, not two)
+        else:
+            residual = x - residual  # cropped edge blocks: a view of a larger copy
+        packed, lo, scale, info = quantize(residual, self.residual_bits)
         return [xp, packed, lo, scale], info
 
     def rebuild(self, kept: list[torch.Tensor], info, shape: tuple[int, ...]) -> torch.Tensor:
