@@ -12,7 +12,7 @@ from core.method.convert import compress_model, compressed, decompress_model
 from core.method.masks import pack_mask, unpack_mask
 from core.method.policy import CompressionPolicy, PolicyError
 from core.method.pooling import blockwise_applies, blockwise_weight_grad, lowres_weight_grad, upsample
-from core.method.weight_grad import tapwise_weight_grad
+from core.method.weight_grad import tap_factors, tapwise_weight_grad
 from core.models.resnet import build_model
 
 from helpers import block_constant
@@ -74,23 +74,36 @@ def test_blockwise_weight_grad_equals_the_upsampled_copys(case, k):
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("mode, stride, k", [("upsample", 2, 2), ("lowres", 1, 2), ("lowres", 2, 2), ("lowres", 1, 4)])
-def test_a_wide_convs_weight_gradient_from_blocks_is_the_same_tap_by_tap(mode, stride, k):
+WIDE_CASES = [  # (mode, kernel, stride, padding, k, groups): per-axis settings differ in some
+    ("upsample", (3, 3), (2, 2), (1, 1), 2, 1), ("upsample", (3, 1), (2, 4), (1, 0), 2, 1),
+    ("lowres", (3, 3), (1, 1), (1, 1), 2, 1), ("lowres", (3, 3), (2, 2), (1, 1), 2, 1),
+    ("lowres", (3, 3), (1, 1), (1, 1), 4, 1), ("lowres", (3, 1), (1, 2), (1, 0), 2, 1),
+    ("lowres", (1, 1), (4, 4), (0, 0), 2, 1),  # block offsets with gaps between them
+    ("upsample", (3, 3), (2, 2), (1, 1), 2, 2), ("lowres", (3, 3), (1, 1), (1, 1), 2, 2),  # grouped: no taps
+]
+
+
+@pytest.mark.parametrize("mode, kernel, stride, padding, k, groups", WIDE_CASES)
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
+def test_a_wide_convs_weight_gradient_from_blocks_is_the_same_tap_by_tap(mode, kernel, stride, padding, k, groups,
+                                                                        fmt, monkeypatch):
     """A weight larger than its pooled input (a ResNet's last stage) takes its block
-    correlations one offset at a time: the same gradient as the reference (from the upsampled
-    copy; lowres: for block-constant inputs and gradients, where it is exact), to float64
-    rounding, in the strides asked for (the weight's, channels_last here)."""
+    correlations one offset at a time (grouped convs: convolution_backward): the same gradient
+    as the reference (from the upsampled copy; lowres: for block-constant inputs and
+    gradients, where it is exact), to float64 rounding, in the weight's strides."""
+    from core.method import pooling
+    calls = []
+    monkeypatch.setattr(pooling, "tap_factors", lambda *a: calls.append(1) or tap_factors(*a))
     x = block_constant((2, 16, 8, 8), k)
-    w = torch.randn(32, 16, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    assert w.numel() > x.numel() // k ** 2 * 4  # the pooled copy, padded, is smaller than the weight
-    y = F.conv2d(x, w, None, stride, 1)
+    w = torch.randn(64, 16 // groups, *kernel, dtype=torch.float64).contiguous(memory_format=fmt)
+    y = F.conv2d(x, w, None, stride, padding, 1, groups)
     g = block_constant(y.shape, k, seed=1) if mode == "lowres" else torch.randn_like(y)
-    ref = torch.nn.grad.conv2d_weight(x, w.shape, g, stride, 1)
-    xp = F.avg_pool2d(x, k)
+    ref = torch.nn.grad.conv2d_weight(x, w.shape, g, stride, padding, 1, groups)
     grad = blockwise_weight_grad if mode == "upsample" else lowres_weight_grad
-    got = grad(xp, g, w.shape, (stride, stride), (1, 1), (1, 1), 1, k, w.stride())
+    got = grad(F.avg_pool2d(x, k), g, w.shape, stride, padding, (1, 1), groups, k, w.stride())
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
     assert got.stride() == w.stride()
+    assert bool(calls) == (groups == 1)
 
 
 @pytest.mark.parametrize("case", [c for c in CONV_CASES if c[4] == 1] + [(3, 3, 0, 1, 1), (2, 2, 0, 1, 1)])
@@ -247,8 +260,10 @@ def test_mask_relus_run_in_place_where_the_model_vouches_and_only_there():
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.register_full_backward_hook(lambda m, gi, go: fired.append(go[0].shape))
+    same = []  # the ReLU after the residual sum reads no hook's view: still in place
+    model.layer1[0].act2.register_forward_hook(lambda m, i, o: same.append(o.data_ptr() == i[0].data_ptr()))
     F.cross_entropy(model(x), y).backward()
-    assert len(fired) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert len(fired) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) and same == [True]
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads[0]))
 
     class Reread(nn.Module):
@@ -265,6 +280,30 @@ def test_mask_relus_run_in_place_where_the_model_vouches_and_only_there():
     assert not model.act.pp_inplace
     xr = torch.randn(2, 3, 8, 8, requires_grad=True)
     assert torch.equal(model(xr), plain(xr))
+
+
+def test_an_in_place_mask_relu_over_a_slice_changes_it_as_pytorch_does():
+    """nn.ReLU(inplace=True) on a slice writes through to the tensor sliced; its mask form too,
+    with the same gradients."""
+
+    class Slice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            h = self.conv(x)
+            self.act(h[:, :2])
+            return h
+
+    torch.manual_seed(0)
+    plain = Slice()
+    model = compress_model(copy.deepcopy(plain), "mask")
+    assert type(model.act).__name__ == "MaskReLU"
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    ref, got = plain(x), model(x)
+    assert torch.equal(got, ref) and bool((got[:, :2] >= 0).all()) and bool((got[:, 2:] < 0).any())
+    assert torch.equal(torch.autograd.grad(got.square().sum(), x)[0], torch.autograd.grad(ref.square().sum(), x)[0])
 
 
 class _Fork(nn.Module):

@@ -121,6 +121,8 @@ class CompressedConvFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         g = g.to(weight.dtype)
         blockwise = form.rebuilds_by_upsampling and blockwise_applies(x_shape[2:], stride, form.k)
+        dense = weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last)
+        w_strides = weight.stride() if dense else None  # the weight's own layout for its gradient
         # The weight gradient first, then the input gradient from the weight alone: a full-size
         # rebuilt input is freed before the full-size input gradient is allocated, so the two
         # never coexist (at ResNet-18's first stage that is 32 MiB off the step peak). An input
@@ -130,12 +132,12 @@ class CompressedConvFunction(torch.autograd.Function):
             # No full-size input: the pooled copy gives the weight gradient (blockwise: exactly
             # as its upsampling would).
             weight_grad = blockwise_weight_grad if blockwise else lowres_weight_grad
-            gw = (weight_grad(kept[0], g, weight.shape, stride, padding, dilation, groups, form.k, weight.stride())
+            gw = (weight_grad(kept[0], g, weight.shape, stride, padding, dilation, groups, form.k, w_strides)
                   if need_w else None)
             gb = g.sum((0, 2, 3)) if need_b and has_bias else None
         elif need_w and not form.keeps_input and tapwise_pays(weight.shape, weight.device, x_shape, stride, groups):
             x_rec = form.rebuild(kept, info, x_shape).to(weight.dtype)
-            gw = tapwise_weight_grad(g, x_rec, weight.shape, stride, padding, dilation, weight.stride())
+            gw = tapwise_weight_grad(g, x_rec, weight.shape, stride, padding, dilation, w_strides)
             del x_rec
             gb = g.sum((0, 2, 3)) if need_b and has_bias else None
         elif form.keeps_input or need_w or (need_b and has_bias):

@@ -47,8 +47,7 @@ def _weight_grad_from_blocks(xp, g, weight_shape, span_y, span_x, stride, groups
     positions P of g[P] * xp[stride*P + lo + d], for block offsets d in [lo, hi] per axis (zero
     outside xp: xp is padded or cropped so that a dense correlation at `stride` has g's size);
     weight tap (i, j) is the sum over (y, x) of ay[i, y] * ax[j, x] * c[:, :, y, x]. Returned
-    with `strides` (the weight's, so that autograd keeps it as the .grad as it is; default
-    contiguous)."""
+    with `strides` (the weight's, so that autograd keeps it as the .grad as it is; None: any)."""
     (lo_y, hi_y), (lo_x, hi_x) = span_y, span_x
     hg, wg = g.shape[2:]
     need_h = stride[0] * (hg - 1) + (hi_y - lo_y) + 1
@@ -116,12 +115,13 @@ def _lowres_taps(k: int, stride: int, offsets: list[int]):
     so for block-constant input and output gradient: dW[t] = sum_d A[t, d] * C[d] with
     C[d] = sum_P G[P] X[stride*P + d] -- exact, for every tap, not just the centre one.
     """
-    deltas = sorted({(stride * r + t) // k for t in offsets for r in range(k)})
-    a = torch.zeros(len(offsets), len(deltas))
+    reached = [(stride * r + t) // k for t in offsets for r in range(k)]
+    lo, hi = min(reached), max(reached)
+    a = torch.zeros(len(offsets), hi - lo + 1)  # a column for every offset in [lo, hi], read or not
     for i, t in enumerate(offsets):
         for r in range(k):
-            a[i, deltas.index((stride * r + t) // k)] += 1
-    return a, deltas[0], deltas[-1]
+            a[i, (stride * r + t) // k - lo] += 1
+    return a, lo, hi
 
 
 def lowres_weight_grad(xp, g, weight_shape, stride, padding, dilation, groups, k, strides=None):
