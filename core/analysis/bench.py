@@ -115,8 +115,7 @@ def bench_speed(model_name="resnet20", batch=128, size=32, policies=DEFAULT_POLI
             hooks = StepInBackward(model, opt) if in_backward else None
             setups[(str(CompressionPolicy.parse(text)), in_backward)] = (model, x, y, opt, hooks)
 
-    def step(model, x, y, opt, hooks):
-        training_step(model, x, y, opt, hooks, amp)
+    step = functools.partial(training_step, amp=amp)  # step(model, x, y, opt, hooks)
 
     def sync():
         if device.type == "cuda":
