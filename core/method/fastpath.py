@@ -6,8 +6,8 @@ tests check the method against. `use_compiled(True)` swaps in torch.compile'd ve
 shapes: inductor writes one vectorised C++ loop per pass and shape, compiled once per process
 and cached on disk). On CUDA, passes with a Triton kernel (core.method.kernels) run that
 kernel instead. Compiled and Triton element-wise passes are bit-identical to the reference
-(tested; Triton under TRITON_INTERPRET=1 on the CPU); compiled reductions (BatchNorm's backward)
-sum in another order and match it to float32 rounding. The trainer and the benchmarks switch
+(tested; Triton under TRITON_INTERPRET=1 on the CPU); compiled and Triton reductions
+(BatchNorm's backward) sum in another order and match it to float32 rounding. The trainer and the benchmarks switch
 the fast path on; POOLPROP_COMPILE=0 keeps the reference everywhere.
 """
 

@@ -1,11 +1,14 @@
-"""Triton kernels for the fast path on CUDA: the mask and coding passes, one kernel each.
+"""Triton kernels for the fast path on CUDA: the mask and coding passes, one kernel each, and
+BatchNorm's backward reading its kept input (float8/bf16 x_hat, or B-bit codes) directly.
 
 `KERNELS` maps each fused pass of core.method.fastpath (by name) to its kernel. Each replaces
-several PyTorch passes by one, reading and writing exactly the bytes the
-reference does (core.method.masks, core.method.quantize) and giving bit-identical results:
-tests run them under Triton's interpreter (TRITON_INTERPRET=1) on the CPU against the
-reference on small shapes, so CI checks them without a GPU. Loaded by core.method.fastpath
-on the first CUDA call; never imported on a machine without Triton.
+several PyTorch passes by one, reading and writing exactly the bytes the reference does
+(core.method.masks, core.method.quantize, core.method.norms): bit-identical results, except
+BatchNorm's backward, whose sums run in another order (equal to float32 rounding). Tests run
+them under Triton's interpreter (TRITON_INTERPRET=1) on the CPU against the reference on small
+shapes, and compile each to a cubin for sm_80 and sm_90, so CI checks them without a GPU.
+Loaded by core.method.fastpath on the first CUDA call; never imported on a machine without
+Triton.
 
 Layout: every tensor is handed over as its memory-order vector (NCHW, or NHWC for
 channels_last), so a kernel walks contiguous memory. Masks and codes are packed planar: byte j
@@ -20,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import from_memory_order, memory_order_flat
+from .layout import from_memory_order, is_channels_last, memory_order_flat
 
 BLOCK = 1024
 
@@ -122,6 +125,157 @@ def _decode_kernel(packed_ptr, lo_ptr, scale_ptr, out_ptr, n, m, C, HW,
         tl.store(out_ptr + idx, code * scale + lo, mask=inside)
 
 
+@triton.jit
+def _load_hat(hat_ptr, packed_ptr, lo_ptr, scale_ptr, mean_ptr, invstd_ptr, idx, inside, c, s, m, C,
+              CODES: tl.constexpr, BITS: tl.constexpr):
+    """x_hat at memory-order positions idx, float32 in registers: the kept x_hat widened, or
+    (CODES) x decoded from its planar codes as core.method.quantize._decode_pass does, then
+    normalised as core.method.norms._bn_backward_from_codes does."""
+    if CODES:
+        plane = idx // m
+        byte = tl.load(packed_ptr + (idx - plane * m), mask=inside, other=0).to(tl.int32)
+        code = ((byte >> (BITS * plane)) & ((1 << BITS) - 1)).to(tl.float32)
+        grp = s * C + c
+        x = code * tl.load(scale_ptr + grp, mask=inside, other=0.0) + tl.load(lo_ptr + grp, mask=inside, other=0.0)
+        xh = (x - tl.load(mean_ptr + c, mask=inside, other=0.0)) * tl.load(invstd_ptr + c, mask=inside, other=0.0)
+    else:
+        xh = tl.load(hat_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+    return xh
+
+
+@triton.jit
+def _bn_sums_rows_kernel(g_ptr, hat_ptr, packed_ptr, lo_ptr, scale_ptr, mean_ptr, invstd_ptr, sb_ptr, sw_ptr,
+                         m, C, HW, CODES: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """NCHW: program r sums row r = (sample s, channel c) of HW values: sum g, sum g * x_hat."""
+    r = tl.program_id(0)
+    c, s = r % C, r // C
+    acc_b = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_w = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, HW, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inside = offs < HW
+        idx = r * HW + offs
+        g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+        xh = _load_hat(hat_ptr, packed_ptr, lo_ptr, scale_ptr, mean_ptr, invstd_ptr, idx, inside, c + 0 * offs,
+                       s + 0 * offs, m, C, CODES, BITS)
+        acc_b += g
+        acc_w += g * xh
+    tl.store(sb_ptr + r, tl.sum(acc_b, axis=0))
+    tl.store(sw_ptr + r, tl.sum(acc_w, axis=0))
+
+
+@triton.jit
+def _bn_sums_columns_kernel(g_ptr, hat_ptr, packed_ptr, lo_ptr, scale_ptr, mean_ptr, invstd_ptr, sb_ptr, sw_ptr,
+                            m, C, HW, R, ROWS, CODES: tl.constexpr, BITS: tl.constexpr, RB: tl.constexpr,
+                            CB: tl.constexpr):
+    """NHWC: the (R = N*H*W, C) matrix; program (p, q) sums rows [p*ROWS, (p+1)*ROWS) of the
+    channels [q*CB, (q+1)*CB) into partial row p."""
+    p, q = tl.program_id(0), tl.program_id(1)
+    cols = q * CB + tl.arange(0, CB)
+    acc_b = tl.zeros([RB, CB], dtype=tl.float32)
+    acc_w = tl.zeros([RB, CB], dtype=tl.float32)
+    for start in range(0, ROWS, RB):  # ROWS is a multiple of RB
+        rows = p * ROWS + start + tl.arange(0, RB)
+        inside = (rows[:, None] < R) & (cols[None, :] < C)
+        idx = rows[:, None] * C + cols[None, :]
+        g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+        xh = _load_hat(hat_ptr, packed_ptr, lo_ptr, scale_ptr, mean_ptr, invstd_ptr, idx, inside, cols[None, :],
+                       rows[:, None] // HW, m, C, CODES, BITS)
+        acc_b += g
+        acc_w += g * xh
+    keep = cols < C
+    tl.store(sb_ptr + p * C + cols, tl.sum(acc_b, axis=0), mask=keep)
+    tl.store(sw_ptr + p * C + cols, tl.sum(acc_w, axis=0), mask=keep)
+
+
+@triton.jit
+def _bn_grad_input_kernel(g_ptr, hat_ptr, packed_ptr, lo_ptr, scale_ptr, mean_ptr, invstd_ptr, k_ptr, mb_ptr,
+                          mw_ptr, out_ptr, n, m, C, HW, CODES: tl.constexpr, BITS: tl.constexpr,
+                          CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """gx = k * (g - mean(g) - x_hat * mean(g * x_hat)) per channel, k = weight * invstd."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = idx < n
+    if CHANNELS_LAST:
+        c = idx % C
+    else:
+        c = (idx // HW) % C
+    s = idx // (HW * C)
+    g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+    xh = _load_hat(hat_ptr, packed_ptr, lo_ptr, scale_ptr, mean_ptr, invstd_ptr, idx, inside, c, s, m, C, CODES, BITS)
+    k = tl.load(k_ptr + c, mask=inside, other=0.0)
+    mb = tl.load(mb_ptr + c, mask=inside, other=0.0)
+    mw = tl.load(mw_ptr + c, mask=inside, other=0.0)
+    tl.store(out_ptr + idx, k * (g - mb - xh * mw), mask=inside)
+
+
+# Triton compiles float8 e4m3 loads from compute capability 8.9 (Ada, Hopper) on
+_NEEDS = {torch.float8_e4m3fn: (8, 9)}
+
+
+def can_load(dtype: torch.dtype, capability: tuple[int, int]) -> bool:
+    """Whether a kernel can read `dtype` on a card of this compute capability."""
+    return tuple(capability) >= _NEEDS.get(dtype, (0, 0))
+
+
+def _bn_backward(g, shape, channels_last, weight, invstd, hat=None, codes=None, mean=None, bits=8):
+    """BatchNorm's backward in two passes over g and the kept input (x_hat, or codes (packed, lo,
+    scale)), in the kept input's memory order: per-channel partial sums (deterministic: a fixed
+    split, summed by torch), then the input gradient; -> (gx in g's layout, g_gamma, g_beta)."""
+    n_, C = shape[0], shape[1]
+    HW = math.prod(shape[2:])
+    n = n_ * C * HW
+    g_flat = _flat(g, channels_last)  # a copy only where g's layout differs from the kept input's
+    dev = g.device
+    if codes is None:
+        hat_flat, packed, lo, scale, m = _flat(hat, channels_last), g_flat, invstd, invstd, n
+        mean = invstd
+    else:
+        packed, lo, scale = codes
+        hat_flat, m = g_flat, packed.numel()
+        lo, scale = lo.float().contiguous(), scale.float().contiguous()
+    mean, invstd32 = mean.float().contiguous(), invstd.float().contiguous()
+    common = dict(CODES=codes is not None, BITS=bits)
+    args = (g_flat, hat_flat, packed, lo, scale, mean, invstd32)
+    if channels_last:
+        R, CB = n_ * HW, min(64, triton.next_power_of_2(C))
+        rows = min(1024, max(16, triton.next_power_of_2(R)))  # a multiple of RB (16)
+        parts = triton.cdiv(R, rows)
+        sb = torch.empty(parts, C, dtype=torch.float32, device=dev)
+        sw = torch.empty_like(sb)
+        _bn_sums_columns_kernel[(parts, triton.cdiv(C, CB))](*args, sb, sw, m, C, HW, R, rows, RB=16, CB=CB, **common)
+    else:
+        sb = torch.empty(n_ * C, dtype=torch.float32, device=dev)
+        sw = torch.empty_like(sb)
+        block = min(BLOCK, triton.next_power_of_2(HW))
+        _bn_sums_rows_kernel[(n_ * C,)](*args, sb, sw, m, C, HW, BLOCK=block, **common)
+    gb, gw = sb.view(-1, C).sum(0), sw.view(-1, C).sum(0)
+    count = n // C
+    k = invstd32 if weight is None else weight.float() * invstd32
+    out = torch.empty(n, dtype=torch.float32, device=dev)
+    _bn_grad_input_kernel[_grid(n)](*args, k.contiguous(), (gb / count).contiguous(), (gw / count).contiguous(), out,
+                                    n, m, C, HW, CHANNELS_LAST=channels_last, BLOCK=BLOCK, **common)
+    gx = from_memory_order(out, shape, channels_last)
+    if is_channels_last(g) != channels_last:  # the reference's output follows g's layout
+        gx = gx.contiguous(memory_format=torch.channels_last if is_channels_last(g) else torch.contiguous_format)
+    return gx, gw, gb
+
+
+def bn_backward_from_hat(g: torch.Tensor, x_hat: torch.Tensor, weight: torch.Tensor | None,
+                         invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if x_hat.is_cuda and not can_load(x_hat.dtype, torch.cuda.get_device_capability(x_hat.device)):
+        from .norms import _bn_backward_from_hat  # this card cannot load the dtype in a kernel
+
+        return _bn_backward_from_hat.reference(g, x_hat, weight, invstd)
+    return _bn_backward(g, tuple(x_hat.shape), is_channels_last(x_hat), weight, invstd, hat=x_hat)
+
+
+def bn_backward_from_codes(g: torch.Tensor, packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor,
+                           shape: tuple[int, ...], channels_last: bool, bits: int, weight: torch.Tensor | None,
+                           mean: torch.Tensor, invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bn_backward(g, tuple(shape), channels_last, weight, invstd, codes=(packed, lo, scale), mean=mean,
+                        bits=bits)
+
+
 def _grid(m: int):
     return (triton.cdiv(m, BLOCK),)
 
@@ -178,4 +332,6 @@ KERNELS = {
     "core.method.masks._mask_apply": mask_apply,
     "core.method.quantize._encode_pass": encode,
     "core.method.quantize._decode_pass": decode,
+    "core.method.norms._bn_backward_from_hat": bn_backward_from_hat,
+    "core.method.norms._bn_backward_from_codes": bn_backward_from_codes,
 }

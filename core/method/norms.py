@@ -35,8 +35,9 @@ def _bn_grads(g: torch.Tensor, x_hat: torch.Tensor, weight: torch.Tensor | None,
 @fused
 def _bn_backward_from_hat(g: torch.Tensor, x_hat: torch.Tensor, weight: torch.Tensor | None,
                           invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """BatchNorm's backward reading x_hat as kept (bf16, float8): compiled, it is widened in
-    registers, one reduction pass and one output pass, no full-size float32 copy."""
+    """BatchNorm's backward reading x_hat as kept (bf16, float8): compiled (and in its Triton
+    kernel on CUDA), it is widened in registers, one reduction pass and one output pass, no
+    full-size float32 copy."""
     return _bn_grads(g, x_hat.to(torch.float32), weight, invstd)
 
 
@@ -45,13 +46,11 @@ def _bn_backward_from_codes(g: torch.Tensor, packed: torch.Tensor, lo: torch.Ten
                             shape: tuple[int, ...], channels_last: bool, bits: int, weight: torch.Tensor | None,
                             mean: torch.Tensor, invstd: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The same from x's B-bit codes: compiled, decoding is fused into the reduction and output
-    passes (x_hat = (lo + code * scale - mean) * invstd in registers), so no full-size float32
-    x is built (at ResNet-18's first stage that was 32 MiB at the step peak)."""
-    # traced, the reference decode fuses into these passes; run eagerly, the dispatching pass
-    # (CUDA: its Triton kernel) decodes first
-    decode = _decode_pass.reference if torch.compiler.is_compiling() else _decode_pass
-    x = decode(packed, lo, scale, shape, channels_last, bits, torch.float32)
+    """The same from x's B-bit codes: compiled (and in its Triton kernel on CUDA), decoding is
+    fused into the reduction and output passes (x_hat = (lo + code * scale - mean) * invstd in
+    registers), so no full-size float32 x is built (at ResNet-18's first stage that was 32 MiB at
+    the step peak)."""
+    x = _decode_pass.reference(packed, lo, scale, shape, channels_last, bits, torch.float32)
     view = (1, -1, 1, 1)
     return _bn_grads(g, (x - mean.view(view)) * invstd.view(view), weight, invstd)
 
