@@ -22,7 +22,7 @@ from core.cli import main
 from core.engine.config import TrainConfig
 from core.engine.environment import training_subprocess_env
 from core.engine.runs.listing import list_runs
-from core.engine.runs.reader import load_model, read_metrics
+from core.engine.runs.reader import load_config, load_model, read_metrics
 from core.engine.runs.writer import dataset_short
 from core.engine.schedule import LRSchedule
 from core.engine.trainer import Trainer, resume, train
@@ -188,6 +188,21 @@ def test_resume_after_stop_is_bitwise_equal_to_a_straight_run(tmp_path):
     # step records are not duplicated by the resume
     steps_b = [r["step"] for r in records(tmp_path / "b") if r["type"] == "step"]
     assert steps_b == sorted(set(steps_b))
+
+
+def test_a_run_resumed_for_more_epochs_says_so_in_its_config(tmp_path):
+    """config.json is what the app and the reproduction table group runs by: a run trained on to
+    2 epochs must not still read as a 1-epoch run."""
+    run = tmp_path / "run"
+    assert train(tiny_config(run, fidelity_every=0)).status == "finished"
+    before = json.loads((run / "config.json").read_text())
+    assert resume(run, overrides={"epochs": 2}).summary["epochs_done"] == 2
+    after = json.loads((run / "config.json").read_text())
+    assert (before["epochs"], after["epochs"]) == (1, 2)
+    assert after["total_steps"] == 2 * before["total_steps"] == 2 * before["steps_per_epoch"]
+    assert after["resumes"][0]["was"] == {"epochs": 1, "total_steps": before["total_steps"]}
+    assert after["created"] == before["created"] and after["policy"] == before["policy"]
+    assert TrainConfig.from_dict(load_config(run)).epochs == 2  # read back as any run's
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from .config import RESUME_MAY_CHANGE
 from .environment import versions
 from .runs.writer import now_iso
 
@@ -42,6 +43,22 @@ def config_record(t) -> dict:
         "versions": versions(),
         "created": now_iso(),
     }
+
+
+def resumed_config_record(t, stored: dict) -> dict:
+    """config.json after a resume: the stored record with the settings the run goes on with
+    (RESUME_MAY_CHANGE: a longer schedule, another device, the switch; and what follows from
+    them) and, under "resumes", where each resume started and what it changed from."""
+    cfg = t.config.to_dict()
+    now = {**{k: cfg[k] for k in RESUME_MAY_CHANGE},
+           "total_steps": t.total_steps,
+           "device_used": str(t.device),
+           "device_name": torch.cuda.get_device_name(t.device) if t.device.type == "cuda" else platform.machine(),
+           "amp_dtype_used": None if t.amp_dtype is None else str(t.amp_dtype).replace("torch.", ""),
+           "threads": torch.get_num_threads()}
+    was = {k: stored.get(k) for k, v in now.items() if stored.get(k) != v}
+    resumes = [*stored.get("resumes", []), {"at": now_iso(), "step": t.step, "epoch": t.epoch, "was": was}]
+    return {**stored, **now, "resumes": resumes}
 
 
 def summary_record(t, status: str, **extra) -> dict:

@@ -220,6 +220,7 @@ class Trainer:
             self.run_dir = Path(self.resume_dir)
             self.writer = RunWriter(self.run_dir)
             self.writer.reopen(self.step, self.epoch, self.wall_before)
+            self.writer.rewrite_config(records.resumed_config_record(self, load_config(self.run_dir)))
         else:
             self.run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
             cfg.out = str(self.run_dir)
@@ -381,9 +382,8 @@ def train(config: TrainConfig, callbacks: dict | None = None) -> TrainResult:
 
 def resume(run_dir, overrides: dict | None = None, callbacks: dict | None = None) -> TrainResult:
     """Continue a run from its last completed epoch. `overrides` may only extend `epochs`
-    (and change settings in RESUME_MAY_CHANGE that do not alter what is trained)."""
-
-
+    (and change settings in RESUME_MAY_CHANGE that do not alter what is trained); config.json
+    then says what the run goes on with, and what it had before."""
     run_dir = resolve_run(run_dir)
     refuse_live_run(run_dir)
     stored = TrainConfig.from_dict(load_config(run_dir))

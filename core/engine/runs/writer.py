@@ -1,6 +1,6 @@
 """Writing a run directory, the contract between the trainer and the app (docs/training.md):
 
-    config.json        at the start (RUN_FORMAT)
+    config.json        at the start (RUN_FORMAT); rewritten at each resume (settings now, `resumes`)
     metrics.jsonl      appended line by line (step, eval, fidelity and resume records)
     model.safetensors  + resume.* atomically at each epoch end (temp file + rename)
     summary.json       "running" with the pid while training; then finished / failed / stopped
@@ -101,6 +101,10 @@ class RunWriter:
         self._metrics = atomic.JsonlAppender(self.run_dir / "metrics.jsonl")
         self.append({"type": "resume", "step": step, "epoch": epoch, "wall": round(wall, 3)})
 
+    def rewrite_config(self, record: dict) -> None:
+        """config.json replaced (at a resume: the settings it goes on with)."""
+        atomic.write_json(self.run_dir / "config.json", record)
+
     def append(self, record: dict) -> None:
         self._metrics.append(record)
 
@@ -127,6 +131,9 @@ class NullWriter(RunWriter):
         pass
 
     def reopen(self, step: int, epoch: int, wall: float) -> None:
+        pass
+
+    def rewrite_config(self, record: dict) -> None:
         pass
 
     def append(self, record: dict) -> None:
