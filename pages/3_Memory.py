@@ -116,7 +116,7 @@ p1, p2 = st.columns([3, 1])
 budget = p1.select_slider("GPU memory (GB)", [2, 4, 6, 8, 12, 16, 24, 32, 40, 48, 80], 8, key="mem_budget",
                           help="A card's memory in GB of 2³⁰ bytes, as GPU makers count it")
 check_batch = p2.number_input("Batch to check", 1, 65536, 128, key="mem_check_batch")
-p3, p4 = st.columns([2, 1], vertical_alignment="center")  # the button's own column: whole at 1024 px
+p3, p4 = st.columns([3, 1], vertical_alignment="center")  # the button under "Batch to check"
 in_backward = p3.checkbox("Optimiser step inside the backward", key="mem_step_in_backward",
                           help="Plan for training with --step-in-backward: each parameter is updated as soon as its "
                                "gradient is complete, so the gradients never all coexist")
