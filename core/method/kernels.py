@@ -1,5 +1,6 @@
-"""Triton kernels for the fast path on CUDA: the mask and coding passes, one kernel each, and
-BatchNorm's backward reading its kept input (float8/bf16 x_hat, or B-bit codes) directly.
+"""Triton kernels for the fast path on CUDA: the mask and coding passes, BatchNorm's kept x_hat,
+one kernel each, and BatchNorm's backward reading what it kept (float8/bf16 x_hat, or B-bit
+codes) directly.
 
 `KERNELS` maps each fused pass of core.method.fastpath (by name) to its kernel. Each replaces
 several PyTorch passes by one, reading and writing exactly the bytes the reference does
@@ -126,6 +127,60 @@ def _decode_kernel(packed_ptr, lo_ptr, scale_ptr, out_ptr, n, m, C, HW,
 
 
 @triton.jit
+def _round_bf16(v):
+    """v (float32) rounded to the nearest bfloat16, ties to even, as float32: bit arithmetic,
+    so the interpreter and a GPU round alike (a cast rounds differently under the interpreter)."""
+    bits = v.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # keep the top 16 bits
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_e4m3(v):
+    """v (float32, |v| <= 448) rounded to the nearest float8 e4m3 value, ties to even, as float32
+    with v's sign (a value rounding to zero keeps it, as a cast does). Scaled by a power of two
+    so that e4m3's spacing there is 1, rounded to an integer by adding and taking away 1.5 * 2^23,
+    scaled back: every step exact."""
+    bits = v.to(tl.int32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # below 2^-6: the subnormals' spacing, 2^-9
+    spacing = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    inverse = ((127 - (e - 3)) << 23).to(tl.float32, bitcast=True)
+    r = ((v * inverse + 12582912.0) - 12582912.0) * spacing
+    r_bits = (r.to(tl.int32, bitcast=True) & 0x7FFFFFFF) | (bits & -2147483648)
+    return r_bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _bn_keep_kernel(x_ptr, mean_ptr, invstd_ptr, out_ptr, n, C, HW, X_BF16: tl.constexpr, STORE_FP8: tl.constexpr,
+                    CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """out = x_hat = (x - mean) * invstd in x's dtype (each op rounded to bfloat16 for a bf16 x, as
+    PyTorch's element-wise ops do), clamped to +-448 and rounded for float8, in the store dtype."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = idx < n
+    if CHANNELS_LAST:
+        c = idx % C
+    else:
+        c = (idx // HW) % C
+    if X_BF16:  # x's bits (int16) widened by hand, as the store below: exact for subnormals too
+        x = (tl.load(x_ptr + idx, mask=inside, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = tl.load(x_ptr + idx, mask=inside, other=0.0)
+    v = x - tl.load(mean_ptr + c, mask=inside, other=0.0)
+    if X_BF16:
+        v = _round_bf16(v)
+    v = v * tl.load(invstd_ptr + c, mask=inside, other=0.0)
+    if X_BF16:
+        v = _round_bf16(v)
+    if STORE_FP8:
+        v = _round_e4m3(tl.minimum(tl.maximum(v, -448.0), 448.0))
+        tl.store(out_ptr + idx, v.to(out_ptr.dtype.element_ty), mask=inside)  # exact: v is on the grid
+    else:  # bfloat16 as its bits (int16): the top half of v's, once rounded
+        if not X_BF16:
+            v = _round_bf16(v)
+        tl.store(out_ptr + idx, (v.to(tl.int32, bitcast=True) >> 16).to(tl.int16), mask=inside)
+
+
+@triton.jit
 def _load_hat(hat_ptr, packed_ptr, lo_ptr, scale_ptr, mean_ptr, invstd_ptr, idx, inside, c, s, m, C,
               CODES: tl.constexpr, BITS: tl.constexpr):
     """x_hat at memory-order positions idx, float32 in registers: the kept x_hat widened, or
@@ -208,12 +263,12 @@ def _bn_grad_input_kernel(g_ptr, hat_ptr, packed_ptr, lo_ptr, scale_ptr, mean_pt
     tl.store(out_ptr + idx, k * (g - mb - xh * mw), mask=inside)
 
 
-# Triton compiles float8 e4m3 loads from compute capability 8.9 (Ada, Hopper) on
+# Triton compiles float8 e4m3 loads and stores from compute capability 8.9 (Ada, Hopper) on
 _NEEDS = {torch.float8_e4m3fn: (8, 9)}
 
 
-def can_load(dtype: torch.dtype, capability: tuple[int, int]) -> bool:
-    """Whether a kernel can read `dtype` on a card of this compute capability."""
+def can_use(dtype: torch.dtype, capability: tuple[int, int]) -> bool:
+    """Whether a kernel can read or write `dtype` on a card of this compute capability."""
     return tuple(capability) >= _NEEDS.get(dtype, (0, 0))
 
 
@@ -260,9 +315,30 @@ def _bn_backward(g, shape, channels_last, weight, invstd, hat=None, codes=None, 
     return gx, gw, gb
 
 
+def bn_keep(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, store: torch.dtype) -> torch.Tensor:
+    """BatchNorm's kept x_hat in one pass, the bits of core.method.norms._bn_keep (float32 or
+    bf16 x; a float16 x, or a card that cannot write float8, runs the reference)."""
+    if x.dtype not in (torch.float32, torch.bfloat16) or store not in (torch.bfloat16, torch.float8_e4m3fn) or (
+            x.dim() != 4 or x.is_cuda and not can_use(store, torch.cuda.get_device_capability(x.device))):
+        from .norms import _bn_keep
+
+        return _bn_keep.reference(x, mean, invstd, store)
+    cl = is_channels_last(x)
+    flat = _flat(x, cl)
+    n, C = flat.numel(), x.shape[1]
+    out = torch.empty(n, dtype=store, device=x.device)
+    # mean and invstd as the reference uses them: in x's dtype (exact in float32)
+    m, s = (t.to(x.dtype).float().contiguous() for t in (mean, invstd))
+    as_bits = {torch.bfloat16: torch.int16}  # bfloat16 travels as its bits (see the kernel)
+    _bn_keep_kernel[_grid(n)](flat.view(as_bits.get(x.dtype, x.dtype)), m, s, out.view(as_bits.get(store, store)), n,
+                              C, math.prod(x.shape[2:]), X_BF16=x.dtype == torch.bfloat16,
+                              STORE_FP8=store == torch.float8_e4m3fn, CHANNELS_LAST=cl, BLOCK=BLOCK)
+    return from_memory_order(out, tuple(x.shape), cl)
+
+
 def bn_backward_from_hat(g: torch.Tensor, x_hat: torch.Tensor, weight: torch.Tensor | None,
                          invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if x_hat.is_cuda and not can_load(x_hat.dtype, torch.cuda.get_device_capability(x_hat.device)):
+    if x_hat.is_cuda and not can_use(x_hat.dtype, torch.cuda.get_device_capability(x_hat.device)):
         from .norms import _bn_backward_from_hat  # this card cannot load the dtype in a kernel
 
         return _bn_backward_from_hat.reference(g, x_hat, weight, invstd)
@@ -332,6 +408,7 @@ KERNELS = {
     "core.method.masks._mask_apply": mask_apply,
     "core.method.quantize._encode_pass": encode,
     "core.method.quantize._decode_pass": decode,
+    "core.method.norms._bn_keep": bn_keep,
     "core.method.norms._bn_backward_from_hat": bn_backward_from_hat,
     "core.method.norms._bn_backward_from_codes": bn_backward_from_codes,
 }
