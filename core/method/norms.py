@@ -26,8 +26,10 @@ def _bn_grads(g: torch.Tensor, x_hat: torch.Tensor, weight: torch.Tensor | None,
     shape = (1, -1, 1, 1)
     g = g.float()
     n = g.numel() // g.shape[1]
-    gb = g.sum((0, 2, 3))
-    gw = (g * x_hat).sum((0, 2, 3))
+    # per sample first, then over the batch: two short sums (compiled, one long running sum in
+    # float32 was 5x less accurate than PyTorch's own summation at ResNet-18's first stage)
+    gb = g.sum((2, 3)).sum(0)
+    gw = (g * x_hat).sum((2, 3)).sum(0)
     scale = invstd if weight is None else weight.float() * invstd
     return scale.view(shape) * (g - (gb / n).view(shape) - x_hat * (gw / n).view(shape)), gw, gb
 
