@@ -10,6 +10,7 @@ from core.method import fastpath
 from core.method import quantize as Q
 from core.method.conv import CompressedConvFunction, ConvInputForm
 from core.method.convert import compress_model, decompress_model
+from core.method.layout import memory_order_flat
 from core.method.meter import saved_activation_bytes as forward_saved_bytes
 from core.method.policy import CompressionPolicy, PolicyError
 from core.models.resnet import build_model
@@ -39,6 +40,24 @@ def test_codes_round_trip_and_are_really_packed(bits, shape, channels_last):
         return  # one-value groups: a step of ~1e-7 of the value, below float32's resolution of the grid
     q = (r.float() - lo.float()[:, :, None, None]) / torch.where(step > 0, step, torch.ones_like(step))
     assert torch.allclose(q, q.round(), atol=1e-2) and q.min() >= 0 and q.max() <= (1 << bits) - 1 + 1e-2
+
+
+@pytest.mark.parametrize("n", [8, 3])  # 8: the planes are batch chunks (the broadcast); 3: they are not
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_decoding_reads_each_code_from_its_plane(n, channels_last):
+    """Element i of the memory-order vector is bits [B*(i // m), B*(i // m + 1)) of byte i % m
+    (planar packing), unpacked here one element at a time."""
+    shape = (n, 3, 5, 7)
+    x = _layout(torch.randn(shape), channels_last)
+    for bits in Q.BITS:
+        packed, lo, scale, info = Q.quantize(x, bits)
+        m, total = packed.numel(), x.numel()
+        codes = [(int(packed[i % m]) >> (bits * (i // m))) & ((1 << bits) - 1) for i in range(total)]
+        groups = torch.arange(n * 3).view(n, 3, 1, 1).expand(shape)
+        groups = (groups.permute(0, 2, 3, 1) if channels_last else groups).reshape(-1)
+        want = torch.tensor(codes, dtype=torch.float32) * scale.float().view(-1)[groups] + lo.float().view(-1)[groups]
+        got = Q._decode_pass(packed, lo, scale, shape, channels_last, bits, torch.float32)
+        assert torch.equal(memory_order_flat(got, channels_last), want), bits
 
 
 def test_range_is_rounded_outward_so_nothing_clamps():

@@ -39,9 +39,11 @@ def _region(x: torch.Tensor, kind: str, a: float, b: float) -> torch.Tensor:
 @fused
 def _mask_pack(x: torch.Tensor, kind: str, a: float, b: float, channels_last: bool) -> torch.Tensor:
     """The region of x as bits, planar, in x's memory order: one pass over x."""
-    bits = _planes(_region(_flat(x, channels_last), kind, a, b).to(torch.int32))
-    w = torch.tensor(_WEIGHTS, dtype=torch.int32, device=x.device).view(8, 1)
-    return (bits * w).sum(0).to(torch.uint8)
+    planes = _planes(_region(_flat(x, channels_last), kind, a, b).to(torch.int32))
+    packed = planes[0]
+    for i in range(1, 8):  # element-wise over the planes (a sum over them kept an 8 MiB buffer, compiled)
+        packed = packed | (planes[i] << i)
+    return packed.to(torch.uint8)
 
 
 @fused
@@ -51,9 +53,12 @@ def _mask_apply(g: torch.Tensor, packed: torch.Tensor, shape: tuple[int, ...], c
     given layout: one pass over g."""
     n = math.prod(shape)
     w = torch.tensor(_WEIGHTS, dtype=torch.int32, device=g.device).view(8, 1)
-    on = ((packed.to(torch.int32).view(1, -1) & w) != 0).reshape(-1)[:n]  # plane-major, as packed
+    on = (packed.to(torch.int32).view(1, -1) & w) != 0  # (8, m): plane-major, as packed
     factor = on.to(g.dtype) if kind != "leaky" else torch.where(on, 1.0, slope).to(g.dtype)
-    out = _flat(g, channels_last) * factor
+    if n % 8 == 0:  # the planes tile g exactly: multiply plane by plane, a 2-D loop without divisions
+        out = (_flat(g, channels_last).view(8, -1) * factor).view(-1)
+    else:
+        out = _flat(g, channels_last) * factor.reshape(-1)[:n]
     return from_memory_order(out, shape, channels_last) if len(shape) == 4 else out.view(shape)
 
 

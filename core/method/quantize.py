@@ -140,8 +140,16 @@ def _decode_pass(packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, sh
                  channels_last: bool, bits: int, dtype: torch.dtype) -> torch.Tensor:
     """lo + code * scale, (N, C, H, W) in the given layout and dtype."""
     per, mask = 8 // bits, (1 << bits) - 1
-    planes = [(packed >> (bits * i)) & mask for i in range(per)] if per > 1 else [packed]
-    codes = torch.cat(planes)[: math.prod(shape)]
+    if per > 1 and shape[0] % per == 0:
+        # plane i is then the i-th chunk of the batch: the codes are one broadcast of the bytes
+        # against the shifts, in memory order, which a compiled pass reads inside its loop (no
+        # buffer of all codes: 8 MiB at ResNet-18's first stage, batch 128, 4 bits)
+        rest = (shape[2], shape[3], shape[1]) if channels_last else tuple(shape[1:])
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device).view(per, 1, 1, 1, 1)
+        codes = ((packed.view(1, shape[0] // per, *rest) >> shifts) & mask).reshape(-1)
+    else:
+        planes = [(packed >> (bits * i)) & mask for i in range(per)] if per > 1 else [packed]
+        codes = torch.cat(planes)[: math.prod(shape)]
     q = from_memory_order(codes, shape, channels_last)
     out = q.float() * scale.float()[:, :, None, None] + lo.float()[:, :, None, None]
     return out.to(dtype)
