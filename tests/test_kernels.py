@@ -1,6 +1,7 @@
 """The fast path against the reference: compiled CPU passes and Triton kernels (run under
 Triton's interpreter on the CPU, so CI checks them without a GPU) give the same bits."""
 
+import json
 import os
 import subprocess
 import sys
@@ -303,3 +304,44 @@ def test_every_triton_kernel_compiles_for_real_gpus_without_one():
             expected = not fp8 or kernels.can_use(torch.float8_e4m3fn, divmod(capability, 10))
             assert compiles(name, signature, constexprs, capability) == expected, (name, constexprs, capability)
     assert len(variants) >= 40
+
+
+def test_agreement_tells_bits_from_rounding_from_a_layout_change():
+    from core.analysis.pass_bench import agreement
+
+    a = torch.randn(2, 3, 4, 4)
+    assert agreement(a, a.clone()) == (True, 0.0)
+    b = a.clone()
+    b.view(-1).view(torch.int32)[5] ^= 1  # one bit of one value
+    same, diff = agreement((a, a), (a.clone(), b))
+    assert not same and 0 < diff < 1e-6
+    assert agreement(a, a.contiguous(memory_format=torch.channels_last)) == (False, float("inf"))
+    assert agreement(a, a.double()) == (False, float("inf"))
+
+
+def test_bench_passes_compares_every_fast_pass_with_its_reference(capsys):
+    """On the CPU the fast versions are the compiled passes: the same bits as the reference for
+    the element-wise ones, BatchNorm's backward to float32 rounding; and no call holds more
+    memory than the reference's (the fused ones hold only their outputs)."""
+    from core.cli import main
+
+    args = ["bench", "passes", "--batch", "2", "--channels", "5", "--size", "9", "--repeats", "1", "--threads", "1"]
+    assert main([*args, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    if rows[0]["fast"] == "reference":
+        pytest.skip("torch.compile unavailable here (no C++ compiler)")
+    assert {r["name"] for r in rows} == set(fastpath._reference)  # every registered pass, measured
+    for r in rows:
+        assert r["fast"] == "compiled" and r["ref_ms"] > 0 and r["fast_ms"] > 0
+        if "_bn_backward" in r["name"]:
+            assert not r["same_bits"] and r["max_rel_diff"] < 1e-5
+        else:
+            assert r["same_bits"], r["pass"]
+        assert 0 < r["fast_peak_bytes"] <= r["ref_peak_bytes"], r["pass"]
+    fused = {r["pass"]: r for r in rows}
+    for label in ("ReLU mask: pack", "codes: encode 4-bit", "BN: backward from 4-bit codes"):
+        assert fused[label]["fast_peak_bytes"] < fused[label]["ref_peak_bytes"] / 2, label
+    assert main([*args, "--reference"]) == 0
+    lines = capsys.readouterr().out.splitlines()[3:3 + len(rows)]  # header, column names, rule
+    assert [line.split("  ")[0] for line in lines] == [r["pass"] for r in rows]
+    assert all(" reference " in line and line.rstrip().endswith("same bits") for line in lines)

@@ -1,4 +1,5 @@
-"""`python -m core bench {memory,speed}`: policies side by side, measured in one run (tables or JSON)."""
+"""`python -m core bench {memory,speed,passes}`: policies side by side, measured in one run, or the
+fast path's passes against their reference (tables or JSON)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import torch
 
 from ..analysis.bench import DEFAULT_POLICIES, bench_memory, bench_speed
+from ..analysis.pass_bench import bench_passes
 from ..engine.environment import pick_device
 from ..method import CompressionPolicy
 from ..method.meter import format_bytes
@@ -68,13 +70,29 @@ def format_speed(rows, header) -> str:
     return f"{header}\n" + _table(rows, cols) + note
 
 
+def format_passes(rows, header) -> str:
+    cols = [("pass", lambda r: r["pass"]), ("fast path", lambda r: r["fast"]),
+            ("reference", lambda r: f"{r['ref_ms']:.2f} ms"), ("fast", lambda r: f"{r['fast_ms']:.2f} ms"),
+            ("speed-up", lambda r: f"{r['speedup']:.2f}x"),
+            ("peak, reference", lambda r: format_bytes(r["ref_peak_bytes"])),
+            ("peak, fast", lambda r: format_bytes(r["fast_peak_bytes"])),
+            ("agreement", lambda r: "same bits" if r["same_bits"] else f"{r['max_rel_diff']:.1e} of max")]
+    return (f"{header}\n" + _table(rows, cols) +
+            "\nmedian of interleaved repeats; peak = the most memory one call held above what existed before "
+            "(its outputs included); agreement: the same bits, dtype and layout as the reference, or the largest "
+            "difference relative to the reference's largest value.")
+
+
 def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="memory and speed of policies, side by side")
-    p.add_argument("what", choices=["memory", "speed"])
+    p = subparsers.add_parser("bench", help="memory and speed of policies side by side, or of the fast path's passes")
+    p.add_argument("what", choices=["memory", "speed", "passes"],
+                   help="passes: each fast-path pass (Triton kernel on CUDA, compiled on the CPU) against its "
+                        "PyTorch reference on one activation (--batch, --channels, --size)")
     p.add_argument("--model", default=None, help="default: resnet18 for memory, resnet20 for speed")
     p.add_argument("--stem", default="cifar", choices=["cifar", "imagenet"])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--size", type=int, default=32, help="input height = width")
+    p.add_argument("--channels", type=int, default=64, help="passes: the activation's channels")
     p.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES))
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=7, help="speed: timed repeats per policy")
@@ -96,6 +114,14 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    if args.what == "passes":
+        rows = bench_passes(args.batch, args.channels, args.size, device, repeats=args.repeats,
+                            reference=args.reference)
+        shape = f"{args.batch}x{args.channels}x{args.size}x{args.size}"
+        print(json.dumps({"shape": shape, "device": device.type, "torch": torch.__version__, "rows": rows}, indent=1)
+              if args.json else format_passes(rows, f"passes: one activation {shape} (channels_last), {device.type}, "
+                                                    f"{torch.get_num_threads()} threads, torch {torch.__version__}"))
+        return 0
     model = args.model or ("resnet18" if args.what == "memory" else "resnet20")
     # the stem is PoolProp's own ResNets' choice; a torchvision model comes with its own
     title = model if model.startswith("torchvision:") else f"{model} ({args.stem} stem)"
