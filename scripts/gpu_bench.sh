@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures issues 26 and 27 ask for, on an idle card (run it before any training: timing on
 # a busy card means nothing). Writes JSON into OUT_DIR; every command is bounded by BUDGET_S.
+#   passes:  each Triton kernel against its PyTorch reference on ResNet-18's first-stage activation
+#            (batch BATCH18, 64 channels, SIZE/4 px): the same bits on the card, time, peak memory
 #   speed:   ResNet-18 (ImageNet stem, 224 px, batch 256) and torchvision's ResNet-50 (224 px,
 #            batch 64): wall ratio (CUDA events) and max_memory_allocated per policy, with the
 #            Triton kernels on and with the PyTorch reference (--reference)
@@ -26,6 +28,8 @@ run() {  # name, then the command: bounded by the time left, output to OUT/name.
 }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/device.txt" 2>&1
+run passes python -m core bench passes --batch "$BATCH18" --channels 64 --size $(( SIZE / 4 )) --repeats 20 \
+    --device "$DEVICE" --json
 for ref in "" "--reference"; do
   tag=${ref:+_reference}
   run "speed_resnet18$tag" python -m core bench speed --model resnet18 --stem imagenet --size "$SIZE" \
