@@ -241,9 +241,10 @@ def _kernel_variants():
     or writes float8) for every variant a step uses."""
     bn = {"g_ptr": "*fp32", "hat_ptr": "*fp32", "packed_ptr": "*u8", "lo_ptr": "*fp32", "scale_ptr": "*fp32",
           "mean_ptr": "*fp32", "invstd_ptr": "*fp32"}
-    # x_hat kept as float8 or bf16, or codes of each width (x_hat's pointer is then g's, unused)
-    kept = [({"hat_ptr": "*fp8e4nv"}, {"CODES": False, "BITS": 8}, True),
-            ({"hat_ptr": "*bf16"}, {"CODES": False, "BITS": 8}, False),
+    # x_hat kept as float8 or bf16, or codes of each width (the unread source's pointers get
+    # placeholders: invstd's, or g's for x_hat)
+    kept = [({"hat_ptr": "*fp8e4nv", "packed_ptr": "*fp32"}, {"CODES": False, "BITS": 8}, True),
+            ({"hat_ptr": "*bf16", "packed_ptr": "*fp32"}, {"CODES": False, "BITS": 8}, False),
             *(({}, {"CODES": True, "BITS": b}, False) for b in (8, 4, 2, 1))]
     rows = [("_mask_pack_kernel", {"x_ptr": x, "out_ptr": "*u8", "n": "i32", "m": "i32", "a": "fp32", "b": "fp32"},
              {"KIND": k, "BLOCK": 1024}, False) for x in ("*fp32", "*bf16") for k in (0, 1)]

@@ -281,9 +281,10 @@ def _bn_backward(g, shape, channels_last, weight, invstd, hat=None, codes=None, 
     n = n_ * C * HW
     g_flat = _flat(g, channels_last)  # a copy only where g's layout differs from the kept input's
     dev = g.device
+    # the kernels take both sources' pointers; the one a variant does not read gets a placeholder
     if codes is None:
-        hat_flat, packed, lo, scale, m = _flat(hat, channels_last), g_flat, invstd, invstd, n
-        mean = invstd
+        hat_flat, m = _flat(hat, channels_last), n
+        packed = lo = scale = mean = invstd
     else:
         packed, lo, scale = codes
         hat_flat, m = g_flat, packed.numel()
