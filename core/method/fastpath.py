@@ -5,10 +5,12 @@ Every pass registered here with `@fused` is the reference: plain PyTorch, any de
 tests check the method against. `use_compiled(True)` swaps in torch.compile'd versions (static
 shapes: inductor writes one vectorised C++ loop per pass and shape, compiled once per process
 and cached on disk). On CUDA, passes with a Triton kernel (core.method.kernels) run that
-kernel instead. Compiled and Triton element-wise passes are bit-identical to the reference
-(tested; Triton under TRITON_INTERPRET=1 on the CPU); compiled and Triton reductions
-(BatchNorm's backward) sum in another order and match it to float32 rounding. The trainer and the benchmarks switch
-the fast path on; POOLPROP_COMPILE=0 keeps the reference everywhere.
+kernel instead; a kernel returns NotImplemented for what it cannot do (a dtype, an older
+card), and the pass's other version runs. Compiled and Triton element-wise passes are
+bit-identical to the reference (tested; Triton under TRITON_INTERPRET=1 on the CPU); compiled
+and Triton reductions (BatchNorm's backward) sum in another order and match it to float32
+rounding. The trainer and the benchmarks switch the fast path on; POOLPROP_COMPILE=0 keeps the
+reference everywhere.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ def fused(fn: Callable) -> Callable:
     def call(*args, **kwargs):
         if _triton_on["on"] and isinstance(args[0], torch.Tensor) and args[0].is_cuda and _load_kernels() \
                 and name in _triton:
-            return _triton[name](*args, **kwargs)
+            out = _triton[name](*args, **kwargs)
+            if out is not NotImplemented:  # a kernel declines what it cannot do (a dtype, an older card)
+                return out
         return _active[name](*args, **kwargs)
 
     call.reference = fn

@@ -66,6 +66,16 @@ def _mask_apply_kernel(g_ptr, packed_ptr, out_ptr, n, m, slope, LEAKY: tl.conste
 
 
 @triton.jit
+def _channel_of(idx, C, HW, CHANNELS_LAST: tl.constexpr):
+    """The channel of memory-order positions idx: NHWC for channels_last, else NCHW."""
+    if CHANNELS_LAST:
+        c = idx % C
+    else:
+        c = (idx // HW) % C
+    return c
+
+
+@triton.jit
 def _encode_kernel(x_ptr, lo_ptr, inv_ptr, seed_ptr, out_ptr, n, m, C, HW,
                    BITS: tl.constexpr, PER: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
     """out[j] = sum_i q(i*m + j) << (BITS*i), q = floor((x - lo) * inv + u), u from the hash of
@@ -78,13 +88,7 @@ def _encode_kernel(x_ptr, lo_ptr, inv_ptr, seed_ptr, out_ptr, n, m, C, HW,
     for i in tl.static_range(PER):
         idx = i * m + j
         inside = keep & (idx < n)
-        if CHANNELS_LAST:  # memory order n, h, w, c
-            c = idx % C
-            s = idx // (HW * C)
-        else:  # n, c, h, w
-            c = (idx // HW) % C
-            s = idx // (HW * C)
-        grp = s * C + c
+        grp = idx // (HW * C) * C + _channel_of(idx, C, HW, CHANNELS_LAST)  # (sample, channel)
         x = tl.load(x_ptr + idx, mask=inside, other=0.0).to(tl.float32)
         lo = tl.load(lo_ptr + grp, mask=inside, other=0.0)
         inv = tl.load(inv_ptr + grp, mask=inside, other=0.0)
@@ -113,13 +117,7 @@ def _decode_kernel(packed_ptr, lo_ptr, scale_ptr, out_ptr, n, m, C, HW,
     for i in tl.static_range(PER):
         idx = i * m + j
         inside = keep & (idx < n)
-        if CHANNELS_LAST:
-            c = idx % C
-            s = idx // (HW * C)
-        else:
-            c = (idx // HW) % C
-            s = idx // (HW * C)
-        grp = s * C + c
+        grp = idx // (HW * C) * C + _channel_of(idx, C, HW, CHANNELS_LAST)
         lo = tl.load(lo_ptr + grp, mask=inside, other=0.0)
         scale = tl.load(scale_ptr + grp, mask=inside, other=0.0)
         code = ((byte >> (BITS * i)) & top).to(tl.float32)
@@ -157,10 +155,7 @@ def _bn_keep_kernel(x_ptr, mean_ptr, invstd_ptr, out_ptr, n, C, HW, X_BF16: tl.c
     PyTorch's element-wise ops do), clamped to +-448 and rounded for float8, in the store dtype."""
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = idx < n
-    if CHANNELS_LAST:
-        c = idx % C
-    else:
-        c = (idx // HW) % C
+    c = _channel_of(idx, C, HW, CHANNELS_LAST)
     if X_BF16:  # x's bits (int16) widened by hand, as the store below: exact for subnormals too
         x = (tl.load(x_ptr + idx, mask=inside, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
     else:
@@ -250,10 +245,7 @@ def _bn_grad_input_kernel(g_ptr, hat_ptr, packed_ptr, lo_ptr, scale_ptr, mean_pt
     """gx = k * (g - mean(g) - x_hat * mean(g * x_hat)) per channel, k = weight * invstd."""
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = idx < n
-    if CHANNELS_LAST:
-        c = idx % C
-    else:
-        c = (idx // HW) % C
+    c = _channel_of(idx, C, HW, CHANNELS_LAST)
     s = idx // (HW * C)
     g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(tl.float32)
     xh = _load_hat(hat_ptr, packed_ptr, lo_ptr, scale_ptr, mean_ptr, invstd_ptr, idx, inside, c, s, m, C, CODES, BITS)
@@ -318,12 +310,11 @@ def _bn_backward(g, shape, channels_last, weight, invstd, hat=None, codes=None, 
 
 def bn_keep(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, store: torch.dtype) -> torch.Tensor:
     """BatchNorm's kept x_hat in one pass, the bits of core.method.norms._bn_keep (float32 or
-    bf16 x; a float16 x, or a card that cannot write float8, runs the reference)."""
+    bf16 x; for a float16 x, or on a card that cannot write float8, NotImplemented: the
+    dispatcher then runs the pass's other version)."""
     if x.dtype not in (torch.float32, torch.bfloat16) or store not in (torch.bfloat16, torch.float8_e4m3fn) or (
             x.dim() != 4 or x.is_cuda and not can_use(store, torch.cuda.get_device_capability(x.device))):
-        from .norms import _bn_keep
-
-        return _bn_keep.reference(x, mean, invstd, store)
+        return NotImplemented
     cl = is_channels_last(x)
     flat = _flat(x, cl)
     n, C = flat.numel(), x.shape[1]
@@ -340,9 +331,7 @@ def bn_keep(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, store: to
 def bn_backward_from_hat(g: torch.Tensor, x_hat: torch.Tensor, weight: torch.Tensor | None,
                          invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if x_hat.is_cuda and not can_use(x_hat.dtype, torch.cuda.get_device_capability(x_hat.device)):
-        from .norms import _bn_backward_from_hat  # this card cannot load the dtype in a kernel
-
-        return _bn_backward_from_hat.reference(g, x_hat, weight, invstd)
+        return NotImplemented  # this card cannot load the dtype in a kernel
     return _bn_backward(g, tuple(x_hat.shape), is_channels_last(x_hat), weight, invstd, hat=x_hat)
 
 
