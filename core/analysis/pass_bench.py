@@ -120,8 +120,10 @@ def bench_passes(batch=128, channels=64, size=32, device="auto", repeats=20, cha
         for label, fn, args in pass_cases(x):
             ref_call, fast_call = functools.partial(fn.reference, *args), functools.partial(fn, *args)
             kind = fast_kind
-            if cuda and kind == "triton" and not (fastpath._load_kernels() and fn.pass_name in fastpath._triton):
-                kind = "reference"  # no kernel for this pass: the step runs the reference
+            if kind == "triton":  # no kernel for this pass, or one that declines these inputs: the reference runs
+                kernel = fastpath._triton.get(fn.pass_name) if fastpath._load_kernels() else None
+                if kernel is None or kernel(*args) is NotImplemented:
+                    kind = "reference"
             same, diff = agreement(ref_call(), fast_call())  # also the warm-up (compiles)
             times = {"ref": [], "fast": []}
             for _ in range(repeats):
