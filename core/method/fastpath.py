@@ -10,7 +10,9 @@ card), and the pass's other version runs. Compiled and Triton element-wise passe
 bit-identical to the reference (tested; Triton under TRITON_INTERPRET=1 on the CPU); compiled
 and Triton reductions (BatchNorm's backward) sum in another order and match it to float32
 rounding. The trainer and the benchmarks switch the fast path on; POOLPROP_COMPILE=0 keeps the
-reference everywhere.
+reference everywhere. A pass is compiled once per shape, for up to 256 shapes in a process
+(dynamo's recompile limit, raised here); past that it runs eagerly, with the same bits but the
+reference's time and memory (a training run uses a handful; the whole test suite, more).
 """
 
 from __future__ import annotations
