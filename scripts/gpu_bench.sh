@@ -11,7 +11,7 @@
 #   then, if time is left: ResNet-18's peaks with the optimiser step inside the backward, and
 #            what that step costs against a plain one
 # Usage:  scripts/gpu_bench.sh OUT_DIR [BUDGET_S]             (device call: timeout_s >= BUDGET_S + 60)
-# CPU rehearsal: DEVICE=cpu SIZE=64 BATCH18=8 BATCH50=4 PLAN_BATCH=8 FIT="2 4" scripts/gpu_bench.sh /tmp/gb 300
+# CPU rehearsal: PATH=.venv/bin:$PATH DEVICE=cpu SIZE=64 BATCH18=8 BATCH50=4 PLAN_BATCH=8 FIT="2 4" scripts/gpu_bench.sh /tmp/gb 500
 # Needs only torch, torchvision, numpy, safetensors.
 set -uo pipefail
 OUT=$1; BUDGET=${2:-480}
