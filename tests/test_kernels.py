@@ -169,10 +169,13 @@ import torch
 from core.method import kernels, norms, quantize as Q
 torch.manual_seed(0)
 checked = 0
+# 70 channels: two channel blocks in NHWC; 4 x 3 x 40 x 40: several programs, row loops and partial
+# sums (19 output programs, 2 loop turns per NCHW row, 7 NHWC parts), with a bf16 gradient (autocast)
+shapes = ((2, 3, 5, 7, torch.float32), (1, 70, 3, 3, torch.float32), (4, 3, 40, 40, torch.bfloat16))
 for x_cl, g_cl in ((False, False), (True, True), (True, False), (False, True)):
-    for shape in ((2, 3, 5, 7), (1, 70, 3, 3)):  # 70 channels: two channel blocks in NHWC
+    for *shape, g_dtype in shapes:
         x = torch.randn(shape) * 2 + 1
-        g = torch.randn(shape)
+        g = torch.randn(shape).to(g_dtype)
         x = x.contiguous(memory_format=torch.channels_last) if x_cl else x
         g = g.contiguous(memory_format=torch.channels_last) if g_cl else g
         w = torch.rand(shape[1]) + 0.5
@@ -183,6 +186,8 @@ for x_cl, g_cl in ((False, False), (True, True), (True, False), (False, True)):
             packed, lo, scale, info = Q.quantize(x, bits)
             cases.append((norms._bn_backward_from_codes,
                           (g, packed, lo, scale, info.shape, info.channels_last, bits, w, mean, invstd)))
+        if g_dtype != torch.float32:
+            cases = cases[1:2] + cases[-1:]  # float8 x_hat, 1-bit codes: the interpreter is slow
         for fn, args in cases:
             kernel = kernels.KERNELS[fn.pass_name]
             for r, k in zip(fn.reference(*args), kernel(*args)):
@@ -194,15 +199,16 @@ print("close", checked)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.split() == ["close", str(4 * 2 * (4 + len(Q.BITS)))]
+    assert p.stdout.split() == ["close", str(4 * (2 * (4 + len(Q.BITS)) + 2))]
 
 
 @pytest.mark.skipif(not fastpath.triton_available(), reason="Triton is not installed")
 def test_triton_batchnorm_keep_under_the_interpreter_gives_the_references_bits():
     """BatchNorm's kept x_hat in one kernel: the same bits as the reference's casts, for every
     float8 value, every tie between two (to even), one ulp either side of each tie, values past
-    448 (clamped), signed zeros and bfloat16's subnormals; from a float32 or a bfloat16 x (whose
-    two ops PyTorch rounds to bfloat16 each), both layouts, per-channel mean and invstd."""
+    448 (clamped), infinities, signed zeros and bfloat16's subnormals (NaN stays NaN); from a
+    float32 or a bfloat16 x (whose two ops PyTorch rounds to bfloat16 each), both layouts,
+    per-channel mean and invstd."""
     code = r"""
 import torch
 from core.method import kernels, norms
@@ -213,7 +219,8 @@ bf = torch.arange(-32768, 32767, 13, dtype=torch.int32).to(torch.int16).view(tor
 bf = bf[torch.isfinite(bf)]
 near = lambda t: torch.cat([t, *(torch.nextafter(t, torch.full_like(t, v)) for v in (1e9, -1e9))])
 values = torch.cat([e4m3, near(ties), near(bf), (bf[1:] + bf[:-1]) / 2,
-                    torch.tensor([0.0, -0.0, 448.5, 479.0, 500.0, -1e4, 1e-30, -1e-30])])
+                    torch.tensor([0.0, -0.0, 448.5, 479.0, 500.0, -1e4, 1e-30, -1e-30, float("nan"), float("inf"),
+                                  -float("inf")])])
 values = torch.cat([values, torch.zeros((-values.numel()) % 24)])
 checked = 0
 for cl in (False, True):
@@ -225,7 +232,10 @@ for cl in (False, True):
             for store, bits in ((torch.bfloat16, torch.int16), (torch.float8_e4m3fn, torch.uint8)):
                 xx = x.to(dtype)
                 r, k = norms._bn_keep.reference(xx, mean, invstd, store), kernels.bn_keep(xx, mean, invstd, store)
-                assert torch.equal(r.view(bits), k.view(bits)) and r.stride() == k.stride(), (cl, dtype, store)
+                nan = r.float().isnan()  # NaN stays NaN; its bits differ between PyTorch's own casts
+                assert torch.equal(nan, k.float().isnan()) and nan.any()
+                same = torch.equal(r.view(bits)[~nan], k.view(bits)[~nan])
+                assert same and r.stride() == k.stride(), (cl, dtype, store)
                 checked += 1
 assert kernels.bn_keep(x.half(), mean, invstd, torch.float8_e4m3fn) is NotImplemented  # the reference runs
 print("equal", checked, values.numel())
@@ -259,10 +269,11 @@ def _kernel_variants():
                                  "n": "i32", "m": "i32", "C": "i32", "HW": "i32"},
               {"BITS": b, "PER": 8 // b, "CHANNELS_LAST": cl, "BLOCK": 1024}, False) for b in (4, 1) for cl in (0, 1)]
     rows += [("_bn_keep_kernel", {"x_ptr": "*i16" if xb else "*fp32", "mean_ptr": "*fp32", "invstd_ptr": "*fp32",
-                                  "out_ptr": "*fp8e4nv" if fp8 else "*i16", "n": "i32", "C": "i32", "HW": "i32"},
-              {"X_BF16": xb, "STORE_FP8": fp8, "CHANNELS_LAST": cl, "BLOCK": 1024}, fp8)
+                                  "out_ptr": "*u8" if fp8 else "*i16", "n": "i32", "C": "i32", "HW": "i32"},
+              {"X_BF16": xb, "STORE_FP8": fp8, "CHANNELS_LAST": cl, "BLOCK": 1024}, False)  # bytes: any card
              for xb in (False, True) for fp8 in (False, True) for cl in (False, True)]
     sums = {"sb_ptr": "*fp32", "sw_ptr": "*fp32", "m": "i32", "C": "i32", "HW": "i32"}
+    kept.append(({"g_ptr": "*bf16", "hat_ptr": "*fp8e4nv", "packed_ptr": "*fp32"}, {"CODES": False, "BITS": 8}, True))
     for types, consts, fp8 in kept:
         rows.append(("_bn_sums_rows_kernel", {**bn, **types, **sums}, {**consts, "BLOCK": 256}, fp8))
         rows.append(("_bn_sums_columns_kernel", {**bn, **types, **sums, "R": "i32", "ROWS": "i32"},
@@ -338,8 +349,8 @@ def test_bench_passes_compares_every_fast_pass_with_its_reference(capsys):
     assert {r["name"] for r in rows} == set(fastpath._reference)  # every registered pass, measured
     for r in rows:
         assert r["fast"] == "compiled" and r["ref_ms"] > 0 and r["fast_ms"] > 0
-        if "_bn_backward" in r["name"]:
-            assert not r["same_bits"] and r["max_rel_diff"] < 1e-5
+        if "_bn_backward" in r["name"]:  # sums in another order: to rounding
+            assert r["max_rel_diff"] < 1e-5
         else:
             assert r["same_bits"], r["pass"]
         assert 0 < r["fast_peak_bytes"] <= r["ref_peak_bytes"], r["pass"]

@@ -65,6 +65,21 @@ def test_groups_pool_seeds_and_skip_unfinished(tiny_runs, tmp_path):
     assert pooled["hf_share"] == pytest.approx(high_frequency_share(conv1))
 
 
+def test_a_run_trained_on_for_more_epochs_is_left_out(tiny_runs, tmp_path):
+    """Its schedule was stretched by the resume (the learning rate rose again): it is a run of
+    neither length, so it joins no group; one resumed with the same schedule still counts."""
+    root = tmp_path / "runs"
+    shutil.copytree(tiny_runs / "tiny-none", root / "straight")
+    for name, was in (("stretched", {"epochs": 1, "total_steps": 4}), ("resumed", {"threads": 2})):
+        shutil.copytree(tiny_runs / "tiny-none", root / name)
+        cfg = json.loads((root / name / "config.json").read_text())
+        cfg["resumes"] = [{"at": "2026-12-07T00:00:00", "step": 4, "epoch": 1, "was": was}]
+        cfg["seed"] = 7 if name == "stretched" else 8
+        (root / name / "config.json").write_text(json.dumps(cfg))
+    [row] = reproduction.group_runs(reproduction.runs_in([root]))
+    assert sorted(row["seeds"]) == [0, 8]
+
+
 def test_a_run_found_in_two_folders_counts_once(tiny_runs, tmp_path):
     """checkpoints/ and runs/shipped/ both hold a collected run: one seed, not two."""
     shutil.copytree(tiny_runs, tmp_path / "shipped")

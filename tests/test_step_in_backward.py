@@ -138,10 +138,12 @@ def test_the_switch_may_change_when_a_run_is_resumed(tmp_path):
     # config.json says what the run went on with, and what it had before
     after = json.loads((tmp_path / "b" / "config.json").read_text())
     assert before["step_in_backward"] is False and after["step_in_backward"] is True
-    assert [r["was"] for r in after["resumes"]] == [{"step_in_backward": False}]
-    assert after["resumes"][0]["epoch"] == 1
-    assert {k: v for k, v in after.items() if k not in ("step_in_backward", "resumes")} == \
-        {k: v for k, v in before.items() if k != "step_in_backward"}
+    [was] = [r["was"] for r in after["resumes"]]
+    assert was == {"step_in_backward": False, "memory": before["memory"]} and after["resumes"][0]["epoch"] == 1
+    # the model state now counts one gradient at a time
+    assert after["memory"]["model_state_bytes"]["grads"] < before["memory"]["model_state_bytes"]["grads"]
+    assert {k: v for k, v in after.items() if k not in ("step_in_backward", "resumes", "memory")} == \
+        {k: v for k, v in before.items() if k not in ("step_in_backward", "memory")}
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
 

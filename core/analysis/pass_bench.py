@@ -81,11 +81,13 @@ def bench_passes(batch=128, channels=64, size=32, device="auto", repeats=20, cha
     max_memory_allocated, the CPU allocator's events), and how they agree (`same_bits`,
     `max_rel_diff`)."""
     device = pick_device(device)
-    if device.type == "cuda":
+    was_compiled, was_triton = fastpath.compiled_in_use(), fastpath.triton_on()
+    if device.type == "cuda":  # a CUDA step runs the Triton kernels, else the reference
         fastpath.use_triton(not reference)
+        fastpath.use_compiled(False)
         fast_kind = "triton" if not reference and fastpath.triton_available() else "reference"
     else:
-        fast_kind = "compiled" if not reference and fastpath.use_compiled(True) else "reference"
+        fast_kind = "compiled" if fastpath.use_compiled(not reference) else "reference"
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, channels, size, size, generator=gen, device=device) * 1.5 + 0.2
     if channels_last:
@@ -133,8 +135,8 @@ def bench_passes(batch=128, channels=64, size=32, device="auto", repeats=20, cha
             rows.append({"pass": label, "name": fn.pass_name, "fast": kind, "ref_ms": ref_s * 1000,
                          "fast_ms": fast_s * 1000, "speedup": ref_s / fast_s, "ref_peak_bytes": peak(ref_call),
                          "fast_peak_bytes": peak(fast_call), "same_bits": same, "max_rel_diff": diff})
-    finally:
-        fastpath.use_triton(True)
-        if device.type == "cpu" and fast_kind == "compiled":
-            fastpath.use_compiled(False)
+    finally:  # as it was before
+        fastpath.use_triton(was_triton)
+        if fastpath.compiled_in_use() != was_compiled:
+            fastpath.use_compiled(was_compiled)
     return rows

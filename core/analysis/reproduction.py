@@ -54,7 +54,9 @@ def trained_on(cfg: dict) -> str:
 def group_runs(run_dirs) -> list[dict]:
     """Finished runs grouped by (data, model, policy, epochs), in first-seen order.
 
-    A run counts only when finished: a stopped run's accuracy is not that of its schedule.
+    A run counts only when finished: a stopped run's accuracy is not that of its schedule. Nor
+    does a run a resume trained on for more epochs: its schedule was stretched (the learning
+    rate rose again), so it is not a run of either length.
     """
     groups: dict[tuple, dict] = {}
     for run in run_dirs:
@@ -62,6 +64,8 @@ def group_runs(run_dirs) -> list[dict]:
         if run.status != "finished" or not run.summary:
             continue
         cfg, s = run.config, run.summary
+        if any("epochs" in r.get("was", {}) for r in cfg.get("resumes", [])):
+            continue
         policy = str(CompressionPolicy.parse(cfg.get("policy") or "none"))
         key = (data_family(cfg.get("dataset", ""), cfg.get("classes")), cfg["model"], policy, int(cfg["epochs"]))
         g = groups.setdefault(key, {"data": key[0], "model": key[1], "policy": policy, "epochs": key[3],

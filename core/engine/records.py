@@ -55,7 +55,12 @@ def resumed_config_record(t, stored: dict) -> dict:
            "device_used": str(t.device),
            "device_name": torch.cuda.get_device_name(t.device) if t.device.type == "cuda" else platform.machine(),
            "amp_dtype_used": None if t.amp_dtype is None else str(t.amp_dtype).replace("torch.", ""),
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(),
+           "world_size": t.world,
+           "versions": versions()}
+    amp_bytes = None if t.saved_report_amp is None else t.saved_report_amp.total_bytes
+    now["memory"] = {**stored.get("memory", {}), "model_state_bytes": t.state_bytes,  # the switch changes it
+                     "saved_activation_bytes_amp": amp_bytes}  # the device (autocast or not) does
     was = {k: stored.get(k) for k, v in now.items() if stored.get(k) != v}
     resumes = [*stored.get("resumes", []), {"at": now_iso(), "step": t.step, "epoch": t.epoch, "was": was}]
     return {**stored, **now, "resumes": resumes}

@@ -101,6 +101,11 @@ def use_triton(on: bool = True) -> None:
     _triton_on["on"] = bool(on)
 
 
+def triton_on() -> bool:
+    """Whether CUDA calls go to the Triton kernels (use_triton)."""
+    return _triton_on["on"]
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

@@ -149,6 +149,19 @@ def _round_e4m3(v):
 
 
 @triton.jit
+def _e4m3_bits(r):
+    """The float8 e4m3fn byte of r (float32 on the e4m3 grid, or NaN), built from r's bits (the
+    interpreter's cast turns NaN into 384): NaN is 0x7F with r's sign, as PyTorch's cast gives."""
+    bits = r.to(tl.int32, bitcast=True)
+    magnitude = bits & 0x7FFFFFFF
+    e = (magnitude >> 23) - 127
+    normal = ((e + 7) << 3) | ((magnitude >> 20) & 7)  # 3 mantissa bits (r is on the grid)
+    subnormal = (tl.abs(r) * 512.0).to(tl.int32)  # below 2^-6: a multiple of 2^-9
+    byte = tl.where(magnitude > 0x7F800000, 0x7F, tl.where(e >= -6, normal, subnormal))
+    return (byte | ((bits >> 24) & 0x80)).to(tl.uint8)
+
+
+@triton.jit
 def _bn_keep_kernel(x_ptr, mean_ptr, invstd_ptr, out_ptr, n, C, HW, X_BF16: tl.constexpr, STORE_FP8: tl.constexpr,
                     CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
     """out = x_hat = (x - mean) * invstd in x's dtype (each op rounded to bfloat16 for a bf16 x, as
@@ -167,8 +180,10 @@ def _bn_keep_kernel(x_ptr, mean_ptr, invstd_ptr, out_ptr, n, C, HW, X_BF16: tl.c
     if X_BF16:
         v = _round_bf16(v)
     if STORE_FP8:
-        v = _round_e4m3(tl.minimum(tl.maximum(v, -448.0), 448.0))
-        tl.store(out_ptr + idx, v.to(out_ptr.dtype.element_ty), mask=inside)  # exact: v is on the grid
+        # clamp as torch.clamp does, NaN kept (Triton's minimum/maximum drop it by default)
+        v = _round_e4m3(tl.minimum(tl.maximum(v, -448.0, propagate_nan=tl.PropagateNan.ALL), 448.0,
+                                   propagate_nan=tl.PropagateNan.ALL))
+        tl.store(out_ptr + idx, _e4m3_bits(v), mask=inside)  # out as bytes
     else:  # bfloat16 as its bits (int16): the top half of v's, once rounded
         if not X_BF16:
             v = _round_bf16(v)
@@ -182,7 +197,7 @@ def _load_hat(hat_ptr, packed_ptr, lo_ptr, scale_ptr, mean_ptr, invstd_ptr, idx,
     (CODES) x decoded from its planar codes as core.method.quantize._decode_pass does, then
     normalised as core.method.norms._bn_backward_from_codes does."""
     if CODES:
-        plane = idx // m
+        plane = tl.where(inside, idx // m, 0)  # lanes past the end: no shift past the byte
         byte = tl.load(packed_ptr + (idx - plane * m), mask=inside, other=0).to(tl.int32)
         code = ((byte >> (BITS * plane)) & ((1 << BITS) - 1)).to(tl.float32)
         grp = s * C + c
@@ -271,6 +286,7 @@ def _bn_backward(g, shape, channels_last, weight, invstd, hat=None, codes=None, 
     n_, C = shape[0], shape[1]
     HW = math.prod(shape[2:])
     n = n_ * C * HW
+    assert n < 2 ** 31, "the kernels index with int32"
     g_flat = _flat(g, channels_last)  # a copy only where g's layout differs from the kept input's
     dev = g.device
     # the kernels take both sources' pointers; the one a variant does not read gets a placeholder
@@ -310,18 +326,19 @@ def _bn_backward(g, shape, channels_last, weight, invstd, hat=None, codes=None, 
 
 def bn_keep(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, store: torch.dtype) -> torch.Tensor:
     """BatchNorm's kept x_hat in one pass, the bits of core.method.norms._bn_keep (float32 or
-    bf16 x; for a float16 x, or on a card that cannot write float8, NotImplemented: the
-    dispatcher then runs the pass's other version)."""
+    bf16 x, any card: it writes bytes; for a float16 x NotImplemented, and the dispatcher runs
+    the pass's other version)."""
     if x.dtype not in (torch.float32, torch.bfloat16) or store not in (torch.bfloat16, torch.float8_e4m3fn) or (
-            x.dim() != 4 or x.is_cuda and not can_use(store, torch.cuda.get_device_capability(x.device))):
+            x.dim() != 4):
         return NotImplemented
     cl = is_channels_last(x)
     flat = _flat(x, cl)
     n, C = flat.numel(), x.shape[1]
+    assert n < 2 ** 31, "the kernel indexes with int32"
     out = torch.empty(n, dtype=store, device=x.device)
     # mean and invstd as the reference uses them: in x's dtype (exact in float32)
     m, s = (t.to(x.dtype).float().contiguous() for t in (mean, invstd))
-    as_bits = {torch.bfloat16: torch.int16}  # bfloat16 travels as its bits (see the kernel)
+    as_bits = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8}  # stored as bits (see the kernel)
     _bn_keep_kernel[_grid(n)](flat.view(as_bits.get(x.dtype, x.dtype)), m, s, out.view(as_bits.get(store, store)), n,
                               C, math.prod(x.shape[2:]), X_BF16=x.dtype == torch.bfloat16,
                               STORE_FP8=store == torch.float8_e4m3fn, CHANNELS_LAST=cl, BLOCK=BLOCK)
