@@ -319,6 +319,31 @@ def test_every_triton_kernel_compiles_for_real_gpus_without_one():
     assert len(variants) >= 40
 
 
+def test_the_dispatcher_runs_a_kernel_and_falls_back_when_it_declines(monkeypatch):
+    """On a Triton device a pass goes to its kernel; a kernel returning NotImplemented (an input
+    it cannot take) hands the call to the pass's active version. Here the CPU poses as that
+    device, with a stand-in kernel."""
+    x = torch.randn(2, 3, 4, 4)
+    calls = []
+
+    def kernel(t, *args):
+        calls.append(t.dtype)
+        return NotImplemented if t.dtype == torch.float64 else "from the kernel"
+
+    monkeypatch.setattr(fastpath, "_on_triton_device", lambda t: True)
+    monkeypatch.setattr(fastpath, "_load_kernels", lambda: True)
+    monkeypatch.setitem(fastpath._triton, pooling.pool.pass_name, kernel)
+    assert pooling.pool(x, "avg", 2) == "from the kernel"
+    declined = pooling.pool(x.double(), "avg", 2)  # the kernel declines: the reference runs
+    assert torch.equal(declined, pooling.pool.reference(x.double(), "avg", 2))
+    fastpath.use_triton(False)
+    try:
+        assert torch.equal(pooling.pool(x, "avg", 2), pooling.pool.reference(x, "avg", 2))  # switched off
+    finally:
+        fastpath.use_triton(True)
+    assert calls == [torch.float32, torch.float64]
+
+
 def test_agreement_tells_bits_from_rounding_from_a_layout_change():
     from core.analysis.pass_bench import agreement
 

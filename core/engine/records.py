@@ -61,7 +61,7 @@ def resumed_config_record(t, stored: dict) -> dict:
     amp_bytes = None if t.saved_report_amp is None else t.saved_report_amp.total_bytes
     now["memory"] = {**stored.get("memory", {}), "model_state_bytes": t.state_bytes,  # the switch changes it
                      "saved_activation_bytes_amp": amp_bytes}  # the device (autocast or not) does
-    was = {k: stored.get(k) for k, v in now.items() if stored.get(k) != v}
+    was = {k: stored.get(k) for k, v in sorted(now.items()) if stored.get(k) != v}
     resumes = [*stored.get("resumes", []), {"at": now_iso(), "step": t.step, "epoch": t.epoch, "was": was}]
     return {**stored, **now, "resumes": resumes}
 

@@ -30,6 +30,11 @@ _triton: dict[str, Callable] = {}
 _triton_on = {"on": True}
 
 
+def _on_triton_device(t) -> bool:
+    """Whether a call with this first argument goes to a Triton kernel's device (CUDA)."""
+    return isinstance(t, torch.Tensor) and t.is_cuda
+
+
 def fused(fn: Callable) -> Callable:
     """Register `fn` as a pass; calls go to its active version (reference, compiled or Triton)."""
     name = f"{fn.__module__}.{fn.__qualname__}"
@@ -37,8 +42,7 @@ def fused(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        if _triton_on["on"] and isinstance(args[0], torch.Tensor) and args[0].is_cuda and _load_kernels() \
-                and name in _triton:
+        if _triton_on["on"] and _on_triton_device(args[0]) and _load_kernels() and name in _triton:
             out = _triton[name](*args, **kwargs)
             if out is not NotImplemented:  # a kernel declines what it cannot do (a dtype, an older card)
                 return out
