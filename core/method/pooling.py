@@ -42,12 +42,13 @@ def upsample(xp: torch.Tensor, k: int, size: tuple[int, int]) -> torch.Tensor:
     return x[:, :, : size[0], : size[1]]
 
 
-def _weight_grad_from_blocks(xp, g, weight_shape, span_y, span_x, stride, groups, ay, ax, strides):
+def _weight_grad_from_blocks(xp, g, weight_shape, span_y, span_x, stride, groups, ay, ax, strides, one_hot=False):
     """A weight gradient made of block correlations. c[o, c, dy, dx] = sum over samples and
     positions P of g[P] * xp[stride*P + lo + d], for block offsets d in [lo, hi] per axis (zero
     outside xp: xp is padded or cropped so that a dense correlation at `stride` has g's size);
     weight tap (i, j) is the sum over (y, x) of ay[i, y] * ax[j, x] * c[:, :, y, x]. Returned
-    with `strides` (the weight's, so that autograd keeps it as the .grad as it is; None: any)."""
+    with `strides` (the weight's, so that autograd keeps it as the .grad as it is; None: any).
+    `one_hot`: every tap reads one offset (blockwise), so the taps are a gather of c, exact."""
     (lo_y, hi_y), (lo_x, hi_x) = span_y, span_x
     hg, wg = g.shape[2:]
     need_h = stride[0] * (hg - 1) + (hi_y - lo_y) + 1
@@ -73,8 +74,7 @@ def _weight_grad_from_blocks(xp, g, weight_shape, span_y, span_x, stride, groups
     c = torch.ops.aten.convolution_backward(
         g, xpad, g.new_empty(kernel), None, list(stride), [0, 0], [1, 1], False, [0, 0], groups,
         [False, True, False])[1]
-    if all(bool((a.sum(1) == 1).all() and (a.max(1).values == 1).all()) for a in (ay, ax)):
-        # each tap reads one offset (blockwise): a gather, exact
+    if one_hot:
         grad = c.index_select(2, ay.argmax(1).to(c.device)).index_select(3, ax.argmax(1).to(c.device))
     else:
         grad = torch.einsum("iy,jx,ocyx->ocij", ay.to(c), ax.to(c), c)
@@ -104,7 +104,7 @@ def blockwise_weight_grad(xp, g, weight_shape, stride, padding, dilation, groups
     (lo_y, hi_y), (lo_x, hi_x) = [(min(o), max(o)) for o in offsets]
     ay, ax = [F.one_hot(torch.tensor(o) - min(o), max(o) - min(o) + 1).float() for o in offsets]
     return _weight_grad_from_blocks(xp, g, weight_shape, (lo_y, hi_y), (lo_x, hi_x), [s // k for s in stride],
-                                    groups, ay, ax, strides)
+                                    groups, ay, ax, strides, one_hot=True)
 
 
 def _lowres_taps(k: int, stride: int, offsets: list[int]):
