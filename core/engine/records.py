@@ -45,23 +45,21 @@ def config_record(t) -> dict:
     }
 
 
+# what a resume may change in config.json: the settings it may change, and what follows from them
+_RESUME_REFRESHES = (*sorted(RESUME_MAY_CHANGE), "total_steps", "device_used", "device_name", "amp_dtype_used",
+                     "threads", "world_size", "versions")
+
+
 def resumed_config_record(t, stored: dict) -> dict:
     """config.json after a resume: the stored record with the settings the run goes on with
     (RESUME_MAY_CHANGE: a longer schedule, another device, the switch; and what follows from
     them) and, under "resumes", where each resume started and what it changed from."""
-    cfg = t.config.to_dict()
-    now = {**{k: cfg[k] for k in RESUME_MAY_CHANGE},
-           "total_steps": t.total_steps,
-           "device_used": str(t.device),
-           "device_name": torch.cuda.get_device_name(t.device) if t.device.type == "cuda" else platform.machine(),
-           "amp_dtype_used": None if t.amp_dtype is None else str(t.amp_dtype).replace("torch.", ""),
-           "threads": torch.get_num_threads(),
-           "world_size": t.world,
-           "versions": versions()}
-    amp_bytes = None if t.saved_report_amp is None else t.saved_report_amp.total_bytes
-    now["memory"] = {**stored.get("memory", {}), "model_state_bytes": t.state_bytes,  # the switch changes it
-                     "saved_activation_bytes_amp": amp_bytes}  # the device (autocast or not) does
-    was = {k: stored.get(k) for k, v in sorted(now.items()) if stored.get(k) != v}
+    fresh = config_record(t)
+    now = {k: fresh[k] for k in _RESUME_REFRESHES}
+    # of the memory figures, the switch changes the model state, the device (autocast) the amp bytes
+    now["memory"] = {**stored.get("memory", {}), **{k: fresh["memory"][k] for k in (
+        "model_state_bytes", "saved_activation_bytes_amp")}}
+    was = {k: stored.get(k) for k, v in now.items() if stored.get(k) != v}
     resumes = [*stored.get("resumes", []), {"at": now_iso(), "step": t.step, "epoch": t.epoch, "was": was}]
     return {**stored, **now, "resumes": resumes}
 
