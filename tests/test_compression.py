@@ -282,6 +282,76 @@ def test_mask_relus_run_in_place_where_the_model_vouches_and_only_there():
     assert torch.equal(model(xr), plain(xr))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("store", ["bn16", "bn8", "bn4", "bn2"])
+def test_low_precision_bn_writes_over_a_conv_output_with_pytorchs_forward(store, channels_last):
+    """Where the model vouches that a BatchNorm reads a conv output nothing else reads (here a
+    plain Sequential), the compressed BatchNorm writes its output over it: the same output and
+    running statistics as PyTorch's BatchNorm, bit for bit; for codes the same gradients as out
+    of place, bit for bit; for x_hat (kept from statistics of its own) the same to float32
+    rounding of those statistics before the 8- or 16-bit rounding."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+    with torch.no_grad():
+        plain[1].weight.uniform_(0.5, 1.5), plain[1].bias.uniform_(-1, 1)
+    x = torch.randn(8, 3, 10, 10) * 3 + 2
+    if channels_last:
+        plain, x = plain.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    runs = {}
+    for inplace in (True, False):
+        model = compress_model(copy.deepcopy(plain), store)
+        assert model[1].pp_inplace  # vouched by the Sequential: conv, then BatchNorm
+        model[1].pp_inplace = inplace
+        same = []
+        model[0].register_forward_hook(lambda m, i, o, same=same: same.append(o.data_ptr()))
+        model[1].register_forward_hook(lambda m, i, o, same=same: same.append(o.data_ptr() == same[0]))
+        torch.manual_seed(1)  # the codes' dither: the same draw both times
+        out = model(x)
+        out.square().sum().backward()
+        assert same[1:] == [inplace]
+        runs[inplace] = (out, model)
+    out_ref = plain(x)
+    for out, model in runs.values():
+        assert torch.equal(out, out_ref)
+        assert torch.equal(model[1].running_mean, plain[1].running_mean)
+        assert torch.equal(model[1].running_var, plain[1].running_var)
+    (_, a), (_, b) = runs[True], runs[False]
+    for p, q in zip(a.parameters(), b.parameters()):
+        if store in ("bn4", "bn2"):
+            assert torch.equal(p.grad, q.grad)
+        else:
+            torch.testing.assert_close(p.grad, q.grad, rtol=0.02, atol=0.02 * q.grad.abs().max().item())
+
+
+def test_only_batchnorms_reading_a_conv_output_alone_are_vouched_for():
+    """compress_model lets a BatchNorm write over its input only where nothing else can read
+    it: our ResNets declare it, a plain Sequential shows it (the conv right before); elsewhere
+    the input stays intact and the forward is PyTorch's."""
+    resnet = compress_model(build_model("resnet20"), "avg2+mask+bn8")
+    bns = [m for m in resnet.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(m.pp_inplace for m in bns)
+
+    seq = compress_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1),
+                                       nn.BatchNorm2d(4)), "bn8")
+    assert [seq[2].pp_inplace, seq[4].pp_inplace] == [False, True]
+
+    class Reread(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            h = self.conv(x)
+            return self.bn(h) + h
+
+    torch.manual_seed(0)
+    plain = Reread()
+    model = compress_model(copy.deepcopy(plain), "bn4")
+    assert not model.bn.pp_inplace
+    xr = torch.randn(2, 3, 8, 8, requires_grad=True)
+    assert torch.equal(model(xr), plain(xr))
+
+
 def test_an_in_place_mask_relu_over_a_slice_changes_it_as_pytorch_does():
     """nn.ReLU(inplace=True) on a slice writes through to the tensor sliced; its mask form too,
     with the same gradients."""

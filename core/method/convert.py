@@ -41,7 +41,7 @@ _PASS_THROUGH_NAMES = {"Permute", "StochasticDepth"}  # torchvision.ops, by name
 _BLOCK_NAMES = {"BasicBlock", "Bottleneck", "InvertedResidual", "MBConv", "FusedMBConv", "CNBlock"}
 _MASKABLE_TYPES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU)
 _ORIGINAL = "_pp_original_class"
-_ATTRS = ("pp_form", "pp_name", "pp_store", "pp_bits", "pp_channels_first", "checkpointed")
+_ATTRS = ("pp_form", "pp_name", "pp_store", "pp_bits", "pp_channels_first", "pp_inplace", "checkpointed")
 _variants: dict[tuple[type, type], type] = {}
 
 
@@ -69,6 +69,24 @@ def _is_checkpoint_block(m: nn.Module) -> bool:
     return type(m).__name__ in _BLOCK_NAMES and not hasattr(m, "checkpointed")
 
 
+def _norms_reading_a_conv_output(model: nn.Module) -> set[str]:
+    """Names of the BatchNorms whose input is a conv output nothing else reads: where the model
+    declares so for all of them (`pp_norms_read_temporaries`, PoolProp's ResNets), or where a
+    plain Sequential hands a Conv2d's output to the BatchNorm right after it (torchvision's
+    conv-norm-activation blocks, shortcuts)."""
+    if getattr(model, "pp_norms_read_temporaries", False):
+        return {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    names = set()
+    for parent_name, parent in model.named_modules():
+        if not (isinstance(parent, nn.Sequential) and _inherits_forward(parent, nn.Sequential)):
+            continue
+        children = list(parent.named_children())
+        for (_, before), (name, m) in zip(children, children[1:]):
+            if isinstance(before, nn.Conv2d) and isinstance(m, nn.BatchNorm2d):
+                names.add(f"{parent_name}.{name}" if parent_name else name)
+    return names
+
+
 def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], list[str], list[str]]:
     """(the swaps `policy` asks for, modules it cannot handle, modules it leaves exact)."""
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
@@ -79,6 +97,7 @@ def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], lis
     swaps, problems, exact = [], [], []
     # a squeeze-excitation's 1x1 convs see the squeezed (N, C, 1, 1) vector: nothing to pool
     excites = [n + "." for n, m in model.named_modules() if n and is_squeeze_excitation(m)]
+    fresh_norms = _norms_reading_a_conv_output(model)
     for name, m in model.named_modules():
         if name and not in_scope(name, policy, stem):
             continue
@@ -112,7 +131,7 @@ def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], lis
                 swap(CompressedLinear, pp_form=form, pp_name=name)
         elif isinstance(m, nn.BatchNorm2d) and _inherits_forward(m, nn.modules.batchnorm._BatchNorm):
             if policy.bn != "full":
-                swap(LowPrecisionBatchNorm2d, pp_store=policy.bn)
+                swap(LowPrecisionBatchNorm2d, pp_store=policy.bn, pp_inplace=name in fresh_norms)
         elif (isinstance(m, nn.GroupNorm) and _inherits_forward(m, nn.GroupNorm)) or (isinstance(m, nn.LayerNorm) and (
                 _inherits_forward(m, nn.LayerNorm) or type(m).__name__ == "LayerNorm2d")):
             if policy.bn != "full":  # torchvision's LayerNorm2d normalises (N, C, H, W) over C

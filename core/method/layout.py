@@ -1,5 +1,6 @@
-"""Memory order of a (N, C, H, W) tensor: what packed storage (masks, codes) follows, so that
-packing never transposes (NCHW, or NHWC for channels_last)."""
+"""Memory layout of activations: the memory order of a (N, C, H, W) tensor, what packed storage
+(masks, codes) follows so that packing never transposes (NCHW, or NHWC for channels_last); and
+whether autograd lets a layer write over its input."""
 
 from __future__ import annotations
 
@@ -23,3 +24,17 @@ def from_memory_order(flat: torch.Tensor, shape, channels_last: bool) -> torch.T
         b, c, h, w = shape
         return flat.view(b, h, w, c).permute(0, 3, 1, 2)
     return flat.view(shape)
+
+
+def may_overwrite(x: torch.Tensor) -> bool:
+    """Whether autograd lets x be changed in place: not a view that a custom Function or a
+    multi-output op made. A full backward hook on the module before
+    (register_full_backward_hook) hands its output on as such a view; a mask ReLU or BatchNorm then
+    runs out of place (the same mask and gradients; the forward holds one more tensor), where a plain
+    nn.ReLU(inplace=True) raises. Ordinary views (slices) are overwritten as PyTorch would."""
+    if x._base is None:
+        return True
+    try:
+        return torch._C._autograd._get_creation_meta(x) == torch._C._autograd.CreationMeta.DEFAULT
+    except AttributeError:  # a torch without the (private) query: views stay intact
+        return False

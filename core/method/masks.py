@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fastpath import fused
-from .layout import from_memory_order, is_channels_last, memory_order_flat
+from .layout import from_memory_order, is_channels_last, may_overwrite, memory_order_flat
 
 _WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -104,20 +104,6 @@ class MaskedActivationFunction(torch.autograd.Function):
         return _mask_apply(g, packed, shape, cl, kind, slope), None, None, None, None
 
 
-def _may_overwrite(x: torch.Tensor) -> bool:
-    """Whether autograd lets x be changed in place: not a view that a custom Function or a
-    multi-output op made. A full backward hook on the module before
-    (register_full_backward_hook) hands its output on as such a view; a mask ReLU then runs out
-    of place (the same mask and gradients; the forward holds one more tensor), where a plain
-    nn.ReLU(inplace=True) raises. Ordinary views (slices) are overwritten as PyTorch would."""
-    if x._base is None:
-        return True
-    try:
-        return torch._C._autograd._get_creation_meta(x) == torch._C._autograd.CreationMeta.DEFAULT
-    except AttributeError:  # a torch without the (private) query: views stay intact
-        return False
-
-
 class _Masked:
     """Mixin for nn.ReLU / ReLU6 / Hardtanh / LeakyReLU: the same forward, a 1-bit backward.
     In place where the module is (`inplace`), or where the model vouches that every activation
@@ -135,7 +121,7 @@ class _Masked:
 
     def forward(self, x):
         if torch.is_grad_enabled() and x.requires_grad:
-            inplace = bool(self.inplace or self.pp_inplace) and _may_overwrite(x)
+            inplace = bool(self.inplace or self.pp_inplace) and may_overwrite(x)
             return MaskedActivationFunction.apply(x, *self._mask_args(), inplace)
         return super().forward(x)
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .fastpath import fused
+from .layout import may_overwrite
 from .policy import BN_STORAGE
 from .quantize import _decode_pass, dequantize, quantize
 
@@ -68,15 +69,31 @@ class LowPrecisionBNFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, store):
-        out, mean, invstd = torch.ops.aten.native_batch_norm(
-            x, weight, bias, running_mean, running_var, True, momentum, eps)
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, store, in_place=False):
         info = None
         if isinstance(store, int):
             packed, lo, scale, info = quantize(x, store)
             kept = [packed, lo, scale]
+        elif in_place:  # x is overwritten below: x_hat from statistics of its own (float32 stats)
+            acc = torch.promote_types(x.dtype, torch.float32)
+            mean, var = torch.ops.aten.batch_norm_update_stats(
+                x, x.new_zeros(x.shape[1], dtype=acc), x.new_ones(x.shape[1], dtype=acc), momentum)
+            kept = [_bn_keep(x, mean, torch.rsqrt(var + eps), store)]
+        if in_place:
+            # The output overwrites x (the model vouched nothing else reads it): native_batch_norm
+            # has all its statistics before it writes, then writes element by element, so the
+            # output is the same bits as out of place, and the forward holds one tensor fewer.
+            acc = torch.promote_types(x.dtype, torch.float32)
+            mean, invstd = x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
+            torch.ops.aten.native_batch_norm.out(x, weight, bias, running_mean, running_var, True, momentum, eps,
+                                                 out=x, save_mean=mean, save_invstd=invstd)
+            ctx.mark_dirty(x)
+            out = x
         else:
-            kept = [_bn_keep(x, mean, invstd, store)]
+            out, mean, invstd = torch.ops.aten.native_batch_norm(
+                x, weight, bias, running_mean, running_var, True, momentum, eps)
+            if info is None:
+                kept = [_bn_keep(x, mean, invstd, store)]
         ctx.save_for_backward(*kept, weight, mean, invstd)
         ctx.conf = (x.dtype, info)
         return out
@@ -94,19 +111,26 @@ class LowPrecisionBNFunction(torch.autograd.Function):
             gw = gb = None
         else:
             gw, gb = gw.to(weight.dtype), gb.to(weight.dtype)
-        return gx.to(dtype), gw, gb, None, None, None, None, None
+        return gx.to(dtype), gw, gb, None, None, None, None, None, None
 
 
 class LowPrecisionBatchNorm2d(nn.BatchNorm2d):
+    """In place where the model vouches that its input is a temporary nothing else reads
+    (`pp_inplace`, set by compress_model): keeping only its own form of x, it may then write its
+    output over x, and the forward holds one full-size tensor fewer at a time."""
+
     pp_store: str = "bn16"
+    pp_inplace: bool = False
 
     def forward(self, x):
         if not (self.training and torch.is_grad_enabled() and x.requires_grad and self.track_running_stats):
             return super().forward(x)
         self.num_batches_tracked.add_(1)
         momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        in_place = (self.pp_inplace and not x.is_leaf and may_overwrite(x)
+                    and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)))
         return LowPrecisionBNFunction.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
-                                            momentum, self.eps, BN_STORAGE[self.pp_store])
+                                            momentum, self.eps, BN_STORAGE[self.pp_store], in_place)
 
 
 
