@@ -352,6 +352,37 @@ def test_only_batchnorms_reading_a_conv_output_alone_are_vouched_for():
     assert torch.equal(model(xr), plain(xr))
 
 
+def test_the_residual_sum_writes_over_the_norms_output_unless_a_hook_may_hold_it():
+    """Our blocks add the shortcut into the last BatchNorm's output in place: the same forward
+    and gradients as out of place, bit for bit. A forward hook on that BatchNorm may have kept
+    its output, so there the sum is a new tensor and what the hook kept stays as it was."""
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    results = []
+    for hooked in (False, True):
+        torch.manual_seed(1)
+        model = build_model("resnet20")
+        kept = []
+        if hooked:
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.register_forward_hook(lambda m, i, o, kept=kept: kept.append((o, o.clone())))
+        out = model(x)
+        F.cross_entropy(out, y).backward()
+        assert all(torch.equal(o, copy_) for o, copy_ in kept)
+        results.append((out, [p.grad for p in model.parameters()]))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.equal(out_a, out_b) and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+    model = compress_model(build_model("resnet20"), "avg2+mask+bn8")
+    block = model.layer1[0]
+    ptrs = []  # conv output, BatchNorm output and the sum are one tensor
+    block.conv2.register_forward_hook(lambda m, i, o: ptrs.append(o.data_ptr()))
+    block.act2.register_forward_hook(lambda m, i, o: ptrs.append(i[0].data_ptr()))
+    F.cross_entropy(model(x), y).backward()
+    assert len(ptrs) == 2 and ptrs[0] == ptrs[1]
+
+
 def test_an_in_place_mask_relu_over_a_slice_changes_it_as_pytorch_does():
     """nn.ReLU(inplace=True) on a slice writes through to the tensor sliced; its mask form too,
     with the same gradients."""
