@@ -3,6 +3,7 @@
 # a busy card means nothing). Writes JSON into OUT_DIR; every command is bounded by BUDGET_S.
 #   passes:  each Triton kernel against its PyTorch reference on ResNet-18's first-stage activation
 #            (batch BATCH18, 64 channels, SIZE/4 px): the same bits on the card, time, peak memory
+#   inplace_bn: the low-precision BatchNorm written over its input gives the same bits on the card
 #   speed:   ResNet-18 (ImageNet stem, 224 px, batch 256) and torchvision's ResNet-50 (224 px,
 #            batch 64): wall ratio (CUDA events) and max_memory_allocated per policy, with the
 #            Triton kernels on and with the PyTorch reference (--reference)
@@ -30,6 +31,30 @@ run() {  # name, then the command: bounded by the time left, output to OUT/name.
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/device.txt" 2>&1
 run passes python -m core bench passes --batch "$BATCH18" --channels 64 --size $(( SIZE / 4 )) --repeats 20 \
     --device "$DEVICE" --json
+run inplace_bn python - "$DEVICE" <<'PY'
+# the low-precision BatchNorm writing over its input (native_batch_norm.out aliased): the same
+# output and running statistics as out of place, on the card, in both layouts
+import copy, json, sys, torch
+from torch import nn
+from core import compress_model
+device, out = sys.argv[1], []
+for store in ("bn8", "bn4"):
+    for cl in (False, True):
+        torch.manual_seed(0)
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        plain = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64)).to(device, memory_format=fmt)
+        x = torch.randn(32, 64, 56, 56, device=device).contiguous(memory_format=fmt)
+        runs = []
+        for inplace in (True, False):
+            model = compress_model(copy.deepcopy(plain), store)
+            model[1].pp_inplace = inplace
+            y = model(x)
+            runs.append((y.detach(), model[1].running_mean, model[1].running_var))
+        same = all(torch.equal(a, b) for a, b in zip(*runs))
+        out.append({"store": store, "channels_last": cl, "same_bits": same})
+        print(store, cl, same, file=sys.stderr)
+print(json.dumps(out, indent=1))
+PY
 for ref in "" "--reference"; do
   tag=${ref:+_reference}
   run "speed_resnet18$tag" python -m core bench speed --model resnet18 --stem imagenet --size "$SIZE" \
