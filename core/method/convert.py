@@ -72,8 +72,8 @@ def _is_checkpoint_block(m: nn.Module) -> bool:
 def _norms_reading_a_conv_output(model: nn.Module) -> set[str]:
     """Names of the BatchNorms whose input is a conv output nothing else reads: where the model
     declares so for all of them (`pp_norms_read_temporaries`, PoolProp's ResNets), or where a
-    plain Sequential hands a Conv2d's output to the BatchNorm right after it (torchvision's
-    conv-norm-activation blocks, shortcuts)."""
+    plain Sequential hands a plain Conv2d's output (its forward not overridden: nothing keeps the
+    output) to the BatchNorm right after it (torchvision's conv-norm-activation blocks, shortcuts)."""
     if getattr(model, "pp_norms_read_temporaries", False):
         return {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
     names = set()
@@ -82,7 +82,7 @@ def _norms_reading_a_conv_output(model: nn.Module) -> set[str]:
             continue
         children = list(parent.named_children())
         for (_, before), (name, m) in zip(children, children[1:]):
-            if isinstance(before, nn.Conv2d) and isinstance(m, nn.BatchNorm2d):
+            if isinstance(before, nn.Conv2d) and _inherits_forward(before, nn.Conv2d) and isinstance(m, nn.BatchNorm2d):
                 names.add(f"{parent_name}.{name}" if parent_name else name)
     return names
 
