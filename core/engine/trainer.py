@@ -330,8 +330,6 @@ class Trainer:
             import torch.distributed as dist
 
             with contextlib.suppress(Exception):
-                if status == "finished":  # every rank ran the same steps: none tears down while a
-                    dist.barrier()        # peer's collective is in flight (a rank aborted once at exit)
                 dist.destroy_process_group()
             self._owns_pg = False
         torch.set_num_threads(self._threads_before)
