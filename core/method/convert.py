@@ -41,7 +41,8 @@ _PASS_THROUGH_NAMES = {"Permute", "StochasticDepth"}  # torchvision.ops, by name
 _BLOCK_NAMES = {"BasicBlock", "Bottleneck", "InvertedResidual", "MBConv", "FusedMBConv", "CNBlock"}
 _MASKABLE_TYPES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU)
 _ORIGINAL = "_pp_original_class"
-_ATTRS = ("pp_form", "pp_name", "pp_store", "pp_bits", "pp_channels_first", "pp_inplace", "checkpointed")
+_ATTRS = ("pp_form", "pp_name", "pp_store", "pp_bits", "pp_channels_first", "pp_inplace", "pp_input_from",
+          "checkpointed")
 _variants: dict[tuple[type, type], type] = {}
 
 
@@ -69,22 +70,20 @@ def _is_checkpoint_block(m: nn.Module) -> bool:
     return type(m).__name__ in _BLOCK_NAMES and not hasattr(m, "checkpointed")
 
 
-def _norms_reading_a_conv_output(model: nn.Module) -> set[str]:
-    """Names of the BatchNorms whose input is a conv output nothing else reads: where the model
-    declares so for all of them (`pp_norms_read_temporaries`, PoolProp's ResNets), or where a
-    plain Sequential hands a plain Conv2d's output (its forward not overridden: nothing keeps the
-    output) to the BatchNorm right after it (torchvision's conv-norm-activation blocks, shortcuts)."""
-    if getattr(model, "pp_norms_read_temporaries", False):
-        return {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    names = set()
+def _inputs_made_by(model: nn.Module, layer: type, maker: type) -> dict[str, tuple[nn.Module]]:
+    """Where the model declares that each `layer` reads a temporary nothing else reads: name ->
+    (the module that made that input: the nearest `maker` registered before it among its
+    siblings). The layer writes over its input only while that module has no hook (one could
+    have kept the output). A 1-tuple: nn.Module would register a module attribute as a child."""
+    made_by = {}
     for parent_name, parent in model.named_modules():
-        if not (isinstance(parent, nn.Sequential) and _inherits_forward(parent, nn.Sequential)):
-            continue
-        children = list(parent.named_children())
-        for (_, before), (name, m) in zip(children, children[1:]):
-            if isinstance(before, nn.Conv2d) and _inherits_forward(before, nn.Conv2d) and isinstance(m, nn.BatchNorm2d):
-                names.add(f"{parent_name}.{name}" if parent_name else name)
-    return names
+        last = None
+        for name, child in parent.named_children():
+            if isinstance(child, maker):
+                last = child
+            elif isinstance(child, layer) and last is not None:
+                made_by[f"{parent_name}.{name}" if parent_name else name] = (last,)
+    return made_by
 
 
 def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], list[str], list[str]]:
@@ -97,7 +96,12 @@ def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], lis
     swaps, problems, exact = [], [], []
     # a squeeze-excitation's 1x1 convs see the squeezed (N, C, 1, 1) vector: nothing to pool
     excites = [n + "." for n, m in model.named_modules() if n and is_squeeze_excitation(m)]
-    fresh_norms = _norms_reading_a_conv_output(model)
+    # our ResNets vouch that every BatchNorm reads a conv's output and every activation a
+    # BatchNorm's output or the residual sum, which nothing else reads
+    norm_inputs = (_inputs_made_by(model, nn.BatchNorm2d, nn.Conv2d)
+                   if getattr(model, "pp_norms_read_temporaries", False) else {})
+    act_inputs = (_inputs_made_by(model, _MASKABLE_TYPES, nn.BatchNorm2d)
+                  if getattr(model, "pp_activations_read_temporaries", False) else {})
     for name, m in model.named_modules():
         if name and not in_scope(name, policy, stem):
             continue
@@ -131,7 +135,8 @@ def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], lis
                 swap(CompressedLinear, pp_form=form, pp_name=name)
         elif isinstance(m, nn.BatchNorm2d) and _inherits_forward(m, nn.modules.batchnorm._BatchNorm):
             if policy.bn != "full":
-                swap(LowPrecisionBatchNorm2d, pp_store=policy.bn, pp_inplace=name in fresh_norms)
+                swap(LowPrecisionBatchNorm2d, pp_store=policy.bn, pp_inplace=name in norm_inputs,
+                     pp_input_from=norm_inputs.get(name, ()))
         elif (isinstance(m, nn.GroupNorm) and _inherits_forward(m, nn.GroupNorm)) or (isinstance(m, nn.LayerNorm) and (
                 _inherits_forward(m, nn.LayerNorm) or type(m).__name__ == "LayerNorm2d")):
             if policy.bn != "full":  # torchvision's LayerNorm2d normalises (N, C, H, W) over C
@@ -140,7 +145,7 @@ def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], lis
         elif type(m) in _MASKABLE_TYPES:
             if policy.relu_mask:
                 swap(MaskReLU if type(m) is nn.ReLU else _variant(type(m), _Masked, "Masked"),
-                     pp_inplace=bool(getattr(model, "pp_activations_read_temporaries", False)))
+                     pp_inplace=name in act_inputs, pp_input_from=act_inputs.get(name, ()))
         elif isinstance(m, SMOOTH) and type(m) in SMOOTH:
             if policy.relu_mask:
                 swap(_variant(type(m), _Coded, "Coded"), pp_bits=code_bits)

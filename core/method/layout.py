@@ -1,10 +1,13 @@
 """Memory layout of activations: the memory order of a (N, C, H, W) tensor, what packed storage
 (masks, codes) follows so that packing never transposes (NCHW, or NHWC for channels_last); and
-whether autograd lets a layer write over its input."""
+whether a layer may write over its input: autograd allows it, and no hook on the module that
+made it could have kept it."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
+from torch.nn.modules import module as torch_module
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -38,3 +41,12 @@ def may_overwrite(x: torch.Tensor) -> bool:
         return torch._C._autograd._get_creation_meta(x) == torch._C._autograd.CreationMeta.DEFAULT
     except AttributeError:  # a torch without the (private) query: views stay intact
         return False
+
+
+def called_plainly(module: nn.Module) -> bool:
+    """Whether calling `module` runs just its forward: no hooks on it and none global (the test
+    nn.Module.__call__ makes before its own fast path)."""
+    m = torch_module
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or m._global_forward_hooks or m._global_forward_pre_hooks
+                or m._global_backward_hooks or m._global_backward_pre_hooks)

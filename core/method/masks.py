@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fastpath import fused
-from .layout import from_memory_order, is_channels_last, may_overwrite, memory_order_flat
+from .layout import called_plainly, from_memory_order, is_channels_last, may_overwrite, memory_order_flat
 
 _WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -107,10 +107,11 @@ class MaskedActivationFunction(torch.autograd.Function):
 class _Masked:
     """Mixin for nn.ReLU / ReLU6 / Hardtanh / LeakyReLU: the same forward, a 1-bit backward.
     In place where the module is (`inplace`), or where the model vouches that every activation
-    reads a temporary nothing else reads (`pp_inplace`, set by compress_model): the forward then
-    holds one full-size tensor fewer at a time."""
+    reads a temporary nothing else reads (`pp_inplace`, set by compress_model) and no hook on the
+    module that made it could have kept it: the forward then holds one full-size tensor fewer."""
 
     pp_inplace: bool = False
+    pp_input_from: tuple[nn.Module, ...] = ()  # the BatchNorm before: a hook on it may have kept x
 
     def _mask_args(self) -> tuple[str, float, float]:
         if isinstance(self, nn.Hardtanh):
@@ -121,7 +122,8 @@ class _Masked:
 
     def forward(self, x):
         if torch.is_grad_enabled() and x.requires_grad:
-            inplace = bool(self.inplace or self.pp_inplace) and may_overwrite(x)
+            vouched = self.pp_inplace and all(called_plainly(m) for m in self.pp_input_from)
+            inplace = bool(self.inplace or vouched) and may_overwrite(x)
             return MaskedActivationFunction.apply(x, *self._mask_args(), inplace)
         return super().forward(x)
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .fastpath import fused
-from .layout import may_overwrite
+from .layout import called_plainly, may_overwrite
 from .policy import BN_STORAGE
 from .quantize import _decode_pass, dequantize, quantize
 
@@ -58,6 +58,14 @@ def _bn_backward_from_codes(g: torch.Tensor, packed: torch.Tensor, lo: torch.Ten
     return _bn_grads(g, (x - mean.view(view)) * invstd.view(view), weight, invstd)
 
 
+def _stats_dtype(x: torch.Tensor, weight: torch.Tensor | None) -> torch.dtype:
+    """The dtype native_batch_norm gives its saved mean and invstd: on the CPU x's own unless a
+    reduced-precision x meets float32 parameters; on CUDA float32 at least."""
+    if x.device.type == "cpu" and (weight is None or weight.dtype == x.dtype):
+        return x.dtype
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 class LowPrecisionBNFunction(torch.autograd.Function):
     """Training-mode BN that keeps its input in `store` form for backward: x_hat =
     (x - mean) * invstd as a dtype (bfloat16, float8), or x itself as B-bit codes (an int).
@@ -83,8 +91,8 @@ class LowPrecisionBNFunction(torch.autograd.Function):
             # The output overwrites x (the model vouched nothing else reads it): native_batch_norm
             # has all its statistics before it writes, then writes element by element, so the
             # output is the same bits as out of place, and the forward holds one tensor fewer.
-            acc = torch.promote_types(x.dtype, torch.float32)
-            mean, invstd = x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
+            stats = _stats_dtype(x, weight)
+            mean, invstd = x.new_empty(0, dtype=stats), x.new_empty(0, dtype=stats)
             torch.ops.aten.native_batch_norm.out(x, weight, bias, running_mean, running_var, True, momentum, eps,
                                                  out=x, save_mean=mean, save_invstd=invstd)
             ctx.mark_dirty(x)
@@ -121,13 +129,15 @@ class LowPrecisionBatchNorm2d(nn.BatchNorm2d):
 
     pp_store: str = "bn16"
     pp_inplace: bool = False
+    pp_input_from: tuple[nn.Module, ...] = ()  # the conv that made x: a hook on it may have kept x
 
     def forward(self, x):
         if not (self.training and torch.is_grad_enabled() and x.requires_grad and self.track_running_stats):
             return super().forward(x)
         self.num_batches_tracked.add_(1)
         momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        in_place = (self.pp_inplace and not x.is_leaf and may_overwrite(x)
+        in_place = (self.pp_inplace and all(called_plainly(m) for m in self.pp_input_from)
+                    and not self._forward_pre_hooks and not x.is_leaf and may_overwrite(x)
                     and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)))
         return LowPrecisionBNFunction.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
                                             momentum, self.eps, BN_STORAGE[self.pp_store], in_place)

@@ -20,11 +20,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as torch_module
 from torch.utils.checkpoint import checkpoint
 
 from ..method.checkpointing import note_checkpoint_input
-from ..method.layout import may_overwrite
+from ..method.layout import called_plainly, may_overwrite
 
 CIFAR_RESNETS = {"resnet20": 3, "resnet32": 5, "resnet56": 9}  # blocks per stage (6n+2 layers)
 IMAGENET_RESNETS = {"resnet18": ("basic", [2, 2, 2, 2]), "resnet34": ("basic", [3, 4, 6, 3]),
@@ -33,20 +32,12 @@ MODEL_NAMES = tuple(CIFAR_RESNETS) + tuple(IMAGENET_RESNETS)
 STEMS = ("cifar", "imagenet")
 
 
-def _called_plainly(module: nn.Module) -> bool:
-    """Whether calling `module` runs just its forward: no hooks on it and none global (the test
-    nn.Module.__call__ makes before its own fast path)."""
-    m = torch_module
-    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or m._global_forward_hooks or m._global_forward_pre_hooks
-                or m._global_backward_hooks or m._global_backward_pre_hooks)
-
-
 def _residual_sum(out: torch.Tensor, identity: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     """out + identity, written over `out` (the norm's output) where nothing else can read it: no
     hook on the norm could have kept it (autograd's own checks cover the rest). The forward then
     holds one full-size tensor fewer; the sum and its gradients are the same bits."""
-    if _called_plainly(norm) and may_overwrite(out):
+    if (called_plainly(norm) and may_overwrite(out) and identity.shape == out.shape
+            and torch.result_type(out, identity) == out.dtype):  # add_ would neither broadcast nor demote
         return out.add_(identity)
     return out + identity
 
@@ -182,7 +173,7 @@ class ResNet(nn.Module):
             x = self.maxpool(x)
         for name in self.stage_names:
             stage = getattr(self, name)
-            if not _called_plainly(stage):
+            if not called_plainly(stage):
                 x = stage(x)  # hooks on the stage (Captum's, the app's layer views) see one module call
                 continue
             # The same calls without the Sequential's: its call holds the stage's input until the
