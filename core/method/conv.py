@@ -101,9 +101,11 @@ class CompressedConvFunction(torch.autograd.Function):
             bias = None if bias is None else bias.to(dt)
         else:
             ctx.dtypes = None
+        # kept before the output exists: what keeping holds for a moment (the residual forms' full-
+        # size residual) and the output never coexist
+        kept, info = form.keep(x)
         with torch.autocast(dev, enabled=False):
             y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        kept, info = form.keep(x)
         ctx.save_for_backward(*kept, weight)
         ctx.conf = (tuple(x.shape), stride, padding, dilation, groups, form, info, bias is not None)
         return y
