@@ -60,6 +60,25 @@ def test_decoding_reads_each_code_from_its_plane(n, channels_last):
         assert torch.equal(memory_order_flat(got, channels_last), want), bits
 
 
+@pytest.mark.parametrize("n", [8, 3])  # 8: a plane per batch chunk; 3: not, decoded whole
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_decoding_plane_by_plane_gives_the_whole_reconstruction_in_batch_chunks(n, channels_last):
+    """dequantize_by_plane's chunks, in order, cover the batch and hold dequantize's values to the
+    bit, in its layout and dtype: 8/B chunks where the batch divides into the planes."""
+    x = _layout(torch.randn(n, 3, 5, 7), channels_last)
+    for bits in Q.BITS:
+        packed, lo, scale, info = Q.quantize(x, bits)
+        whole = Q.dequantize(packed, lo, scale, info)
+        chunks = list(Q.dequantize_by_plane(packed, lo, scale, info))
+        assert len(chunks) == (8 // bits if n % (8 // bits) == 0 else 1), bits
+        got = torch.empty_like(whole)
+        for samples, chunk in chunks:
+            assert chunk.dtype == whole.dtype and chunk.is_contiguous(
+                memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            got[samples] = chunk
+        assert torch.equal(got, whole) and sum(c.shape[0] for _, c in chunks) == n, bits
+
+
 def test_range_is_rounded_outward_so_nothing_clamps():
     x = torch.tensor([0.1, 0.7, 1.3, 2.9]).view(1, 1, 2, 2) * 1.0001
     lo, scale = Q.group_range(x, 2)

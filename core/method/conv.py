@@ -10,7 +10,7 @@ from torch import nn
 
 from .policy import CompressionPolicy, PolicyError
 from .pooling import blockwise_applies, blockwise_weight_grad, lowres_weight_grad, pooled_copy, upsample
-from .quantize import dequantize, quantize
+from .quantize import dequantize, dequantize_by_plane, quantize
 from .weight_grad import tapwise_pays, tapwise_weight_grad
 
 
@@ -75,7 +75,10 @@ class ConvInputForm:
             return kept[0]
         x = upsample(kept[0], self.k, shape[2:])
         if self.residual_bits is not None:
-            x.add_(dequantize(*kept[1:], info))  # in place: the upsampled copy is ours (one full-size tensor less)
+            # in place (the upsampled copy is ours), a plane of the residual's codes at a time: one
+            # full-size tensor less, and only a batch chunk of the decoded residual at a time
+            for samples, residual in dequantize_by_plane(*kept[1:], info):
+                x[samples].add_(residual)
         return x
 
 

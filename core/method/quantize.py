@@ -212,3 +212,21 @@ def dequantize(packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, info
     """The reconstruction lo + code * scale, in the original shape, layout and dtype."""
     out = _decode_pass(packed, lo, scale, info.shape, info.channels_last, info.bits, info.dtype)
     return out if info.orig_shape is None else out.reshape(info.orig_shape)
+
+
+def dequantize_by_plane(packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, info: PackedShape):
+    """The same reconstruction a batch chunk at a time: yields (samples, chunk), `samples` the
+    slice of the batch `chunk` holds. Where the batch divides into the 8/B planes, plane i is
+    the i-th batch chunk and is decoded on its own, so a caller adding the chunks into a tensor
+    of its own never holds the whole reconstruction (at ResNet-18's first stage, batch 128,
+    2 bits: 8 MiB at a time instead of 32); otherwise the whole tensor at once."""
+    per, n = 8 // info.bits, info.shape[0]
+    if info.orig_shape is not None or per == 1 or n % per:
+        yield slice(None), dequantize(packed, lo, scale, info)
+        return
+    m, mask = n // per, (1 << info.bits) - 1
+    for i in range(per):
+        samples = slice(i * m, (i + 1) * m)
+        plane = (packed >> (info.bits * i)) & mask  # this plane's codes, one per byte: decoded as 8-bit codes
+        yield samples, _decode_pass(plane, lo[samples], scale[samples], (m, *info.shape[1:]), info.channels_last,
+                                    8, info.dtype)
