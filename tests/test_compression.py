@@ -1,5 +1,6 @@
 """Pooled conv, mask ReLU, low-precision BN and compress_model against independent references."""
 
+import collections
 import copy
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.method import conv, masks, norms
 from core.method.conv import CompressedConvFunction, ConvInputForm, _input_grad
 from core.method.convert import compress_model, compressed, decompress_model
 from core.method.masks import pack_mask, unpack_mask
@@ -280,6 +282,88 @@ def test_mask_relus_run_in_place_where_the_model_vouches_and_only_there():
     assert not model.act.pp_inplace
     xr = torch.randn(2, 3, 8, 8, requires_grad=True)
     assert torch.equal(model(xr), plain(xr))
+
+
+def _unvouched(model: nn.Module) -> nn.Module:
+    """The same model with nothing vouched: every layer out of place, every gradient fresh."""
+    for m in model.modules():
+        if hasattr(m, "pp_input_from"):
+            m.pp_input_from, m.pp_inplace = (), False
+    return model
+
+
+_OVER = ((conv, "_conv_over"), (conv, "_input_grad_over"), (masks, "_mask_apply_"),
+         (norms, "_bn_backward_from_codes_"), (norms, "_bn_backward_from_hat_"))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("policy", ["q4+mask+bn4", "avg4+mask+bn8", "avg2+res2+mask+bn4"])
+def test_layers_write_over_what_is_theirs_alone_with_the_same_gradients(policy, channels_last, monkeypatch):
+    """Where our ResNets vouch that a conv reads a ReLU's output only, the conv writes its output
+    over it (the forward, in batch chunks), and each backward handed a gradient nothing else holds
+    (layout.grant_gradient) writes over it: the conv's input gradient, the mask's, BatchNorm's.
+    The same outputs and gradients, bit for bit, as with nothing vouched (bn8: to its rounding);
+    and each of those paths really ran (batch 16: two chunks of 8)."""
+    ran = collections.Counter()
+    for module, name in _OVER:
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _fn=fn, _name=name, **k: (ran.update([_name]), _fn(*a, **k))[1])
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    results = []
+    for vouched in (True, False):
+        torch.manual_seed(0)
+        model = compress_model(build_model("resnet20"), policy).to(memory_format=layout)
+        if not vouched:
+            _unvouched(model)
+        ran.clear()
+        torch.manual_seed(1)
+        out = model(x.contiguous(memory_format=layout))
+        F.cross_entropy(out, y).backward()
+        results.append([out, *(p.grad for p in model.parameters())])
+        if vouched:
+            bn = "_bn_backward_from_codes_" if "bn4" in policy else "_bn_backward_from_hat_"
+            # ResNet-20: the 16 same-shape convs write their input gradient over their own (3
+            # stride-2 convs do not), the 9 second convs write over their input; the mask ReLUs
+            # and BatchNorms inside a block (and the stem's) have theirs alone
+            assert ran == {"_conv_over": 9, "_input_grad_over": 16, "_mask_apply_": 9, bn: 10}, ran
+        else:
+            assert not ran
+    if "bn8" in policy:  # written over, bn8 keeps x_hat from statistics of its own (see below): 1 ulp
+        for a, b in zip(*results):  # of them can move a value across a float8 rounding boundary
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-3 * b.abs().max().item())
+    else:
+        assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_a_gradient_a_hook_has_seen_is_never_written_over():
+    """A hook can keep what it sees: a ReLU's output (a forward hook on it), a conv's input (a
+    pre-hook on the conv), a conv's output (a forward hook on the conv). The gradients of those
+    tensors, kept by tensor hooks, stay as they were when the hooks saw them. And a backward that
+    builds a graph of itself (create_graph) writes over nothing: the same gradients."""
+    torch.manual_seed(0)
+    model = compress_model(build_model("resnet20"), "q4+mask+bn4")
+    seen = []
+
+    def keep(t):
+        t.register_hook(lambda g: seen.append((g, g.clone())))
+
+    model.layer1[0].act1.register_forward_hook(lambda m, i, o: keep(o))
+    model.layer1[1].conv2.register_forward_pre_hook(lambda m, i: keep(i[0]))
+    model.layer2[1].conv1.register_forward_hook(lambda m, i, o: keep(o))
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    torch.manual_seed(1)
+    F.cross_entropy(model(x), y).backward()
+    assert len(seen) == 3 and all(torch.equal(g, copy) for g, copy in seen)
+
+    seen.clear()
+    params = list(model.parameters())
+    grads = []
+    for create_graph in (False, True):
+        torch.manual_seed(1)
+        loss = F.cross_entropy(model(x), y)
+        grads.append(torch.autograd.grad(loss, params, create_graph=create_graph))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 class _ConvNormAct(nn.Sequential):

@@ -33,7 +33,9 @@ def _all_passes(x, cl):
         out += [pooled, pooling.upsample(pooled, k, tuple(x.shape[2:]))]
     for kind, a, b in (("relu", 0.0, 0.0), ("hardtanh", -0.3, 0.4), ("leaky", 0.1, 0.0)):
         p = masks._mask_pack(x, kind, a, b, cl)
-        out += [p, masks._mask_apply(x * 2, p, tuple(x.shape), cl, kind, a if kind == "leaky" else 0.0)]
+        slope = a if kind == "leaky" else 0.0
+        over = masks._mask_apply_(x * 2, p, tuple(x.shape), cl, kind, slope)  # written over its g
+        out += [p, masks._mask_apply(x * 2, p, tuple(x.shape), cl, kind, slope), over]
     for bits in Q.BITS:
         codes = Q.quantize(x, bits, generator=torch.Generator().manual_seed(bits))
         out += [codes[0], Q.dequantize(*codes)]
@@ -53,7 +55,9 @@ def _bn_backward_passes(x, cl):
     x_hat = norms._bn_keep(x, mean, invstd, torch.float8_e4m3fn)
     packed, lo, scale, info = Q.quantize(x, 2, generator=torch.Generator().manual_seed(9))
     return [*norms._bn_backward_from_hat(g, x_hat, weight, invstd),
-            *norms._bn_backward_from_codes(g, packed, lo, scale, info.shape, cl, 2, weight, mean, invstd)]
+            *norms._bn_backward_from_codes(g, packed, lo, scale, info.shape, cl, 2, weight, mean, invstd),
+            *norms._bn_backward_from_hat_(g.clone(), x_hat, weight, invstd),  # written over a copy of g
+            *norms._bn_backward_from_codes_(g.clone(), packed, lo, scale, info.shape, cl, 2, weight, mean, invstd)]
 
 
 def test_compiled_passes_are_bit_identical_to_the_reference():
@@ -139,7 +143,11 @@ for cl in (False, True):
             r_ref = masks._mask_apply.reference(g, p_ref, shape, cl, kind, slope)
             r_k = kernels.mask_apply(g, p_k, shape, cl, kind, slope)
             assert torch.equal(p_ref, p_k) and torch.equal(r_ref, r_k) and r_k.stride() == r_ref.stride(), kind
-            checked += 2
+            over = g.clone(memory_format=torch.preserve_format)
+            assert kernels.mask_apply_(over, p_k, shape, cl, kind, slope) is over and torch.equal(over, r_ref)
+            other = g.contiguous(memory_format=torch.contiguous_format if cl else torch.channels_last)
+            assert kernels.mask_apply_(other, p_k, shape, cl, kind, slope) is NotImplemented
+            checked += 3
         for bits in Q.BITS:
             lo, sc = Q.group_range(x, bits)
             s = sc.float()
@@ -156,7 +164,7 @@ print("equal", checked)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.split() == ["equal", str(2 * 3 * (3 * 2 + 4 * 2))]
+    assert p.stdout.split() == ["equal", str(2 * 3 * (3 * 3 + 4 * 2))]
 
 
 @pytest.mark.skipif(not fastpath.triton_available(), reason="Triton is not installed")
@@ -168,7 +176,7 @@ def test_triton_batchnorm_backward_under_the_interpreter_matches_the_reference_t
 import torch
 from core.method import kernels, norms, quantize as Q
 torch.manual_seed(0)
-checked = 0
+checked = checked_over = 0
 # 70 channels: two channel blocks in NHWC; 4 x 3 x 40 x 40: several programs, row loops and partial
 # sums (19 output programs, 2 loop turns per NCHW row, 7 NHWC parts), with a bf16 gradient (autocast)
 shapes = ((2, 3, 5, 7, torch.float32), (1, 70, 3, 3, torch.float32), (4, 3, 40, 40, torch.bfloat16))
@@ -194,12 +202,22 @@ for x_cl, g_cl in ((False, False), (True, True), (True, False), (False, True)):
                 torch.testing.assert_close(k, r, rtol=0, atol=1e-5 * r.abs().max().item())
                 assert k.stride() == r.stride() and k.dtype == r.dtype
             checked += 1
-print("close", checked)
+            # written over g: where g is float32 in the kept input's layout, else the other version runs
+            over, gg = kernels.KERNELS[fn.pass_name + "_"], g.clone(memory_format=torch.preserve_format)
+            got = over(gg, *args[1:])
+            if g_dtype != torch.float32 or x_cl != g_cl:
+                assert got is NotImplemented
+                continue
+            assert got[0] is gg
+            for r, k in zip(fn.reference(*args), got):
+                torch.testing.assert_close(k, r, rtol=0, atol=1e-5 * r.abs().max().item())
+            checked_over += 1
+print("close", checked, checked_over)
 """
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.split() == ["close", str(4 * (2 * (4 + len(Q.BITS)) + 2))]
+    assert p.stdout.split() == ["close", str(4 * (2 * (4 + len(Q.BITS)) + 2)), str(2 * 2 * (4 + len(Q.BITS)))]
 
 
 @pytest.mark.skipif(not fastpath.triton_available(), reason="Triton is not installed")

@@ -60,23 +60,30 @@ def test_decoding_reads_each_code_from_its_plane(n, channels_last):
         assert torch.equal(memory_order_flat(got, channels_last), want), bits
 
 
-@pytest.mark.parametrize("n", [8, 3])  # 8: a plane per batch chunk; 3: not, decoded whole
+@pytest.mark.parametrize("n", [8, 12, 3])  # 8, 12: planes cut into batch chunks; 3: not, decoded whole
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_decoding_plane_by_plane_gives_the_whole_reconstruction_in_batch_chunks(n, channels_last):
-    """dequantize_by_plane's chunks, in order, cover the batch and hold dequantize's values to the
-    bit, in its layout and dtype: 8/B chunks where the batch divides into the planes."""
+def test_decoding_chunk_by_chunk_gives_the_whole_reconstruction_in_batch_chunks(n, channels_last):
+    """dequantize_by_chunk's chunks, in order, cover the batch and hold dequantize's values to the
+    bit, in its layout and dtype: each at most 1/chunks of the batch where the batch divides into
+    the 8/B planes (and at least one per plane)."""
     x = _layout(torch.randn(n, 3, 5, 7), channels_last)
     for bits in Q.BITS:
         packed, lo, scale, info = Q.quantize(x, bits)
         whole = Q.dequantize(packed, lo, scale, info)
-        chunks = list(Q.dequantize_by_plane(packed, lo, scale, info))
-        assert len(chunks) == (8 // bits if n % (8 // bits) == 0 else 1), bits
-        got = torch.empty_like(whole)
-        for samples, chunk in chunks:
-            assert chunk.dtype == whole.dtype and chunk.is_contiguous(
-                memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            got[samples] = chunk
-        assert torch.equal(got, whole) and sum(c.shape[0] for _, c in chunks) == n, bits
+        for parts in (1, 4):
+            chunks = list(Q.dequantize_by_chunk(packed, lo, scale, info, parts))
+            divides = n % (8 // bits) == 0
+            assert len(chunks) >= 8 // bits if divides else len(chunks) == 1, (bits, parts)
+            got = torch.full_like(whole, float("nan"))
+            start = 0
+            for samples, chunk in chunks:
+                assert samples.start in (start, None)
+                start = samples.stop
+                assert chunk.dtype == whole.dtype and chunk.is_contiguous(
+                    memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+                assert chunk.shape[0] <= (-(-n // parts) if divides else n)
+                got[samples] = chunk
+            assert torch.equal(got, whole) and sum(c.shape[0] for _, c in chunks) == n, bits
 
 
 def test_range_is_rounded_outward_so_nothing_clamps():

@@ -137,3 +137,37 @@ def test_hooks_on_a_resnet_stage_still_see_one_call():
     assert torch.equal(seen[0][0], stage_in) and torch.equal(seen[0][1], model.layer2(stage_in))
     with torch.no_grad():
         assert torch.equal(model(x), logits)  # no hooks: the blocks run one by one, the same result
+
+
+def _block_peaks(block, x) -> tuple[int, int]:
+    """(the forward's peak beyond what it keeps, the backward's peak) of block(x), in bytes."""
+    x.requires_grad_()
+    saved = saved_activation_bytes(block, x).total_bytes
+    out, grads = [], []
+    forward = cpu_step_peak_bytes(lambda: out.append(block(x)))["step_peak_bytes"] - saved
+    g = torch.randn_like(out[0])
+    backward = cpu_step_peak_bytes(lambda: grads.append(torch.autograd.grad(out[0], [x, *block.parameters()], g)))
+    return forward, backward["step_peak_bytes"]
+
+
+@pytest.mark.parametrize("policy", ["q4+mask+bn4", "avg4+mask+bn8"])
+def test_a_compressed_block_writes_over_what_is_its_own_in_both_passes(policy, compiled):
+    """At batch 16 (two chunks of 8, S16 = 2 S a tensor): where the block vouches for its
+    temporaries, its second conv writes its output over its input, so the forward holds the
+    block's input, that input and a chunk beyond what it keeps (1.5 S16; 2 S16 with nothing
+    vouched); and the backward writes over each gradient that is its own (the convs' input
+    gradients, the mask's, BatchNorm's), so beside the output gradient it was handed and the
+    input gradient it returns it holds a chunk (2.5 S16 in all; 3 with nothing vouched)."""
+    s16 = 2 * S
+    peaks = []
+    for vouched in (True, False):
+        torch.manual_seed(0)
+        block = compress_model(BasicBlock(16, 16), policy).to(memory_format=CL)
+        if not vouched:
+            for m in block.modules():
+                if hasattr(m, "pp_input_from"):
+                    m.pp_input_from, m.pp_inplace = (), False
+        peaks.append(_block_peaks(block, torch.randn(16, 16, 32, 32).contiguous(memory_format=CL)))
+    (fwd, bwd), (fwd_plain, bwd_plain) = ((f / s16, b / s16) for f, b in peaks)
+    assert fwd < 1.5 and fwd_plain > 1.75, peaks
+    assert bwd < 2.6 and bwd_plain > 2.7, peaks

@@ -24,7 +24,8 @@ from ..method.meter import cpu_step_peak_bytes
 
 def pass_cases(x: torch.Tensor, seed: int = 0) -> list[tuple[str, Callable, tuple]]:
     """(label, pass, its arguments) for the fast-path passes a compressed step runs, built from
-    one activation x (N, C, H, W) as a step would hand them over."""
+    one activation x (N, C, H, W) as a step would hand them over. A pass labelled "over g"
+    writes over its first argument: each call gets a copy (counted in its time and peak)."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     cl, shape = is_channels_last(x), tuple(x.shape)
     g = torch.randn(shape, generator=gen, device=x.device).contiguous(
@@ -42,6 +43,7 @@ def pass_cases(x: torch.Tensor, seed: int = 0) -> list[tuple[str, Callable, tupl
     return [
         ("ReLU mask: pack", masks._mask_pack, (x, "relu", 0.0, 0.0, cl)),
         ("ReLU mask: apply", masks._mask_apply, (g, mask, shape, cl, "relu", 0.0)),
+        ("ReLU mask: apply over g", masks._mask_apply_, (g, mask, shape, cl, "relu", 0.0)),
         ("codes: range", Q._range_pass, (x,)),
         ("codes: encode 4-bit", Q._encode_pass, (x, lo.float(), inv, seed_t, 4, cl)),
         ("codes: decode 4-bit", Q._decode_pass, (codes, lo, scale, shape, cl, 4, torch.float32)),
@@ -50,9 +52,19 @@ def pass_cases(x: torch.Tensor, seed: int = 0) -> list[tuple[str, Callable, tupl
         ("BN: backward from float8 x_hat", norms._bn_backward_from_hat, (g, x_hat, weight, invstd)),
         ("BN: backward from 4-bit codes", norms._bn_backward_from_codes,
          (g, codes, lo, scale, shape, cl, 4, weight, mean, invstd)),
+        ("BN: backward from float8 x_hat over g", norms._bn_backward_from_hat_, (g, x_hat, weight, invstd)),
+        ("BN: backward from 4-bit codes over g", norms._bn_backward_from_codes_,
+         (g, codes, lo, scale, shape, cl, 4, weight, mean, invstd)),
         ("pool: avg 2", pooling.pool, (x, "avg", 2)),
         ("pool: upsample 2", pooling.upsample, (pooled, 2, shape[2:])),
     ]
+
+
+def _call(fn: Callable, args: tuple, label: str) -> Callable:
+    """fn(*args) as a call to time; over a copy of the first argument where the pass writes over it."""
+    if not label.endswith(" over g"):
+        return functools.partial(fn, *args)
+    return lambda: fn(args[0].clone(memory_format=torch.preserve_format), *args[1:])
 
 
 def _tensors(out) -> list[torch.Tensor]:
@@ -120,11 +132,11 @@ def bench_passes(batch=128, channels=64, size=32, device="auto", repeats=20, cha
     rows = []
     try:
         for label, fn, args in pass_cases(x):
-            ref_call, fast_call = functools.partial(fn.reference, *args), functools.partial(fn, *args)
+            ref_call, fast_call = _call(fn.reference, args, label), _call(fn, args, label)
             kind = fast_kind
             if kind == "triton":  # no kernel for this pass, or one that declines these inputs: the reference runs
                 kernel = fastpath._triton.get(fn.pass_name) if fastpath._load_kernels() else None
-                if kernel is None or kernel(*args) is NotImplemented:
+                if kernel is None or _call(kernel, args, label)() is NotImplemented:
                     kind = "reference"
             same, diff = agreement(ref_call(), fast_call())  # also the warm-up (compiles)
             times = {"ref": [], "fast": []}

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layout import called_plainly, grant_gradient, may_overwrite, may_overwrite_grad
 from .policy import CompressionPolicy, PolicyError
 from .pooling import blockwise_applies, blockwise_weight_grad, lowres_weight_grad, pooled_copy, upsample
-from .quantize import dequantize, dequantize_by_plane, quantize
+from .quantize import dequantize, dequantize_by_chunk, quantize
 from .weight_grad import tapwise_pays, tapwise_weight_grad
 
 
@@ -68,18 +69,33 @@ class ConvInputForm:
         return [xp, packed, lo, scale], info
 
     def rebuild(self, kept: list[torch.Tensor], info, shape: tuple[int, ...]) -> torch.Tensor:
-        """The full-size input the weight gradient is computed from (B, C, H, W)."""
+        """The whole rebuilt input (B, C, H, W) at once (a linear layer's)."""
         if self.bits is not None:
             return dequantize(*kept, info)
         if not self.pools:
             return kept[0]
         x = upsample(kept[0], self.k, shape[2:])
-        if self.residual_bits is not None:
-            # in place (the upsampled copy is ours), a plane of the residual's codes at a time: one
-            # full-size tensor less, and only a batch chunk of the decoded residual at a time
-            for samples, residual in dequantize_by_plane(*kept[1:], info):
+        if self.residual_bits is not None:  # in place: the upsampled copy is ours
+            for samples, residual in dequantize_by_chunk(*kept[1:], info):
                 x[samples].add_(residual)
         return x
+
+    def rebuild_by_chunk(self, kept: list[torch.Tensor], info, shape: tuple[int, ...], chunks: int = 4):
+        """The full-size input (B, C, H, W) the weight gradient is computed from, a batch chunk
+        at a time where it is rebuilt: yields (samples, chunk), at most 1/`chunks` of the batch
+        each where the codes allow (quantize.dequantize_by_chunk), so the whole rebuilt input is
+        never held (at ResNet-18's first stage, batch 128: 8 MiB instead of 32)."""
+        if self.bits is not None:
+            yield from dequantize_by_chunk(*kept, info, chunks)
+        elif not self.pools:
+            yield slice(None), kept[0]
+        elif self.residual_bits is None:
+            step = -(-shape[0] // chunks)
+            for a in range(0, shape[0], step):
+                yield slice(a, a + step), upsample(kept[0][a: a + step], self.k, shape[2:])
+        else:
+            for samples, residual in dequantize_by_chunk(*kept[1:], info, chunks):
+                yield samples, upsample(kept[0][samples], self.k, shape[2:]).add_(residual)
 
 
 def _input_grad(g, weight, x_shape, stride, padding, dilation, groups):
@@ -91,11 +107,57 @@ def _input_grad(g, weight, x_shape, stride, padding, dilation, groups):
     return F.conv_transpose2d(g, weight, None, stride, padding, out_pad, groups, dilation)
 
 
+def _weight_grad(g, x, weight, stride, padding, dilation, groups, tapwise: bool, strides, into=None):
+    """conv2d's weight gradient from g and the input x, added into `into` if given: tap by tap
+    (weight_grad.py: no weight-sized buffer beside the result) or PyTorch's."""
+    if tapwise:
+        return tapwise_weight_grad(g, x, weight.shape, stride, padding, dilation, strides, into)
+    gw = torch.ops.aten.convolution_backward(g, x, weight, None, list(stride), list(padding), list(dilation), False,
+                                             [0, 0], groups, [False, True, False])[1]
+    return gw if into is None else into.add_(gw)
+
+
+# Over its input, a conv runs a batch chunk at a time: a quarter of the batch, at least _MIN_CHUNK
+# samples (a single sample runs another oneDNN kernel, whose output differs in the last bits;
+# chunks of 2 and more gave the whole batch's bits in every case tried). Smaller batches run
+# out of place.
+_CHUNKS, _MIN_CHUNK = 4, 8
+
+
+def _batch_chunks(n: int) -> int:
+    """How many chunks a batch of n samples runs in over its input (1: not over it)."""
+    return max(1, min(_CHUNKS, n // _MIN_CHUNK))
+
+
+def _conv_over(x, weight, bias, padding, dilation, groups):
+    """conv2d written over its input x, for an output of x's shape (stride 1, as many channels
+    out as in), a batch chunk at a time: a sample's output reads only that sample's input, so a
+    chunk is overwritten once it is read. The forward then holds a chunk beside x instead of a
+    second full-size tensor."""
+    step = -(-x.shape[0] // _batch_chunks(x.shape[0]))
+    for a in range(0, x.shape[0], step):
+        part = x[a: a + step]
+        part.copy_(F.conv2d(part, weight, bias, 1, padding, dilation, groups))
+    return x
+
+
+def _input_grad_over(g, weight, stride, padding, dilation, groups):
+    """The input gradient written over g, for an input of g's shape (stride 1, as many channels
+    in as out), a batch chunk at a time: a sample's input gradient reads only that sample's g,
+    so a chunk is overwritten once nothing needs it. The backward then holds a chunk beside g
+    instead of a second full-size tensor; the same values as _input_grad."""
+    step = -(-g.shape[0] // _batch_chunks(g.shape[0]))
+    for a in range(0, g.shape[0], step):
+        part = g[a: a + step]
+        part.copy_(_input_grad(part, weight, part.shape, stride, padding, dilation, groups))
+    return g
+
+
 class CompressedConvFunction(torch.autograd.Function):
     """conv2d whose backward sees only what `form` keeps of its input."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, form: ConvInputForm):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, form: ConvInputForm, in_place=False):
         dev = x.device.type
         if torch.is_autocast_enabled(dev):  # cast like autocast would, then run plainly
             dt = torch.get_autocast_dtype(dev)
@@ -108,9 +170,14 @@ class CompressedConvFunction(torch.autograd.Function):
         # size residual) and the output never coexist
         kept, info = form.keep(x)
         with torch.autocast(dev, enabled=False):
-            y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+            if in_place:  # the output over x, whose form is kept (CompressedConv2d checks the rest)
+                y = _conv_over(x, weight, bias, padding, dilation, groups)
+                ctx.mark_dirty(x)
+            else:
+                y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         ctx.save_for_backward(*kept, weight)
         ctx.conf = (tuple(x.shape), stride, padding, dilation, groups, form, info, bias is not None)
+        ctx.grad_granted = False  # layout.grant_gradient: y's gradient may be written over
         return y
 
     @staticmethod
@@ -140,31 +207,37 @@ class CompressedConvFunction(torch.autograd.Function):
             gw = (weight_grad(kept[0], g, weight.shape, stride, padding, dilation, groups, form.k, w_strides)
                   if need_w else None)
             gb = g.sum((0, 2, 3)) if need_b and has_bias else None
-        elif need_w and not form.keeps_input and tapwise_pays(weight.shape, weight.device, x_shape, stride, groups):
-            x_rec = form.rebuild(kept, info, x_shape).to(weight.dtype)
-            gw = tapwise_weight_grad(g, x_rec, weight.shape, stride, padding, dilation, w_strides)
-            del x_rec
-            gb = g.sum((0, 2, 3)) if need_b and has_bias else None
-        elif form.keeps_input or need_w or (need_b and has_bias):
-            x_rec = form.rebuild(kept, info, x_shape).to(weight.dtype)
+        elif form.keeps_input:  # one call gives PyTorch's own three gradients
             gx, gw, gb = torch.ops.aten.convolution_backward(
-                g, x_rec, weight, [weight.shape[0]] if has_bias else None, list(stride), list(padding),
-                list(dilation), False, [0, 0], groups, [need_x and form.keeps_input, need_w, need_b and has_bias])
-            del x_rec
+                g, kept[0].to(weight.dtype), weight, [weight.shape[0]] if has_bias else None, list(stride),
+                list(padding), list(dilation), False, [0, 0], groups, [need_x, need_w, need_b and has_bias])
+        else:
+            if need_w:  # summed over batch chunks of the rebuilt input: never the whole of it at once
+                tapwise = tapwise_pays(weight.shape, weight.device, x_shape, stride, groups)
+                for samples, x_rec in form.rebuild_by_chunk(kept, info, x_shape):
+                    gw = _weight_grad(g[samples], x_rec.to(weight.dtype), weight, stride, padding, dilation,
+                                      groups, tapwise, w_strides, gw)
+                    del x_rec
+            gb = g.sum((0, 2, 3)) if need_b and has_bias else None
         if need_x and gx is None:
-            gx = _input_grad(g, weight, x_shape, stride, padding, dilation, groups)
+            if (ctx.dtypes is None and tuple(g.shape) == x_shape and _batch_chunks(g.shape[0]) > 1
+                    and may_overwrite_grad(ctx, g)):
+                gx = _input_grad_over(g, weight, stride, padding, dilation, groups)
+            else:
+                gx = _input_grad(g, weight, x_shape, stride, padding, dilation, groups)
         if ctx.dtypes is not None:
             dx, dw, db = ctx.dtypes
             gx = None if gx is None else gx.to(dx)
             gw = None if gw is None else gw.to(dw)
             gb = None if gb is None else gb.to(db)
-        return gx, gw, gb, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None
 
 
 class CompressedConv2d(nn.Conv2d):
     """A Conv2d (same parameters and state_dict) that keeps only `pp_form` of its input."""
 
     pp_form: ConvInputForm = ConvInputForm()
+    pp_input_from: tuple[nn.Module, ...] = ()  # the activation whose output only this conv reads (the model vouches)
 
     def forward(self, x):
         if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
@@ -175,6 +248,22 @@ class CompressedConv2d(nn.Conv2d):
                 f"K={self.pp_form.k} is larger than the {h}x{w} feature map entering "
                 f"{getattr(self, 'pp_name', 'a conv')}; use a smaller K or restrict the policy to earlier stages "
                 "(stages=1,2)")
+        vouched = bool(self.pp_input_from) and all(called_plainly(m) for m in (self, *self.pp_input_from))
+        if vouched:
+            grant_gradient(x)  # no hook saw x: the gradient this conv hands back is the activation's alone
         return CompressedConvFunction.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                                            self.groups, self.pp_form)
+                                            self.groups, self.pp_form, vouched and self._may_write_over(x))
+
+    def _may_write_over(self, x) -> bool:
+        """Whether the output can take x's place: x a temporary of one of our layers (which keep
+        nothing of their outputs; autograd's version check guards the rest), the output of x's
+        shape, dtype and layout, and x itself not what the form keeps."""
+        kh, kw = self.kernel_size
+        same_shape = (self.in_channels == self.out_channels and tuple(self.stride) == (1, 1)
+                      and self.dilation[0] * (kh - 1) == 2 * self.padding[0]
+                      and self.dilation[1] * (kw - 1) == 2 * self.padding[1])
+        return (same_shape and _batch_chunks(x.shape[0]) > 1 and not self.pp_form.keeps_input
+                and hasattr(x.grad_fn, "grad_granted")
+                and may_overwrite(x) and x.dtype == self.weight.dtype and not torch.is_autocast_enabled(x.device.type)
+                and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)))
 

@@ -102,6 +102,10 @@ def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], lis
                    if getattr(model, "pp_norms_read_temporaries", False) else {})
     act_inputs = (_inputs_made_by(model, _MASKABLE_TYPES, nn.BatchNorm2d)
                   if getattr(model, "pp_activations_read_temporaries", False) else {})
+    # and that a conv after an activation is all that reads it: the conv's input gradient is then
+    # the activation's alone, which its backward may write over (layout.grant_gradient)
+    conv_inputs = (_inputs_made_by(model, nn.Conv2d, _MASKABLE_TYPES)
+                   if getattr(model, "pp_convs_read_temporaries", False) else {})
     for name, m in model.named_modules():
         if name and not in_scope(name, policy, stem):
             continue
@@ -129,7 +133,7 @@ def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], lis
                 if policy.bits is not None:
                     swap(CompressedConv2d, pp_form=ConvInputForm(bits=policy.bits), pp_name=name)
             elif policy.compresses_conv_input:
-                swap(CompressedConv2d, pp_form=form, pp_name=name)
+                swap(CompressedConv2d, pp_form=form, pp_name=name, pp_input_from=conv_inputs.get(name, ()))
         elif isinstance(m, nn.Linear) and _inherits_forward(m, nn.Linear):
             if policy.compresses_conv_input:
                 swap(CompressedLinear, pp_form=form, pp_name=name)

@@ -279,10 +279,12 @@ def can_use(dtype: torch.dtype, capability: tuple[int, int]) -> bool:
     return tuple(capability) >= _NEEDS.get(dtype, (0, 0))
 
 
-def _bn_backward(g, shape, channels_last, weight, invstd, hat=None, codes=None, mean=None, bits=8):
+def _bn_backward(g, shape, channels_last, weight, invstd, hat=None, codes=None, mean=None, bits=8, over=False):
     """BatchNorm's backward in two passes over g and the kept input (x_hat, or codes (packed, lo,
     scale)), in the kept input's memory order: per-channel partial sums (deterministic: a fixed
-    split, summed by torch), then the input gradient; -> (gx in g's layout, g_gamma, g_beta)."""
+    split, summed by torch), then the input gradient; -> (gx in g's layout, g_gamma, g_beta).
+    `over`: the input gradient written over g (float32, in that memory order; each element is
+    read before it is written, by the same program)."""
     n_, C = shape[0], shape[1]
     HW = math.prod(shape[2:])
     n = n_ * C * HW
@@ -315,9 +317,11 @@ def _bn_backward(g, shape, channels_last, weight, invstd, hat=None, codes=None, 
     gb, gw = sb.view(-1, C).sum(0), sw.view(-1, C).sum(0)
     count = n // C
     k = invstd32 if weight is None else weight.float() * invstd32
-    out = torch.empty(n, dtype=torch.float32, device=dev)
+    out = g_flat if over else torch.empty(n, dtype=torch.float32, device=dev)
     _bn_grad_input_kernel[_grid(n)](*args, k.contiguous(), (gb / count).contiguous(), (gw / count).contiguous(), out,
                                     n, m, C, HW, CHANNELS_LAST=channels_last, BLOCK=BLOCK, **common)
+    if over:
+        return g, gw, gb
     gx = from_memory_order(out, shape, channels_last)
     if is_channels_last(g) != channels_last:  # the reference's output follows g's layout
         gx = gx.contiguous(memory_format=torch.channels_last if is_channels_last(g) else torch.contiguous_format)
@@ -359,6 +363,31 @@ def bn_backward_from_codes(g: torch.Tensor, packed: torch.Tensor, lo: torch.Tens
                         bits=bits)
 
 
+def _in_memory_order(t: torch.Tensor, channels_last: bool) -> bool:
+    """Whether t's elements lie in that memory order, densely (its flat view is t's storage)."""
+    return t.is_contiguous(memory_format=torch.channels_last if channels_last and t.dim() == 4
+                           else torch.contiguous_format)
+
+
+def bn_backward_from_hat_(g: torch.Tensor, x_hat: torch.Tensor, weight: torch.Tensor | None,
+                          invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    cl = is_channels_last(x_hat)
+    if g.dtype != torch.float32 or not _in_memory_order(g, cl) or (
+            x_hat.is_cuda and not can_use(x_hat.dtype, torch.cuda.get_device_capability(x_hat.device))):
+        return NotImplemented
+    return _bn_backward(g, tuple(x_hat.shape), cl, weight, invstd, hat=x_hat, over=True)
+
+
+def bn_backward_from_codes_(g: torch.Tensor, packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor,
+                            shape: tuple[int, ...], channels_last: bool, bits: int, weight: torch.Tensor | None,
+                            mean: torch.Tensor, invstd: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if g.dtype != torch.float32 or not _in_memory_order(g, channels_last):
+        return NotImplemented
+    return _bn_backward(g, tuple(shape), channels_last, weight, invstd, codes=(packed, lo, scale), mean=mean,
+                        bits=bits, over=True)
+
+
 def _grid(m: int):
     return (triton.cdiv(m, BLOCK),)
 
@@ -387,6 +416,18 @@ def mask_apply(g: torch.Tensor, packed: torch.Tensor, shape: tuple[int, ...], ch
     return from_memory_order(out, shape, channels_last) if len(shape) == 4 else out.view(shape)
 
 
+def mask_apply_(g: torch.Tensor, packed: torch.Tensor, shape: tuple[int, ...], channels_last: bool, kind: str,
+                slope: float) -> torch.Tensor:
+    """mask_apply written over g (in the given layout): each element read, then written, by one
+    program."""
+    if not _in_memory_order(g, channels_last):
+        return NotImplemented
+    flat = _flat(g, channels_last)  # a view: g is in this memory order
+    _mask_apply_kernel[_grid(packed.numel())](flat, packed, flat, flat.numel(), packed.numel(), float(slope),
+                                             LEAKY=kind == "leaky", BLOCK=BLOCK)
+    return g
+
+
 def encode(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, seed: torch.Tensor, bits: int,
            channels_last: bool) -> torch.Tensor:
     flat = _flat(x, channels_last)
@@ -413,9 +454,12 @@ def decode(packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, shape: t
 KERNELS = {
     "core.method.masks._mask_pack": mask_pack,
     "core.method.masks._mask_apply": mask_apply,
+    "core.method.masks._mask_apply_": mask_apply_,
     "core.method.quantize._encode_pass": encode,
     "core.method.quantize._decode_pass": decode,
     "core.method.norms._bn_keep": bn_keep,
     "core.method.norms._bn_backward_from_hat": bn_backward_from_hat,
     "core.method.norms._bn_backward_from_codes": bn_backward_from_codes,
+    "core.method.norms._bn_backward_from_hat_": bn_backward_from_hat_,
+    "core.method.norms._bn_backward_from_codes_": bn_backward_from_codes_,
 }

@@ -1,7 +1,7 @@
 """Memory layout of activations: the memory order of a (N, C, H, W) tensor, what packed storage
 (masks, codes) follows so that packing never transposes (NCHW, or NHWC for channels_last); and
-whether a layer may write over its input: autograd allows it, and no hook on the module that
-made it could have kept it."""
+whether a layer may write over its input (autograd allows it, and no hook on the module that
+made it could have kept it) or a backward over its incoming gradient (the gradient is its alone)."""
 
 from __future__ import annotations
 
@@ -50,3 +50,22 @@ def called_plainly(module: nn.Module) -> bool:
     return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks or m._global_forward_hooks or m._global_forward_pre_hooks
                 or m._global_backward_hooks or m._global_backward_pre_hooks)
+
+
+def grant_gradient(x: torch.Tensor) -> None:
+    """Called for x's only reader (the model vouches it, or the reader wrote over x), whose
+    backward hands x's maker a fresh gradient that nothing else holds: where the maker is a
+    Function of ours (`ctx.grad_granted`), its backward may write over that gradient, and the
+    backward holds one full-size tensor fewer at a time. The caller checks that no hook on the
+    reader, or on the module that made x, could have kept x (and so hooked its gradient)."""
+    node = x.grad_fn
+    if node is not None and getattr(node, "grad_granted", None) is False:
+        node.grad_granted = True
+
+
+def may_overwrite_grad(ctx, g: torch.Tensor) -> bool:
+    """Whether a backward may write over its incoming gradient g: granted (grant_gradient), not
+    building a graph of the backward (create_graph), and g dense in one layout (nothing of it
+    shared between elements)."""
+    return (getattr(ctx, "grad_granted", False) and not torch.is_grad_enabled()
+            and (g.is_contiguous() or g.is_contiguous(memory_format=torch.channels_last)))

@@ -14,7 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fastpath import fused
-from .layout import called_plainly, from_memory_order, is_channels_last, may_overwrite, memory_order_flat
+from .layout import (
+    called_plainly,
+    from_memory_order,
+    grant_gradient,
+    is_channels_last,
+    may_overwrite,
+    may_overwrite_grad,
+    memory_order_flat,
+)
 
 _WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -46,20 +54,39 @@ def _mask_pack(x: torch.Tensor, kind: str, a: float, b: float, channels_last: bo
     return packed.to(torch.uint8)
 
 
+def _mask_factor(packed: torch.Tensor, dtype: torch.dtype, kind: str, slope: float) -> torch.Tensor:
+    """(8, m) per element: 1 where the mask is set, `slope` elsewhere (plane-major, as packed)."""
+    w = torch.tensor(_WEIGHTS, dtype=torch.int32, device=packed.device).view(8, 1)
+    on = (packed.to(torch.int32).view(1, -1) & w) != 0
+    return on.to(dtype) if kind != "leaky" else torch.where(on, 1.0, slope).to(dtype)
+
+
 @fused
 def _mask_apply(g: torch.Tensor, packed: torch.Tensor, shape: tuple[int, ...], channels_last: bool, kind: str,
                 slope: float) -> torch.Tensor:
     """g where the mask is set, g * slope elsewhere (0 for ReLU/Hardtanh), in `shape` and the
     given layout: one pass over g."""
     n = math.prod(shape)
-    w = torch.tensor(_WEIGHTS, dtype=torch.int32, device=g.device).view(8, 1)
-    on = (packed.to(torch.int32).view(1, -1) & w) != 0  # (8, m): plane-major, as packed
-    factor = on.to(g.dtype) if kind != "leaky" else torch.where(on, 1.0, slope).to(g.dtype)
+    factor = _mask_factor(packed, g.dtype, kind, slope)
     if n % 8 == 0:  # the planes tile g exactly: multiply plane by plane, a 2-D loop without divisions
         out = (_flat(g, channels_last).view(8, -1) * factor).view(-1)
     else:
         out = _flat(g, channels_last) * factor.reshape(-1)[:n]
     return from_memory_order(out, shape, channels_last) if len(shape) == 4 else out.view(shape)
+
+
+@fused
+def _mask_apply_(g: torch.Tensor, packed: torch.Tensor, shape: tuple[int, ...], channels_last: bool, kind: str,
+                 slope: float) -> torch.Tensor:
+    """_mask_apply written over g, which has the given layout: the same bits, no new tensor."""
+    n = math.prod(shape)
+    factor = _mask_factor(packed, g.dtype, kind, slope)
+    flat = _flat(g, channels_last)  # a view: g has this layout
+    if n % 8 == 0:
+        flat.view(8, -1).mul_(factor)
+    else:
+        flat.mul_(factor.reshape(-1)[:n])
+    return g
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -84,6 +111,7 @@ class MaskedActivationFunction(torch.autograd.Function):
         cl = is_channels_last(x)
         ctx.conf = (tuple(x.shape), cl, kind, a)
         ctx.save_for_backward(_mask_pack(x, kind, a, b, cl))  # before an in-place f overwrites x
+        ctx.grad_granted = False  # layout.grant_gradient: y's gradient may be written over
         if kind == "relu":
             y = torch.relu_(x) if inplace else torch.relu(x)
         elif kind == "hardtanh":
@@ -101,7 +129,9 @@ class MaskedActivationFunction(torch.autograd.Function):
         # The gradient in the input's layout: g may come in without one (the head's mean gives a
         # stride-0 gradient), and BatchNorm's backward below runs twice as long on NCHW (measured).
         slope = a if kind == "leaky" else 0.0
-        return _mask_apply(g, packed, shape, cl, kind, slope), None, None, None, None
+        over = may_overwrite_grad(ctx, g) and tuple(g.shape) == shape and (
+            g.is_contiguous(memory_format=torch.channels_last) if cl else g.is_contiguous())
+        return (_mask_apply_ if over else _mask_apply)(g, packed, shape, cl, kind, slope), None, None, None, None
 
 
 class _Masked:
@@ -124,6 +154,8 @@ class _Masked:
         if torch.is_grad_enabled() and x.requires_grad:
             vouched = self.pp_inplace and all(called_plainly(m) for m in self.pp_input_from)
             inplace = bool(self.inplace or vouched) and may_overwrite(x)
+            if vouched and inplace and called_plainly(self):
+                grant_gradient(x)  # x is overwritten: this backward's gradient is the BatchNorm's alone
             return MaskedActivationFunction.apply(x, *self._mask_args(), inplace)
         return super().forward(x)
 

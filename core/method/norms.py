@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .fastpath import fused
-from .layout import called_plainly, may_overwrite
+from .layout import called_plainly, grant_gradient, is_channels_last, may_overwrite, may_overwrite_grad
 from .policy import BN_STORAGE
 from .quantize import _decode_pass, dequantize, quantize
 
@@ -22,17 +22,26 @@ def _bn_keep(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, store: t
     return x_hat.to(store)
 
 
-def _bn_grads(g: torch.Tensor, x_hat: torch.Tensor, weight: torch.Tensor | None, invstd: torch.Tensor):
-    """Training-mode BatchNorm backward from x_hat (float32): (gx, g_gamma, g_beta), float32."""
-    shape = (1, -1, 1, 1)
+def _bn_sums(g: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g_gamma, g_beta) of a training-mode BatchNorm, float32 (x_hat float32)."""
     g = g.float()
-    n = g.numel() // g.shape[1]
     # per sample first, then over the batch: two short sums (compiled, one long running sum in
     # float32 was 5x less accurate than PyTorch's own summation at ResNet-18's first stage)
-    gb = g.sum((2, 3)).sum(0)
-    gw = (g * x_hat).sum((2, 3)).sum(0)
+    return (g * x_hat).sum((2, 3)).sum(0), g.sum((2, 3)).sum(0)
+
+
+def _bn_input_grad(g, x_hat, weight, invstd, gw, gb) -> torch.Tensor:
+    """Its input gradient from those sums, float32."""
+    shape = (1, -1, 1, 1)
+    n = g.numel() // g.shape[1]
     scale = invstd if weight is None else weight.float() * invstd
-    return scale.view(shape) * (g - (gb / n).view(shape) - x_hat * (gw / n).view(shape)), gw, gb
+    return scale.view(shape) * (g.float() - (gb / n).view(shape) - x_hat * (gw / n).view(shape))
+
+
+def _bn_grads(g: torch.Tensor, x_hat: torch.Tensor, weight: torch.Tensor | None, invstd: torch.Tensor):
+    """Training-mode BatchNorm backward from x_hat (float32): (gx, g_gamma, g_beta), float32."""
+    gw, gb = _bn_sums(g, x_hat)
+    return _bn_input_grad(g, x_hat, weight, invstd, gw, gb), gw, gb
 
 
 @fused
@@ -53,9 +62,39 @@ def _bn_backward_from_codes(g: torch.Tensor, packed: torch.Tensor, lo: torch.Ten
     fused into the reduction and output passes (x_hat = (lo + code * scale - mean) * invstd in
     registers), so no full-size float32 x is built (at ResNet-18's first stage that was 32 MiB at
     the step peak)."""
+    return _bn_grads(g, _hat_of_codes(packed, lo, scale, shape, channels_last, bits, mean, invstd), weight, invstd)
+
+
+def _hat_of_codes(packed, lo, scale, shape, channels_last, bits, mean, invstd) -> torch.Tensor:
     x = _decode_pass.reference(packed, lo, scale, shape, channels_last, bits, torch.float32)
     view = (1, -1, 1, 1)
-    return _bn_grads(g, (x - mean.view(view)) * invstd.view(view), weight, invstd)
+    return (x - mean.view(view)) * invstd.view(view)
+
+
+@fused
+def _bn_backward_from_hat_(g: torch.Tensor, x_hat: torch.Tensor, weight: torch.Tensor | None,
+                           invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """_bn_backward_from_hat with the input gradient written over g (g in x_hat's layout): its
+    reductions read g before anything is written, compiled (or in its Triton kernel) the output
+    pass then stores into g. -> (g, g_gamma, g_beta)."""
+    gx, gw, gb = _bn_grads(g, x_hat.to(torch.float32), weight, invstd)
+    g.copy_(gx)
+    return g, gw, gb
+
+
+@fused
+def _bn_backward_from_codes_(g: torch.Tensor, packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor,
+                             shape: tuple[int, ...], channels_last: bool, bits: int, weight: torch.Tensor | None,
+                             mean: torch.Tensor, invstd: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """_bn_backward_from_codes with the input gradient written over g (as above). Compiled as
+    two graphs, the sums and then the output, each decoding the codes in registers: in one graph
+    inductor keeps the decoded x for both passes, a full-size buffer."""
+    gw, gb = _bn_sums(g, _hat_of_codes(packed, lo, scale, shape, channels_last, bits, mean, invstd))
+    torch._dynamo.graph_break()
+    x_hat = _hat_of_codes(packed, lo, scale, shape, channels_last, bits, mean, invstd)
+    g.copy_(_bn_input_grad(g, x_hat, weight, invstd, gw, gb))
+    return g, gw, gb
 
 
 def _stats_dtype(x: torch.Tensor, weight: torch.Tensor | None) -> torch.dtype:
@@ -104,17 +143,22 @@ class LowPrecisionBNFunction(torch.autograd.Function):
                 kept = [_bn_keep(x, mean, invstd, store)]
         ctx.save_for_backward(*kept, weight, mean, invstd)
         ctx.conf = (x.dtype, info)
+        ctx.grad_granted = False  # layout.grant_gradient: the output's gradient may be written over
         return out
 
     @staticmethod
     def backward(ctx, g):
         *kept, weight, mean, invstd = ctx.saved_tensors
         dtype, info = ctx.conf
+        # over g where granted and g has the kept input's layout and x's dtype (else the same out of place)
+        cl = info.channels_last if info is not None else is_channels_last(kept[0])
+        over = (may_overwrite_grad(ctx, g) and g.dtype == dtype and g.dim() == 4
+                and g.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format))
         if info is not None:
-            gx, gw, gb = _bn_backward_from_codes(g, *kept, info.shape, info.channels_last, info.bits, weight,
-                                                 mean, invstd)
+            backward = _bn_backward_from_codes_ if over else _bn_backward_from_codes
+            gx, gw, gb = backward(g, *kept, info.shape, info.channels_last, info.bits, weight, mean, invstd)
         else:
-            gx, gw, gb = _bn_backward_from_hat(g, kept[0], weight, invstd)
+            gx, gw, gb = (_bn_backward_from_hat_ if over else _bn_backward_from_hat)(g, kept[0], weight, invstd)
         if weight is None:
             gw = gb = None
         else:
@@ -139,6 +183,8 @@ class LowPrecisionBatchNorm2d(nn.BatchNorm2d):
         in_place = (self.pp_inplace and all(called_plainly(m) for m in self.pp_input_from)
                     and not self._forward_pre_hooks and not x.is_leaf and may_overwrite(x)
                     and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)))
+        if in_place:  # x is overwritten: what this norm's backward hands the conv is the conv's alone
+            grant_gradient(x)
         return LowPrecisionBNFunction.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
                                             momentum, self.eps, BN_STORAGE[self.pp_store], in_place)
 

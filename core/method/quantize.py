@@ -214,19 +214,27 @@ def dequantize(packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, info
     return out if info.orig_shape is None else out.reshape(info.orig_shape)
 
 
-def dequantize_by_plane(packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, info: PackedShape):
+def dequantize_by_chunk(packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, info: PackedShape,
+                        chunks: int = 4):
     """The same reconstruction a batch chunk at a time: yields (samples, chunk), `samples` the
-    slice of the batch `chunk` holds. Where the batch divides into the 8/B planes, plane i is
-    the i-th batch chunk and is decoded on its own, so a caller adding the chunks into a tensor
-    of its own never holds the whole reconstruction (at ResNet-18's first stage, batch 128,
-    2 bits: 8 MiB at a time instead of 32); otherwise the whole tensor at once."""
+    slice of the batch `chunk` holds, in order. Where the batch divides into the 8/B planes,
+    plane i holds the i-th 1/(8/B) of the batch (a sample's codes are consecutive bytes of it),
+    and each chunk, at most 1/`chunks` of the batch, is decoded on its own: a caller using the
+    chunks one by one never holds the whole reconstruction (at ResNet-18's first stage, batch
+    128: 8 MiB at a time instead of 32). Otherwise the whole tensor at once."""
     per, n = 8 // info.bits, info.shape[0]
-    if info.orig_shape is not None or per == 1 or n % per:
+    if info.orig_shape is not None or n % per:
         yield slice(None), dequantize(packed, lo, scale, info)
         return
     m, mask = n // per, (1 << info.bits) - 1
+    step = -(-m // max(1, -(-chunks // per)))  # samples a chunk holds, within one plane
+    per_sample = packed.numel() // m
     for i in range(per):
-        samples = slice(i * m, (i + 1) * m)
-        plane = (packed >> (info.bits * i)) & mask  # this plane's codes, one per byte: decoded as 8-bit codes
-        yield samples, _decode_pass(plane, lo[samples], scale[samples], (m, *info.shape[1:]), info.channels_last,
-                                    8, info.dtype)
+        for a in range(0, m, step):
+            b = min(m, a + step)
+            codes = packed[a * per_sample: b * per_sample]
+            if per > 1:
+                codes = (codes >> (info.bits * i)) & mask  # this plane's codes, one a byte: decoded as 8-bit
+            samples = slice(i * m + a, i * m + b)
+            yield samples, _decode_pass(codes, lo[samples], scale[samples], (b - a, *info.shape[1:]),
+                                        info.channels_last, 8, info.dtype)

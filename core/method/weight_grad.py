@@ -46,21 +46,24 @@ def zeros_with_strides(like: torch.Tensor, shape, strides=None) -> torch.Tensor:
     return like.new_zeros(shape) if strides is None else like.new_empty_strided(shape, strides).zero_()
 
 
-def tapwise_weight_grad(g, x, weight_shape, stride, padding, dilation, strides=None) -> torch.Tensor:
+def tapwise_weight_grad(g, x, weight_shape, stride, padding, dilation, strides=None, into=None) -> torch.Tensor:
     """conv2d's weight gradient (groups 1) one kernel tap at a time (tap_factors).
 
     Beside the gradient it holds one tap's slices; convolution_backward holds two more
     weight-sized buffers (its own layout and the reorder back). Returns a tensor of
     `weight_shape` with `strides` (default contiguous): give the weight's own, so that autograd
-    keeps it as the .grad without a reordered copy.
+    keeps it as the .grad without a reordered copy. `into`: a gradient to add this one into
+    (a batch chunk's after another's), returned.
     """
-    out = zeros_with_strides(g, weight_shape, strides)
+    out = zeros_with_strides(g, weight_shape, strides) if into is None else into
     for ty, tx, gs, xs in tap_factors(g, x, weight_shape[2:], stride, padding, dilation):
         tap = out[:, :, ty, tx]
-        if tap.is_contiguous():  # 1x1 kernels: straight into the result
+        if into is None and tap.is_contiguous():  # 1x1 kernels: straight into the result
             torch.mm(gs, xs, out=tap)
-        else:
+        elif into is None:
             tap.copy_(gs @ xs)
+        else:
+            tap.add_(gs @ xs)
         del gs, xs  # before tap_factors copies the next tap's
     return out
 

@@ -2,10 +2,11 @@
 
 Every ReLU is its own non-in-place module (Captum's DeepLift/GuidedBackprop need that,
 and the mask ReLU swapped in by `compress_model` replaces modules one by one). Each reads a
-temporary nothing else reads (a BatchNorm output or the residual sum), and each BatchNorm a conv
-output nothing else reads, which the models declare (`pp_activations_read_temporaries`,
-`pp_norms_read_temporaries`): compressed, the mask ReLUs and the low-precision BatchNorms then
-run in place.
+temporary nothing else reads (a BatchNorm output or the residual sum), each BatchNorm a conv
+output nothing else reads, and each conv after a ReLU in a block that ReLU's output only, which
+the models declare (`pp_activations_read_temporaries`, `pp_norms_read_temporaries`,
+`pp_convs_read_temporaries`): compressed, the mask ReLUs and the low-precision BatchNorms then
+run in place, and their backwards (and the convs') write over gradients that are theirs alone.
 The head averages with a plain mean rather than `AdaptiveAvgPool2d`: the latter keeps
 the last ReLU output alive for its backward, which would hide the savings we measure.
 
@@ -48,6 +49,7 @@ class ResidualBlock(nn.Module):
     checkpointed: bool = False
     pp_activations_read_temporaries = True  # a block compressed alone too (see the module docstring)
     pp_norms_read_temporaries = True
+    pp_convs_read_temporaries = True
 
     def forward(self, x):
         if self.checkpointed and torch.is_grad_enabled() and x.requires_grad:
@@ -133,6 +135,7 @@ class Bottleneck(ResidualBlock):
 class ResNet(nn.Module):
     pp_activations_read_temporaries = True  # see the module docstring
     pp_norms_read_temporaries = True
+    pp_convs_read_temporaries = True
 
     def __init__(self, block, layers, widths, num_classes=10, stem="cifar", shortcut="conv"):
         super().__init__()
