@@ -11,11 +11,12 @@ from torch import nn
 from core.method import conv, masks, norms
 from core.method.conv import CompressedConvFunction, ConvInputForm, _input_grad
 from core.method.convert import compress_model, compressed, decompress_model
+from core.method.layout import vouched_forward
 from core.method.masks import pack_mask, unpack_mask
 from core.method.policy import CompressionPolicy, PolicyError
 from core.method.pooling import blockwise_applies, blockwise_weight_grad, lowres_weight_grad, upsample
 from core.method.weight_grad import tap_factors, tapwise_weight_grad
-from core.models.resnet import build_model
+from core.models.resnet import BasicBlock, build_model
 
 from helpers import block_constant
 
@@ -338,9 +339,10 @@ def test_layers_write_over_what_is_theirs_alone_with_the_same_gradients(policy, 
 
 def test_a_gradient_a_hook_has_seen_is_never_written_over():
     """A hook can keep what it sees: a ReLU's output (a forward hook on it), a conv's input (a
-    pre-hook on the conv), a conv's output (a forward hook on the conv). The gradients of those
-    tensors, kept by tensor hooks, stay as they were when the hooks saw them. And a backward that
-    builds a graph of itself (create_graph) writes over nothing: the same gradients."""
+    pre-hook on the conv), a conv's output (a forward hook on the conv), a BatchNorm's input
+    gradient (a backward hook on it). What they kept stays as it was when they saw it. Layers
+    called outside the model's forward, or by a subclass's forward, write over nothing. And a
+    backward that builds a graph of itself (create_graph) writes over nothing: the same gradients."""
     torch.manual_seed(0)
     model = compress_model(build_model("resnet20"), "q4+mask+bn4")
     seen = []
@@ -351,12 +353,40 @@ def test_a_gradient_a_hook_has_seen_is_never_written_over():
     model.layer1[0].act1.register_forward_hook(lambda m, i, o: keep(o))
     model.layer1[1].conv2.register_forward_pre_hook(lambda m, i: keep(i[0]))
     model.layer2[1].conv1.register_forward_hook(lambda m, i, o: keep(o))
+    # a (legacy) backward hook on a BatchNorm sees the gradient it hands the conv before it
+    model.layer1[2].bn1.register_backward_hook(lambda m, gi, go: seen.append((gi[0], gi[0].clone())))
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     torch.manual_seed(1)
     F.cross_entropy(model(x), y).backward()
-    assert len(seen) == 3 and all(torch.equal(g, copy) for g, copy in seen)
+    assert len(seen) == 4 and all(torch.equal(g, copy) for g, copy in seen)
+
+    # The declarations hold inside the model's own forward only: layers called one by one by a
+    # caller who keeps what they return (and takes gradients of it) write over nothing
+    h, results = torch.randn(16, 16, 8, 8), []
+    for vouched in (True, False):
+        torch.manual_seed(0)
+        block = compress_model(build_model("resnet20"), "q4+mask+bn4").layer1[0]
+        if not vouched:
+            _unvouched(block)
+        torch.manual_seed(1)
+        a = block.act1(block.bn1(block.conv1(h)))
+        o = block.conv2(a)
+        assert o is not a
+        results.append([a, *torch.autograd.grad((o * o).sum(), [a, block.conv1.weight])])
+    assert all(torch.equal(p, q) for p, q in zip(*results))
+
+    # and for the forward written here only: a subclass that reads an activation again vouches for nothing
+    class Reread(BasicBlock):
+        def _forward(self, x):
+            a = self.act1(self.bn1(self.conv1(x)))
+            return self.act2(self.bn2(self.conv2(a)) + x) + a
+
+    block = compress_model(Reread(16, 16), "q4+mask+bn4")
+    assert not block.conv2.pp_input_from and not block.bn1.pp_inplace and not block.act1.pp_inplace
+    assert compress_model(BasicBlock(16, 16), "q4+mask+bn4").conv2.pp_input_from
 
     seen.clear()
+    model = compress_model(build_model("resnet20"), "q4+mask+bn4")
     params = list(model.parameters())
     grads = []
     for create_graph in (False, True):
@@ -368,9 +398,13 @@ def test_a_gradient_a_hook_has_seen_is_never_written_over():
 
 class _ConvNormAct(nn.Sequential):
     """A conv, BatchNorm and ReLU that declares what our ResNets declare: the BatchNorm reads the
-    conv's output, which nothing else reads."""
+    conv's output, which nothing else reads (inside its own forward, as a declaring model runs)."""
 
     pp_norms_read_temporaries = True
+
+    def forward(self, x):
+        with vouched_forward():
+            return super().forward(x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

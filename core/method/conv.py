@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import called_plainly, grant_gradient, may_overwrite, may_overwrite_grad
+from .layout import called_plainly, grant_gradient, in_vouched_forward, may_overwrite, may_overwrite_grad
 from .policy import CompressionPolicy, PolicyError
 from .pooling import blockwise_applies, blockwise_weight_grad, lowres_weight_grad, pooled_copy, upsample
 from .quantize import dequantize, dequantize_by_chunk, quantize
@@ -87,9 +87,7 @@ class ConvInputForm:
         never held (at ResNet-18's first stage, batch 128: 8 MiB instead of 32)."""
         if self.bits is not None:
             yield from dequantize_by_chunk(*kept, info, chunks)
-        elif not self.pools:
-            yield slice(None), kept[0]
-        elif self.residual_bits is None:
+        elif self.residual_bits is None:  # pooled (an input kept as is is never rebuilt)
             step = -(-shape[0] // chunks)
             for a in range(0, shape[0], step):
                 yield slice(a, a + step), upsample(kept[0][a: a + step], self.k, shape[2:])
@@ -248,7 +246,8 @@ class CompressedConv2d(nn.Conv2d):
                 f"K={self.pp_form.k} is larger than the {h}x{w} feature map entering "
                 f"{getattr(self, 'pp_name', 'a conv')}; use a smaller K or restrict the policy to earlier stages "
                 "(stages=1,2)")
-        vouched = bool(self.pp_input_from) and all(called_plainly(m) for m in (self, *self.pp_input_from))
+        vouched = (bool(self.pp_input_from) and in_vouched_forward()
+                   and all(called_plainly(m) for m in (self, *self.pp_input_from)))
         if vouched:
             grant_gradient(x)  # no hook saw x: the gradient this conv hands back is the activation's alone
         return CompressedConvFunction.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
@@ -258,7 +257,7 @@ class CompressedConv2d(nn.Conv2d):
         """Whether the output can take x's place: x a temporary of one of our layers (which keep
         nothing of their outputs; autograd's version check guards the rest), the output of x's
         shape, dtype and layout, and x itself not what the form keeps."""
-        kh, kw = self.kernel_size
+        kh, kw = self.kernel_size  # padding is a pair of ints here: compress_model refuses "same"/"valid"
         same_shape = (self.in_channels == self.out_channels and tuple(self.stride) == (1, 1)
                       and self.dilation[0] * (kh - 1) == 2 * self.padding[0]
                       and self.dilation[1] * (kw - 1) == 2 * self.padding[1])

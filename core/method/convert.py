@@ -70,19 +70,27 @@ def _is_checkpoint_block(m: nn.Module) -> bool:
     return type(m).__name__ in _BLOCK_NAMES and not hasattr(m, "checkpointed")
 
 
-def _inputs_made_by(model: nn.Module, layer: type, maker: type) -> dict[str, tuple[nn.Module]]:
-    """Where the model declares that each `layer` reads a temporary nothing else reads: name ->
-    (the module that made that input: the nearest `maker` registered before it among its
-    siblings). The layer writes over its input only while that module has no hook (one could
-    have kept the output). A 1-tuple: nn.Module would register a module attribute as a child."""
+def _inputs_made_by(model: nn.Module, layer: type, maker: type, declaration: str) -> dict[str, tuple[nn.Module]]:
+    """Where a module declares (`declaration`, for its children and theirs, down to a module that
+    declares otherwise) that each `layer` reads a temporary nothing else reads: name -> (the
+    module that made that input: the nearest `maker` registered before it among its siblings).
+    The layer writes over its input only inside the declaring forward (layout.vouched_forward) and
+    while that module has no hook (one could have kept the output). A 1-tuple: nn.Module would
+    register a module attribute as a child."""
     made_by = {}
-    for parent_name, parent in model.named_modules():
+
+    def walk(parent: nn.Module, prefix: str, vouched: bool) -> None:
+        vouched = bool(getattr(parent, declaration, vouched))
         last = None
         for name, child in parent.named_children():
+            full = f"{prefix}.{name}" if prefix else name
             if isinstance(child, maker):
                 last = child
-            elif isinstance(child, layer) and last is not None:
-                made_by[f"{parent_name}.{name}" if parent_name else name] = (last,)
+            elif isinstance(child, layer) and last is not None and vouched:
+                made_by[full] = (last,)
+            walk(child, full, vouched)
+
+    walk(model, "", False)
     return made_by
 
 
@@ -98,14 +106,11 @@ def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], lis
     excites = [n + "." for n, m in model.named_modules() if n and is_squeeze_excitation(m)]
     # our ResNets vouch that every BatchNorm reads a conv's output and every activation a
     # BatchNorm's output or the residual sum, which nothing else reads
-    norm_inputs = (_inputs_made_by(model, nn.BatchNorm2d, nn.Conv2d)
-                   if getattr(model, "pp_norms_read_temporaries", False) else {})
-    act_inputs = (_inputs_made_by(model, _MASKABLE_TYPES, nn.BatchNorm2d)
-                  if getattr(model, "pp_activations_read_temporaries", False) else {})
+    norm_inputs = _inputs_made_by(model, nn.BatchNorm2d, nn.Conv2d, "pp_norms_read_temporaries")
+    act_inputs = _inputs_made_by(model, _MASKABLE_TYPES, nn.BatchNorm2d, "pp_activations_read_temporaries")
     # and that a conv after an activation is all that reads it: the conv's input gradient is then
     # the activation's alone, which its backward may write over (layout.grant_gradient)
-    conv_inputs = (_inputs_made_by(model, nn.Conv2d, _MASKABLE_TYPES)
-                   if getattr(model, "pp_convs_read_temporaries", False) else {})
+    conv_inputs = _inputs_made_by(model, nn.Conv2d, _MASKABLE_TYPES, "pp_convs_read_temporaries")
     for name, m in model.named_modules():
         if name and not in_scope(name, policy, stem):
             continue

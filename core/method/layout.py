@@ -5,6 +5,9 @@ made it could have kept it) or a backward over its incoming gradient (the gradie
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
@@ -52,9 +55,29 @@ def called_plainly(module: nn.Module) -> bool:
                 or m._global_backward_hooks or m._global_backward_pre_hooks)
 
 
+_vouching = threading.local()
+
+
+@contextlib.contextmanager
+def vouched_forward():
+    """A model's own forward runs in here where it declares what its layers read
+    (`pp_*_read_temporaries`): only inside it may a layer write over its input or grant its
+    gradient. A layer called on its own, by a caller who may still hold its input, does neither."""
+    depth = getattr(_vouching, "depth", 0)
+    _vouching.depth = depth + 1
+    try:
+        yield
+    finally:
+        _vouching.depth = depth
+
+
+def in_vouched_forward() -> bool:
+    return getattr(_vouching, "depth", 0) > 0
+
+
 def grant_gradient(x: torch.Tensor) -> None:
-    """Called for x's only reader (the model vouches it, or the reader wrote over x), whose
-    backward hands x's maker a fresh gradient that nothing else holds: where the maker is a
+    """Called for x's only reader (the model vouches for it, and the reader may write over x),
+    whose backward hands x's maker a fresh gradient that nothing else holds: where the maker is a
     Function of ours (`ctx.grad_granted`), its backward may write over that gradient, and the
     backward holds one full-size tensor fewer at a time. The caller checks that no hook on the
     reader, or on the module that made x, could have kept x (and so hooked its gradient)."""

@@ -18,6 +18,7 @@ from .layout import (
     called_plainly,
     from_memory_order,
     grant_gradient,
+    in_vouched_forward,
     is_channels_last,
     may_overwrite,
     may_overwrite_grad,
@@ -152,10 +153,10 @@ class _Masked:
 
     def forward(self, x):
         if torch.is_grad_enabled() and x.requires_grad:
-            vouched = self.pp_inplace and all(called_plainly(m) for m in self.pp_input_from)
+            vouched = self.pp_inplace and in_vouched_forward() and all(called_plainly(m) for m in self.pp_input_from)
             inplace = bool(self.inplace or vouched) and may_overwrite(x)
             if vouched and inplace and called_plainly(self):
-                grant_gradient(x)  # x is overwritten: this backward's gradient is the BatchNorm's alone
+                grant_gradient(x)  # x is overwritten: the gradient this backward hands the BatchNorm is its alone
             return MaskedActivationFunction.apply(x, *self._mask_args(), inplace)
         return super().forward(x)
 

@@ -6,7 +6,14 @@ import torch
 from torch import nn
 
 from .fastpath import fused
-from .layout import called_plainly, grant_gradient, is_channels_last, may_overwrite, may_overwrite_grad
+from .layout import (
+    called_plainly,
+    grant_gradient,
+    in_vouched_forward,
+    is_channels_last,
+    may_overwrite,
+    may_overwrite_grad,
+)
 from .policy import BN_STORAGE
 from .quantize import _decode_pass, dequantize, quantize
 
@@ -180,11 +187,11 @@ class LowPrecisionBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         self.num_batches_tracked.add_(1)
         momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        in_place = (self.pp_inplace and all(called_plainly(m) for m in self.pp_input_from)
+        in_place = (self.pp_inplace and in_vouched_forward() and all(called_plainly(m) for m in self.pp_input_from)
                     and not self._forward_pre_hooks and not x.is_leaf and may_overwrite(x)
                     and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)))
-        if in_place:  # x is overwritten: what this norm's backward hands the conv is the conv's alone
-            grant_gradient(x)
+        if in_place and called_plainly(self):  # x is overwritten and no hook here kept a gradient:
+            grant_gradient(x)  # what this norm's backward hands the conv is the conv's alone
         return LowPrecisionBNFunction.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
                                             momentum, self.eps, BN_STORAGE[self.pp_store], in_place)
 

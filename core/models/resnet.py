@@ -5,8 +5,9 @@ and the mask ReLU swapped in by `compress_model` replaces modules one by one). E
 temporary nothing else reads (a BatchNorm output or the residual sum), each BatchNorm a conv
 output nothing else reads, and each conv after a ReLU in a block that ReLU's output only, which
 the models declare (`pp_activations_read_temporaries`, `pp_norms_read_temporaries`,
-`pp_convs_read_temporaries`): compressed, the mask ReLUs and the low-precision BatchNorms then
-run in place, and their backwards (and the convs') write over gradients that are theirs alone.
+`pp_convs_read_temporaries`; for the forwards written here only, and inside them only:
+layout.vouched_forward): compressed, the mask ReLUs, the low-precision BatchNorms and the second
+convs then write over their inputs, and their backwards over gradients that are theirs alone.
 The head averages with a plain mean rather than `AdaptiveAvgPool2d`: the latter keeps
 the last ReLU output alive for its backward, which would hide the savings we measure.
 
@@ -24,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..method.checkpointing import note_checkpoint_input
-from ..method.layout import called_plainly, may_overwrite
+from ..method.layout import called_plainly, may_overwrite, vouched_forward
 
 CIFAR_RESNETS = {"resnet20": 3, "resnet32": 5, "resnet56": 9}  # blocks per stage (6n+2 layers)
 IMAGENET_RESNETS = {"resnet18": ("basic", [2, 2, 2, 2]), "resnet34": ("basic", [3, 4, 6, 3]),
@@ -43,19 +44,35 @@ def _residual_sum(out: torch.Tensor, identity: torch.Tensor, norm: nn.Module) ->
     return out + identity
 
 
+class _Vouch:
+    """A declaration (`pp_*_read_temporaries`, see the module docstring) that holds for the
+    forward written here only: a subclass that overrides it (and may read an activation again)
+    vouches for nothing."""
+
+    def __get__(self, obj, owner=None) -> bool:
+        cls = type(obj) if obj is not None else owner
+        own = next((c for c in cls.__mro__ if c in _OWN_FORWARDS), None)
+        return own is not None and all(getattr(cls, m) is getattr(own, m) for m in _OWN_FORWARDS[own])
+
+
 class ResidualBlock(nn.Module):
-    """Base for blocks: optional gradient checkpointing of the whole block (the exact reference)."""
+    """Base for blocks: optional gradient checkpointing of the whole block (the exact reference).
+    The block's own forward runs in layout.vouched_forward (its declarations hold there only)."""
 
     checkpointed: bool = False
-    pp_activations_read_temporaries = True  # a block compressed alone too (see the module docstring)
-    pp_norms_read_temporaries = True
-    pp_convs_read_temporaries = True
+    pp_activations_read_temporaries = _Vouch()  # a block compressed alone too
+    pp_norms_read_temporaries = _Vouch()
+    pp_convs_read_temporaries = _Vouch()
 
     def forward(self, x):
         if self.checkpointed and torch.is_grad_enabled() and x.requires_grad:
             note_checkpoint_input(x)  # the meter counts what checkpointing keeps by reference
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
+            return checkpoint(self._vouched_forward, x, use_reentrant=False)  # recomputed alike
+        return self._vouched_forward(x)
+
+    def _vouched_forward(self, x):
+        with vouched_forward():
+            return self._forward(x)
 
     def _forward(self, x):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -133,9 +150,9 @@ class Bottleneck(ResidualBlock):
 
 
 class ResNet(nn.Module):
-    pp_activations_read_temporaries = True  # see the module docstring
-    pp_norms_read_temporaries = True
-    pp_convs_read_temporaries = True
+    pp_activations_read_temporaries = _Vouch()  # see the module docstring
+    pp_norms_read_temporaries = _Vouch()
+    pp_convs_read_temporaries = _Vouch()
 
     def __init__(self, block, layers, widths, num_classes=10, stem="cifar", shortcut="conv"):
         super().__init__()
@@ -171,7 +188,8 @@ class ResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward_features(self, x):  # (B, 3, H, W) -> (B, C, h, w)
-        x = self.act1(self.bn1(self.conv1(x)))
+        with vouched_forward():  # the stem's declarations hold here (each block vouches for its own)
+            x = self.act1(self.bn1(self.conv1(x)))
         if self.maxpool is not None:
             x = self.maxpool(x)
         for name in self.stage_names:
@@ -191,6 +209,11 @@ class ResNet(nn.Module):
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
+
+
+# the forwards the declarations vouch for, per class of ours
+_OWN_FORWARDS = {ResNet: ("forward", "forward_features"), BasicBlock: ("forward", "_forward"),
+                 Bottleneck: ("forward", "_forward")}
 
 
 def build_model(name: str, num_classes: int = 10, stem: str = "cifar") -> ResNet:
