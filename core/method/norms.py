@@ -97,9 +97,12 @@ def _bn_backward_from_codes_(g: torch.Tensor, packed: torch.Tensor, lo: torch.Te
     """_bn_backward_from_codes with the input gradient written over g (as above). Compiled as
     two graphs, the sums and then the output, each decoding the codes in registers: in one graph
     inductor keeps the decoded x for both passes, a full-size buffer."""
-    gw, gb = _bn_sums(g, _hat_of_codes(packed, lo, scale, shape, channels_last, bits, mean, invstd))
-    torch._dynamo.graph_break()
     x_hat = _hat_of_codes(packed, lo, scale, shape, channels_last, bits, mean, invstd)
+    gw, gb = _bn_sums(g, x_hat)
+    if torch.compiler.is_compiling():  # decoded again in the second graph (the reference decodes once)
+        del x_hat
+        torch._dynamo.graph_break()
+        x_hat = _hat_of_codes(packed, lo, scale, shape, channels_last, bits, mean, invstd)
     g.copy_(_bn_input_grad(g, x_hat, weight, invstd, gw, gb))
     return g, gw, gb
 
