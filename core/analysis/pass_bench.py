@@ -24,8 +24,9 @@ from ..method.meter import cpu_step_peak_bytes
 
 def pass_cases(x: torch.Tensor, seed: int = 0) -> list[tuple[str, Callable, tuple]]:
     """(label, pass, its arguments) for the fast-path passes a compressed step runs, built from
-    one activation x (N, C, H, W) as a step would hand them over. A pass labelled "over g"
-    writes over its first argument: each call gets a copy (counted in its time and peak)."""
+    one activation x (N, C, H, W) as a step would hand them over. A pass whose name ends in "_"
+    writes over its first argument, as PyTorch's in-place ops: each call gets a copy (counted in
+    its time and peak)."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     cl, shape = is_channels_last(x), tuple(x.shape)
     g = torch.randn(shape, generator=gen, device=x.device).contiguous(
@@ -60,9 +61,9 @@ def pass_cases(x: torch.Tensor, seed: int = 0) -> list[tuple[str, Callable, tupl
     ]
 
 
-def _call(fn: Callable, args: tuple, label: str) -> Callable:
-    """fn(*args) as a call to time; over a copy of the first argument where the pass writes over it."""
-    if not label.endswith(" over g"):
+def _call(fn: Callable, args: tuple, over: bool) -> Callable:
+    """fn(*args) as a call to time; on a copy of the first argument where the pass writes over it."""
+    if not over:
         return functools.partial(fn, *args)
     return lambda: fn(args[0].clone(memory_format=torch.preserve_format), *args[1:])
 
@@ -132,11 +133,12 @@ def bench_passes(batch=128, channels=64, size=32, device="auto", repeats=20, cha
     rows = []
     try:
         for label, fn, args in pass_cases(x):
-            ref_call, fast_call = _call(fn.reference, args, label), _call(fn, args, label)
+            over = fn.pass_name.endswith("_")
+            ref_call, fast_call = _call(fn.reference, args, over), _call(fn, args, over)
             kind = fast_kind
             if kind == "triton":  # no kernel for this pass, or one that declines these inputs: the reference runs
                 kernel = fastpath._triton.get(fn.pass_name) if fastpath._load_kernels() else None
-                if kernel is None or _call(kernel, args, label)() is NotImplemented:
+                if kernel is None or _call(kernel, args, over)() is NotImplemented:
                     kind = "reference"
             same, diff = agreement(ref_call(), fast_call())  # also the warm-up (compiles)
             times = {"ref": [], "fast": []}

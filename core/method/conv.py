@@ -219,7 +219,8 @@ class CompressedConvFunction(torch.autograd.Function):
             gb = g.sum((0, 2, 3)) if need_b and has_bias else None
         if need_x and gx is None:
             if (ctx.dtypes is None and tuple(g.shape) == x_shape and _batch_chunks(g.shape[0]) > 1
-                    and may_overwrite_grad(ctx, g)):
+                    and may_overwrite_grad(ctx, g)
+                    and (g.is_contiguous() or g.is_contiguous(memory_format=torch.channels_last))):
                 gx = _input_grad_over(g, weight, stride, padding, dilation, groups)
             else:
                 gx = _input_grad(g, weight, x_shape, stride, padding, dilation, groups)
