@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.method import conv, masks, norms
+from core.method import conv, fastpath, masks, norms
 from core.method.conv import CompressedConvFunction, ConvInputForm, _input_grad
 from core.method.convert import compress_model, compressed, decompress_model
 from core.method.layout import vouched_forward
@@ -293,13 +293,26 @@ def _unvouched(model: nn.Module) -> nn.Module:
     return model
 
 
+@pytest.fixture
+def reference_passes():
+    """The PyTorch reference passes, whatever an earlier test switched on: compiled, BatchNorm's
+    backward written over g runs as two graphs, summing in another order than the one graph out
+    of place (equal to float32 rounding, tests/test_kernels.py), so bit-equality is the reference's."""
+    was = fastpath.compiled_in_use()
+    fastpath.use_compiled(False)
+    yield
+    if was:
+        fastpath.use_compiled(True)
+
+
 _OVER = ((conv, "_conv_over"), (conv, "_input_grad_over"), (masks, "_mask_apply_"),
          (norms, "_bn_backward_from_codes_"), (norms, "_bn_backward_from_hat_"))
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("policy", ["q4+mask+bn4", "avg4+mask+bn8", "avg2+res2+mask+bn4"])
-def test_layers_write_over_what_is_theirs_alone_with_the_same_gradients(policy, channels_last, monkeypatch):
+def test_layers_write_over_what_is_theirs_alone_with_the_same_gradients(policy, channels_last, monkeypatch,
+                                                                        reference_passes):
     """Where our ResNets vouch that a conv reads a ReLU's output only, the conv writes its output
     over it (the forward, in batch chunks), and each backward handed a gradient nothing else holds
     (layout.grant_gradient) writes over it: the conv's input gradient, the mask's, BatchNorm's.
@@ -337,7 +350,7 @@ def test_layers_write_over_what_is_theirs_alone_with_the_same_gradients(policy, 
         assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
-def test_a_gradient_a_hook_has_seen_is_never_written_over():
+def test_a_gradient_a_hook_has_seen_is_never_written_over(reference_passes):
     """A hook can keep what it sees: a ReLU's output (a forward hook on it), a conv's input (a
     pre-hook on the conv), a conv's output (a forward hook on the conv), a BatchNorm's input
     gradient (a backward hook on it). What they kept stays as it was when they saw it. Layers
