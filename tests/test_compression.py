@@ -305,7 +305,7 @@ def reference_passes():
         fastpath.use_compiled(True)
 
 
-_OVER = ((conv, "_conv_over"), (conv, "_input_grad_over"), (masks, "_mask_apply_"),
+_OVER = ((conv, "_over_by_chunk"), (masks, "_mask_apply_"),
          (norms, "_bn_backward_from_codes_"), (norms, "_bn_backward_from_hat_"))
 
 
@@ -318,10 +318,11 @@ def test_layers_write_over_what_is_theirs_alone_with_the_same_gradients(policy, 
     (layout.grant_gradient) writes over it: the conv's input gradient, the mask's, BatchNorm's.
     The same outputs and gradients, bit for bit, as with nothing vouched (bn8: to its rounding);
     and each of those paths really ran (batch 16: two chunks of 8)."""
-    ran = collections.Counter()
-    for module, name in _OVER:
+    ran, phase = collections.Counter(), ["forward"]  # a conv writes over its input in the forward,
+    for module, name in _OVER:                      # over its output gradient in the backward
         fn = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _fn=fn, _name=name, **k: (ran.update([_name]), _fn(*a, **k))[1])
+        key = (lambda name=name: f"{name} ({phase[0]})") if name == "_over_by_chunk" else (lambda name=name: name)
+        monkeypatch.setattr(module, name, lambda *a, _fn=fn, _key=key, **k: (ran.update([_key()]), _fn(*a, **k))[1])
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     layout = torch.channels_last if channels_last else torch.contiguous_format
     results = []
@@ -332,7 +333,9 @@ def test_layers_write_over_what_is_theirs_alone_with_the_same_gradients(policy, 
             _unvouched(model)
         ran.clear()
         torch.manual_seed(1)
+        phase[0] = "forward"
         out = model(x.contiguous(memory_format=layout))
+        phase[0] = "backward"
         F.cross_entropy(out, y).backward()
         results.append([out, *(p.grad for p in model.parameters())])
         if vouched:
@@ -340,7 +343,8 @@ def test_layers_write_over_what_is_theirs_alone_with_the_same_gradients(policy, 
             # ResNet-20: the 16 same-shape convs write their input gradient over their own (3
             # stride-2 convs do not), the 9 second convs write over their input; the mask ReLUs
             # and BatchNorms inside a block (and the stem's) have theirs alone
-            assert ran == {"_conv_over": 9, "_input_grad_over": 16, "_mask_apply_": 9, bn: 10}, ran
+            assert ran == {"_over_by_chunk (forward)": 9, "_over_by_chunk (backward)": 16, "_mask_apply_": 9,
+                           bn: 10}, ran
         else:
             assert not ran
     if "bn8" in policy:  # written over, bn8 keeps x_hat from statistics of its own (see below): 1 ulp

@@ -8,11 +8,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import called_plainly, grant_gradient, in_vouched_forward, may_overwrite, may_overwrite_grad
+from .layout import called_plainly, grant_gradient, in_vouched_forward, is_dense, may_overwrite, may_overwrite_grad
 from .policy import CompressionPolicy, PolicyError
 from .pooling import blockwise_applies, blockwise_weight_grad, lowres_weight_grad, pooled_copy, upsample
 from .quantize import dequantize, dequantize_by_chunk, quantize
 from .weight_grad import tapwise_pays, tapwise_weight_grad
+
+# Over its input (or output gradient) a conv runs a batch chunk at a time, as does rebuilding a
+# coded input: a quarter of the batch, at least _MIN_CHUNK samples when writing over (a single
+# sample runs another oneDNN kernel, whose output differs in the last bits; chunks of 2 and more
+# gave the whole batch's bits in every case tried). Smaller batches run out of place.
+_CHUNKS, _MIN_CHUNK = 4, 8
+
+
+def _batch_chunks(n: int) -> int:
+    """How many chunks a batch of n samples runs in over its input (1: not over it)."""
+    return max(1, min(_CHUNKS, n // _MIN_CHUNK))
 
 
 @dataclass(frozen=True)
@@ -80,7 +91,7 @@ class ConvInputForm:
                 x[samples].add_(residual)
         return x
 
-    def rebuild_by_chunk(self, kept: list[torch.Tensor], info, shape: tuple[int, ...], chunks: int = 4):
+    def rebuild_by_chunk(self, kept: list[torch.Tensor], info, shape: tuple[int, ...], chunks: int = _CHUNKS):
         """The full-size input (B, C, H, W) the weight gradient is computed from, a batch chunk
         at a time where it is rebuilt: yields (samples, chunk), at most 1/`chunks` of the batch
         each where the codes allow (quantize.dequantize_by_chunk), so the whole rebuilt input is
@@ -115,40 +126,16 @@ def _weight_grad(g, x, weight, stride, padding, dilation, groups, tapwise: bool,
     return gw if into is None else into.add_(gw)
 
 
-# Over its input, a conv runs a batch chunk at a time: a quarter of the batch, at least _MIN_CHUNK
-# samples (a single sample runs another oneDNN kernel, whose output differs in the last bits;
-# chunks of 2 and more gave the whole batch's bits in every case tried). Smaller batches run
-# out of place.
-_CHUNKS, _MIN_CHUNK = 4, 8
-
-
-def _batch_chunks(n: int) -> int:
-    """How many chunks a batch of n samples runs in over its input (1: not over it)."""
-    return max(1, min(_CHUNKS, n // _MIN_CHUNK))
-
-
-def _conv_over(x, weight, bias, padding, dilation, groups):
-    """conv2d written over its input x, for an output of x's shape (stride 1, as many channels
-    out as in), a batch chunk at a time: a sample's output reads only that sample's input, so a
-    chunk is overwritten once it is read. The forward then holds a chunk beside x instead of a
-    second full-size tensor."""
-    step = -(-x.shape[0] // _batch_chunks(x.shape[0]))
-    for a in range(0, x.shape[0], step):
-        part = x[a: a + step]
-        part.copy_(F.conv2d(part, weight, bias, 1, padding, dilation, groups))
-    return x
-
-
-def _input_grad_over(g, weight, stride, padding, dilation, groups):
-    """The input gradient written over g, for an input of g's shape (stride 1, as many channels
-    in as out), a batch chunk at a time: a sample's input gradient reads only that sample's g,
-    so a chunk is overwritten once nothing needs it. The backward then holds a chunk beside g
-    instead of a second full-size tensor; the same values as _input_grad."""
-    step = -(-g.shape[0] // _batch_chunks(g.shape[0]))
-    for a in range(0, g.shape[0], step):
-        part = g[a: a + step]
-        part.copy_(_input_grad(part, weight, part.shape, stride, padding, dilation, groups))
-    return g
+def _over_by_chunk(t: torch.Tensor, op) -> torch.Tensor:
+    """op(t) written over t, for a per-sample op (a sample's result reads only that sample) giving
+    t's shape: a batch chunk at a time, each overwritten once op has read it. The conv's output
+    over its input (stride 1, as many channels out as in), its input gradient over its output
+    gradient: a chunk beside t instead of a second full-size tensor, the same values."""
+    step = -(-t.shape[0] // _batch_chunks(t.shape[0]))
+    for a in range(0, t.shape[0], step):
+        part = t[a: a + step]
+        part.copy_(op(part))
+    return t
 
 
 class CompressedConvFunction(torch.autograd.Function):
@@ -169,7 +156,7 @@ class CompressedConvFunction(torch.autograd.Function):
         kept, info = form.keep(x)
         with torch.autocast(dev, enabled=False):
             if in_place:  # the output over x, whose form is kept (CompressedConv2d checks the rest)
-                y = _conv_over(x, weight, bias, padding, dilation, groups)
+                y = _over_by_chunk(x, lambda part: F.conv2d(part, weight, bias, 1, padding, dilation, groups))
                 ctx.mark_dirty(x)
             else:
                 y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
@@ -191,8 +178,7 @@ class CompressedConvFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         g = g.to(weight.dtype)
         blockwise = form.rebuilds_by_upsampling and blockwise_applies(x_shape[2:], stride, form.k)
-        dense = weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last)
-        w_strides = weight.stride() if dense else None  # the weight's own layout for its gradient
+        w_strides = weight.stride() if is_dense(weight) else None  # the weight's own layout for its gradient
         # The weight gradient first, then the input gradient from the weight alone: a full-size
         # rebuilt input is freed before the full-size input gradient is allocated, so the two
         # never coexist (at ResNet-18's first stage that is 32 MiB off the step peak). An input
@@ -219,9 +205,9 @@ class CompressedConvFunction(torch.autograd.Function):
             gb = g.sum((0, 2, 3)) if need_b and has_bias else None
         if need_x and gx is None:
             if (ctx.dtypes is None and tuple(g.shape) == x_shape and _batch_chunks(g.shape[0]) > 1
-                    and may_overwrite_grad(ctx, g)
-                    and (g.is_contiguous() or g.is_contiguous(memory_format=torch.channels_last))):
-                gx = _input_grad_over(g, weight, stride, padding, dilation, groups)
+                    and may_overwrite_grad(ctx, g) and is_dense(g)):
+                gx = _over_by_chunk(g, lambda part: _input_grad(part, weight, part.shape, stride, padding, dilation,
+                                                                groups))
             else:
                 gx = _input_grad(g, weight, x_shape, stride, padding, dilation, groups)
         if ctx.dtypes is not None:
@@ -265,5 +251,5 @@ class CompressedConv2d(nn.Conv2d):
         return (same_shape and _batch_chunks(x.shape[0]) > 1 and not self.pp_form.keeps_input
                 and hasattr(x.grad_fn, "grad_granted")
                 and may_overwrite(x) and x.dtype == self.weight.dtype and not torch.is_autocast_enabled(x.device.type)
-                and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)))
+                and is_dense(x))
 

@@ -17,6 +17,12 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def is_dense(t: torch.Tensor) -> bool:
+    """Whether t's elements fill its storage densely in NCHW or channels_last order (no element
+    shared or skipped: it may be written chunk by chunk, or taken as its own memory order)."""
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+
+
 def memory_order_flat(t: torch.Tensor, channels_last: bool | None = None) -> torch.Tensor:
     """The elements in memory order, as a 1-D tensor (a view when `t` has that layout;
     `channels_last` defaults to t's own)."""

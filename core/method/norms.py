@@ -11,6 +11,7 @@ from .layout import (
     grant_gradient,
     in_vouched_forward,
     is_channels_last,
+    is_dense,
     may_overwrite,
     may_overwrite_grad,
 )
@@ -192,7 +193,7 @@ class LowPrecisionBatchNorm2d(nn.BatchNorm2d):
         momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
         in_place = (self.pp_inplace and in_vouched_forward() and all(called_plainly(m) for m in self.pp_input_from)
                     and not self._forward_pre_hooks and not x.is_leaf and may_overwrite(x)
-                    and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)))
+                    and is_dense(x))
         if in_place and called_plainly(self):  # x is overwritten and no hook here kept a gradient:
             grant_gradient(x)  # what this norm's backward hands the conv is the conv's alone
         return LowPrecisionBNFunction.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
