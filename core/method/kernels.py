@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import from_memory_order, is_channels_last, memory_order_flat
+from .layout import from_memory_order, in_memory_order, is_channels_last, memory_order_flat
 
 BLOCK = 1024
 
@@ -363,16 +363,10 @@ def bn_backward_from_codes(g: torch.Tensor, packed: torch.Tensor, lo: torch.Tens
                         bits=bits)
 
 
-def _in_memory_order(t: torch.Tensor, channels_last: bool) -> bool:
-    """Whether t's elements lie in that memory order, densely (its flat view is t's storage)."""
-    return t.is_contiguous(memory_format=torch.channels_last if channels_last and t.dim() == 4
-                           else torch.contiguous_format)
-
-
 def bn_backward_from_hat_(g: torch.Tensor, x_hat: torch.Tensor, weight: torch.Tensor | None,
                           invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     cl = is_channels_last(x_hat)
-    if g.dtype != torch.float32 or not _in_memory_order(g, cl) or (
+    if g.dtype != torch.float32 or not in_memory_order(g, cl) or (
             x_hat.is_cuda and not can_use(x_hat.dtype, torch.cuda.get_device_capability(x_hat.device))):
         return NotImplemented
     return _bn_backward(g, tuple(x_hat.shape), cl, weight, invstd, hat=x_hat, over=True)
@@ -382,7 +376,7 @@ def bn_backward_from_codes_(g: torch.Tensor, packed: torch.Tensor, lo: torch.Ten
                             shape: tuple[int, ...], channels_last: bool, bits: int, weight: torch.Tensor | None,
                             mean: torch.Tensor, invstd: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if g.dtype != torch.float32 or not _in_memory_order(g, channels_last):
+    if g.dtype != torch.float32 or not in_memory_order(g, channels_last):
         return NotImplemented
     return _bn_backward(g, tuple(shape), channels_last, weight, invstd, codes=(packed, lo, scale), mean=mean,
                         bits=bits, over=True)
@@ -420,7 +414,7 @@ def mask_apply_(g: torch.Tensor, packed: torch.Tensor, shape: tuple[int, ...], c
                 slope: float) -> torch.Tensor:
     """mask_apply written over g (in the given layout): each element read, then written, by one
     program."""
-    if not _in_memory_order(g, channels_last):
+    if not in_memory_order(g, channels_last):
         return NotImplemented
     flat = _flat(g, channels_last)  # a view: g is in this memory order
     _mask_apply_kernel[_grid(packed.numel())](flat, packed, flat, flat.numel(), packed.numel(), float(slope),

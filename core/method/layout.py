@@ -23,6 +23,13 @@ def is_dense(t: torch.Tensor) -> bool:
     return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
 
 
+def in_memory_order(t: torch.Tensor, channels_last: bool) -> bool:
+    """Whether t's elements lie densely in that memory order (its memory-order view is t's own
+    storage, so writing the view writes t)."""
+    return t.is_contiguous(memory_format=torch.channels_last if channels_last and t.dim() == 4
+                           else torch.contiguous_format)
+
+
 def memory_order_flat(t: torch.Tensor, channels_last: bool | None = None) -> torch.Tensor:
     """The elements in memory order, as a 1-D tensor (a view when `t` has that layout;
     `channels_last` defaults to t's own)."""

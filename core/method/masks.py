@@ -18,6 +18,7 @@ from .layout import (
     called_plainly,
     from_memory_order,
     grant_gradient,
+    in_memory_order,
     in_vouched_forward,
     is_channels_last,
     may_overwrite,
@@ -130,8 +131,7 @@ class MaskedActivationFunction(torch.autograd.Function):
         # The gradient in the input's layout: g may come in without one (the head's mean gives a
         # stride-0 gradient), and BatchNorm's backward below runs twice as long on NCHW (measured).
         slope = a if kind == "leaky" else 0.0
-        over = may_overwrite_grad(ctx, g) and tuple(g.shape) == shape and (
-            g.is_contiguous(memory_format=torch.channels_last) if cl else g.is_contiguous())
+        over = may_overwrite_grad(ctx, g) and tuple(g.shape) == shape and in_memory_order(g, cl)
         return (_mask_apply_ if over else _mask_apply)(g, packed, shape, cl, kind, slope), None, None, None, None
 
 

@@ -9,6 +9,7 @@ from .fastpath import fused
 from .layout import (
     called_plainly,
     grant_gradient,
+    in_memory_order,
     in_vouched_forward,
     is_channels_last,
     is_dense,
@@ -163,8 +164,7 @@ class LowPrecisionBNFunction(torch.autograd.Function):
         dtype, info = ctx.conf
         # over g where granted and g has the kept input's layout and x's dtype (else the same out of place)
         cl = info.channels_last if info is not None else is_channels_last(kept[0])
-        over = (may_overwrite_grad(ctx, g) and g.dtype == dtype and g.dim() == 4
-                and g.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format))
+        over = may_overwrite_grad(ctx, g) and g.dtype == dtype and g.dim() == 4 and in_memory_order(g, cl)
         if info is not None:
             backward = _bn_backward_from_codes_ if over else _bn_backward_from_codes
             gx, gw, gb = backward(g, *kept, info.shape, info.channels_last, info.bits, weight, mean, invstd)
