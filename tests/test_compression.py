@@ -16,7 +16,7 @@ from core.method.masks import pack_mask, unpack_mask
 from core.method.policy import CompressionPolicy, PolicyError
 from core.method.pooling import blockwise_applies, blockwise_weight_grad, lowres_weight_grad, upsample
 from core.method.weight_grad import tap_factors, tapwise_weight_grad
-from core.models.resnet import BasicBlock, build_model
+from core.models.resnet import BasicBlock, Bottleneck, ResNet, build_model
 
 from helpers import block_constant
 
@@ -850,3 +850,65 @@ def test_masks_are_packed_eight_a_byte_in_planes():
     expect = sum(padded[i].to(torch.int32) << i for i in range(8)).to(torch.uint8)
     assert torch.equal(packed, expect)
     assert torch.equal(unpack_mask(packed, (1, 1, 17, 59), False).reshape(-1), flat)
+
+
+def _tiny_resnet18_like(block=BasicBlock):
+    """Our ResNet with one block per stage: three downsampling blocks with 1x1 conv shortcuts."""
+    return ResNet(block, [1, 1, 1, 1], [8, 16, 32, 64])
+
+
+@pytest.mark.parametrize("block, policy, channels_last", [
+    (BasicBlock, "q4+mask+bn4", False), (BasicBlock, "q4+mask+bn4", True), (BasicBlock, "avg2+mask", False),
+    (BasicBlock, "avg2+mask", True), (BasicBlock, "avg2+res2+mask+bn4", True), (Bottleneck, "q4+mask+bn4", True)])
+def test_a_strided_shortcut_with_a_compact_input_gradient_gives_the_same_gradients(block, policy, channels_last,
+                                                                                   monkeypatch, reference_passes):
+    """A downsampling block's 1x1 stride-2 shortcut conv hands back its input gradient at the
+    pixels it read only (core/method/shortcut.py), added into the main branch's: the same outputs
+    and gradients, bit for bit, as the plain calls (a hook on each shortcut conv, doing nothing,
+    makes the blocks call them so); and the compact path really ran, once per such block, with a
+    quarter of the input's pixels (batch 24: three chunks of 8)."""
+    shapes = []
+    sampled = conv._sampled_input_grad
+    monkeypatch.setattr(conv, "_sampled_input_grad", lambda *a: (shapes.append(a[-1]), sampled(*a))[1])
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x, y = torch.randn(24, 3, 32, 32).contiguous(memory_format=layout), torch.randint(0, 10, (24,))
+    results = []
+    for fanned in (True, False):
+        torch.manual_seed(0)
+        model = compress_model(_tiny_resnet18_like(block), policy).to(memory_format=layout)
+        if not fanned:
+            for name in ("layer2", "layer3", "layer4"):
+                getattr(model, name)[0].downsample[0].register_forward_pre_hook(lambda m, args: None)
+        shapes.clear()
+        torch.manual_seed(1)
+        out = model(x)
+        F.cross_entropy(out, y).backward()
+        results.append([out, *(p.grad for p in model.parameters())])
+        e = block.expansion  # the blocks' inputs, in backward order
+        assert shapes == ([(24, 32 * e, 4, 4), (24, 16 * e, 8, 8), (24, 8 * e, 16, 16)] if fanned else [])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_a_strided_shortcut_under_create_graph_and_hooks_gives_the_same_gradients(reference_passes):
+    """Building a graph of the backward (create_graph), or with a hook on a block's first conv
+    (which may keep what it sees), the main branch's gradient is not written over: the same
+    gradients as the plain calls, and what the hook saw unchanged."""
+    torch.manual_seed(0)
+    model = compress_model(_tiny_resnet18_like(), "avg2+mask")
+    x = torch.randn(16, 3, 32, 32, requires_grad=True)
+    seen = []
+
+    def keep_gradient(module, args):
+        args[0].register_hook(lambda g: seen.append((g, g.clone())))
+
+    model.layer3[0].conv1.register_forward_pre_hook(keep_gradient)
+    plain = copy.deepcopy(model)
+    for name in ("layer2", "layer3", "layer4"):
+        getattr(plain, name)[0].downsample[0].register_forward_pre_hook(lambda m, args: None)
+    grads = []
+    for m in (model, plain):
+        loss = m(x).square().sum()
+        grads.append(torch.autograd.grad(loss, [x, *m.parameters()], create_graph=True))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert len(seen) == 2 and all(torch.equal(g, kept) for g, kept in seen)
+    grads[0][0].sum().backward()  # the graph of the backward is there to differentiate

@@ -1,6 +1,9 @@
 """What is alive beside the saved activations (the step peak's transients), in bytes from the
 CPU profiler: S is one full-size float32 activation of the layer under test."""
 
+import functools
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -171,3 +174,71 @@ def test_a_compressed_block_writes_over_what_is_its_own_in_both_passes(policy, c
     (fwd, bwd), (fwd_plain, bwd_plain) = ((f / s16, b / s16) for f, b in peaks)
     assert fwd < 1.5 and fwd_plain > 1.75, peaks
     assert bwd < 2.6 and bwd_plain > 2.7, peaks
+
+
+def _shortcut_unfanned(block) -> None:
+    """A hook on the shortcut's conv (doing nothing): the block then calls its modules plainly."""
+    block.downsample[0].register_forward_pre_hook(lambda m, args: None)
+
+
+def test_a_downsampling_blocks_shortcut_hands_back_its_input_gradient_compact(compiled):
+    """A stride-2 block's 1x1 shortcut conv reads a quarter of the input's pixels. At batch 32
+    (S32 = 4 S, the block's input) its input gradient comes back compact (S32/4, computed 8
+    samples at a time: S32/4 more) and is added into the main branch's, which autograd already
+    holds (S32), beside the shortcut's incoming gradient (S32/2): 2 S32 where a full-size
+    shortcut gradient made 2.5 S32 (autograd runs the shortcut's backward after the main
+    branch's, which is done but for its sum with the shortcut's)."""
+    s32 = 4 * S
+    peaks = []
+    for fanned in (True, False):
+        torch.manual_seed(0)
+        block = compress_model(BasicBlock(16, 32, stride=2), "q4+mask+bn4").to(memory_format=CL)
+        if not fanned:
+            _shortcut_unfanned(block)
+        x = torch.randn(32, 16, 32, 32).contiguous(memory_format=CL).requires_grad_()
+        y = block(x)  # the forward outside the profiler, as the trainer runs it, and a step
+        g = torch.randn_like(y)  # before the one measured: the first compiles the passes
+        wrt = [x, *block.parameters()]
+        torch.autograd.grad(y, wrt, g)
+        y = block(x)
+        peak = cpu_step_peak_bytes(functools.partial(torch.autograd.grad, y, wrt, g))
+        peaks.append(peak["step_peak_bytes"] / s32)
+    assert peaks[0] < 2.15 and peaks[1] > 2.4, peaks
+
+
+def _weak_block_input(model, block_name):
+    """A weak reference to what enters model.<block_name> (taken where the stage before makes it)."""
+    stage, index = block_name.split(".")
+    ref = []
+    prev = getattr(model, stage)[int(index) - 1] if int(index) else getattr(model, f"layer{int(stage[-1]) - 1}")[-1]
+    prev.act2.register_forward_hook(lambda m, args, out: ref.append(weakref.ref(out)))
+    return ref
+
+
+@pytest.mark.parametrize("policy, freed", [("q4+mask+bn4", True), ("avg2+mask", True), ("none", False)])
+def test_a_downsampling_blocks_input_is_freed_once_both_branches_have_read_it(policy, freed):
+    """The model hands each block its input to hold alone (ResidualBlock.forward_from): where
+    nothing keeps it (compressed convs keep forms of their own), the input of a block with a
+    shortcut of its own is gone before the block's second conv runs. Uncompressed, conv1 keeps it."""
+    torch.manual_seed(0)
+    model = compress_model(build_model("resnet18"), policy)
+    ref, alive = _weak_block_input(model, "layer2.0"), []
+    model.layer2[0].conv2.register_forward_pre_hook(lambda m, args: alive.append(ref[0]() is not None))
+    model(torch.randn(2, 3, 32, 32))
+    assert alive == [not freed]
+
+
+def test_a_block_subclass_with_a_forward_of_its_own_is_called_through_it():
+    """The model hands a block its input through forward_from, which runs a subclass's own
+    forward where it has one (and the block's declarations then vouch for nothing)."""
+    calls = []
+
+    class Traced(BasicBlock):
+        def forward(self, x):
+            calls.append(x.shape)
+            return super().forward(x)
+
+    model = build_model("resnet20")
+    model.layer2[0].__class__ = Traced
+    model(torch.randn(2, 3, 32, 32))
+    assert calls == [(2, 16, 32, 32)]

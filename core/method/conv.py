@@ -8,7 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import called_plainly, grant_gradient, in_vouched_forward, is_dense, may_overwrite, may_overwrite_grad
+from .layout import (
+    called_plainly,
+    grant_gradient,
+    in_vouched_forward,
+    is_channels_last,
+    is_dense,
+    may_overwrite,
+    may_overwrite_grad,
+)
 from .policy import CompressionPolicy, PolicyError
 from .pooling import blockwise_applies, blockwise_weight_grad, lowres_weight_grad, pooled_copy, upsample
 from .quantize import dequantize, dequantize_by_chunk, quantize
@@ -116,6 +124,22 @@ def _input_grad(g, weight, x_shape, stride, padding, dilation, groups):
     return F.conv_transpose2d(g, weight, None, stride, padding, out_pad, groups, dilation)
 
 
+def _sampled_input_grad(g, weight, x_shape, stride, padding, dilation, groups, sampled_shape):
+    """A 1x1 conv's input gradient at the pixels it reads (x[:, :, ::s, ::s], shortcut.py): the
+    whole gradient's kernel (a compact one of stride 1 picks another oneDNN algorithm on some
+    shapes, whose bits differ), run _MIN_CHUNK samples at a time (where the batch is at least
+    twice that), each chunk's pixels kept: a small full-size chunk beside the compact result."""
+    out = torch.empty(sampled_shape, dtype=g.dtype, device=g.device,
+                      memory_format=torch.channels_last if is_channels_last(g) else torch.contiguous_format)
+    step = _MIN_CHUNK if g.shape[0] >= 2 * _MIN_CHUNK else g.shape[0]
+    for a in range(0, g.shape[0], step):
+        part = g[a: a + step]
+        whole = _input_grad(part, weight, (part.shape[0], *x_shape[1:]), stride, padding, dilation, groups)
+        out[a: a + step] = whole[:, :, :: stride[0], :: stride[1]]
+        del whole
+    return out
+
+
 def _weight_grad(g, x, weight, stride, padding, dilation, groups, tapwise: bool, strides, into=None):
     """conv2d's weight gradient from g and the input x, added into `into` if given: tap by tap
     (weight_grad.py: no weight-sized buffer beside the result) or PyTorch's."""
@@ -142,7 +166,10 @@ class CompressedConvFunction(torch.autograd.Function):
     """conv2d whose backward sees only what `form` keeps of its input."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, form: ConvInputForm, in_place=False):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, form: ConvInputForm, in_place=False,
+                sampled=None):
+        # `sampled`: x's every stride-th pixel (a 1x1 conv without padding, shortcut.py), which
+        # takes the input gradient, compact; x itself then gets none.
         dev = x.device.type
         if torch.is_autocast_enabled(dev):  # cast like autocast would, then run plainly
             dt = torch.get_autocast_dtype(dev)
@@ -162,6 +189,7 @@ class CompressedConvFunction(torch.autograd.Function):
                 y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         ctx.save_for_backward(*kept, weight)
         ctx.conf = (tuple(x.shape), stride, padding, dilation, groups, form, info, bias is not None)
+        ctx.sampled_shape = None if sampled is None else tuple(sampled.shape)
         ctx.grad_granted = False  # layout.grant_gradient: y's gradient may be written over
         return y
 
@@ -175,7 +203,9 @@ class CompressedConvFunction(torch.autograd.Function):
     def _backward(ctx, g):
         *kept, weight = ctx.saved_tensors
         x_shape, stride, padding, dilation, groups, form, info, has_bias = ctx.conf
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_w, need_b = ctx.needs_input_grad[1:3]
+        sampled = ctx.sampled_shape
+        need_x = ctx.needs_input_grad[0] if sampled is None else ctx.needs_input_grad[9]
         g = g.to(weight.dtype)
         blockwise = form.rebuilds_by_upsampling and blockwise_applies(x_shape[2:], stride, form.k)
         w_strides = weight.stride() if is_dense(weight) else None  # the weight's own layout for its gradient
@@ -194,7 +224,8 @@ class CompressedConvFunction(torch.autograd.Function):
         elif form.keeps_input:  # one call gives PyTorch's own three gradients
             gx, gw, gb = torch.ops.aten.convolution_backward(
                 g, kept[0].to(weight.dtype), weight, [weight.shape[0]] if has_bias else None, list(stride),
-                list(padding), list(dilation), False, [0, 0], groups, [need_x, need_w, need_b and has_bias])
+                list(padding), list(dilation), False, [0, 0], groups,
+                [need_x and sampled is None, need_w, need_b and has_bias])
         else:
             if need_w:  # summed over batch chunks of the rebuilt input: never the whole of it at once
                 tapwise = tapwise_pays(weight.shape, weight.device, x_shape, stride, groups)
@@ -203,7 +234,9 @@ class CompressedConvFunction(torch.autograd.Function):
                                       groups, tapwise, w_strides, gw)
                     del x_rec
             gb = g.sum((0, 2, 3)) if need_b and has_bias else None
-        if need_x and gx is None:
+        if need_x and sampled is not None:
+            gx = _sampled_input_grad(g, weight, x_shape, stride, padding, dilation, groups, sampled)
+        elif need_x and gx is None:
             if (ctx.dtypes is None and tuple(g.shape) == x_shape and _batch_chunks(g.shape[0]) > 1
                     and may_overwrite_grad(ctx, g) and is_dense(g)):
                 gx = _over_by_chunk(g, lambda part: _input_grad(part, weight, part.shape, stride, padding, dilation,
@@ -215,7 +248,9 @@ class CompressedConvFunction(torch.autograd.Function):
             gx = None if gx is None else gx.to(dx)
             gw = None if gw is None else gw.to(dw)
             gb = None if gb is None else gb.to(db)
-        return gx, gw, gb, None, None, None, None, None, None
+        if sampled is not None:
+            return None, gw, gb, None, None, None, None, None, None, gx
+        return gx, gw, gb, None, None, None, None, None, None, None
 
 
 class CompressedConv2d(nn.Conv2d):
@@ -224,7 +259,8 @@ class CompressedConv2d(nn.Conv2d):
     pp_form: ConvInputForm = ConvInputForm()
     pp_input_from: tuple[nn.Module, ...] = ()  # the activation whose output only this conv reads (the model vouches)
 
-    def forward(self, x):
+    def forward(self, x, sampled=None):
+        """`sampled`: x's every stride-th pixel, to take the input gradient (shortcut.py)."""
         if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return super().forward(x)
         h, w = x.shape[-2:]
@@ -238,7 +274,7 @@ class CompressedConv2d(nn.Conv2d):
         if vouched:
             grant_gradient(x)  # no hook saw x: the gradient this conv hands back is the activation's alone
         return CompressedConvFunction.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                                            self.groups, self.pp_form, vouched and self._may_write_over(x))
+                                            self.groups, self.pp_form, vouched and self._may_write_over(x), sampled)
 
     def _may_write_over(self, x) -> bool:
         """Whether the output can take x's place: x a temporary of one of our layers (which keep

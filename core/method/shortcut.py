@@ -1,0 +1,64 @@
+"""A downsampling block's strided 1x1 shortcut, whose input gradient is kept compact.
+
+A 1x1 conv of stride s reads every s-th pixel of its input only, so its input gradient is zero
+elsewhere; autograd would still hand it back full-size, to be added to the main branch's. At
+ResNet-18's second stage (batch 128) that is a 32 MiB tensor, four fifths zeros, held through the
+whole main branch's backward until the two are summed: the compressed policies' step peak.
+
+Here the block's input fans out once (`_FanOut`): the main branch reads it as is, the shortcut
+conv its every s-th pixel, to which its backward hands the compact gradient (1/s² of the size);
+the fan-out's backward adds that into the main branch's gradient at those pixels, in place where
+the gradient is its alone. The same sums as autograd's (each element one addition): the same bits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .conv import CompressedConv2d
+from .layout import called_plainly, in_vouched_forward, is_dense, may_overwrite_grad
+
+
+class _FanOut(torch.autograd.Function):
+    """x -> (x, x[:, :, ::s, ::s]); backward: the first gradient with the second added at those pixels."""
+
+    @staticmethod
+    def forward(ctx, x, s: int, granted: bool):
+        ctx.s, ctx.grad_granted = s, granted
+        return x.view_as(x), x[:, :, ::s, ::s]
+
+    @staticmethod
+    def backward(ctx, g_main, g_sampled):
+        if not (may_overwrite_grad(ctx, g_main) and is_dense(g_main)):
+            g_main = g_main.clone()  # kept by someone (or a graph of the backward is built)
+        g_main[:, :, :: ctx.s, :: ctx.s] += g_sampled
+        return g_main, None, None
+
+
+def _strided_shortcut_conv(downsample: nn.Module | None) -> CompressedConv2d | None:
+    """The compressed conv of a (1x1 conv of stride > 1, norm) shortcut called plainly, or None."""
+    if not (isinstance(downsample, nn.Sequential) and len(downsample) == 2 and called_plainly(downsample)):
+        return None
+    conv = downsample[0]
+    if (isinstance(conv, CompressedConv2d) and called_plainly(conv) and conv.kernel_size == (1, 1)
+            and tuple(conv.padding) == (0, 0) and tuple(conv.dilation) == (1, 1)
+            and conv.stride[0] == conv.stride[1] > 1):
+        return conv
+    return None
+
+
+def shortcut_and_main_input(x: torch.Tensor, downsample: nn.Module | None, main_conv: nn.Module):
+    """-> (the shortcut's output, the tensor the main branch reads), for a residual block whose
+    main branch begins with `main_conv`. Inside a model's own forward (layout.vouched_forward),
+    with a compressed strided 1x1 conv shortcut and nothing hooked on either conv, the shortcut's
+    input gradient stays compact (see the module docstring); otherwise the plain calls."""
+    if downsample is None:
+        return x, x
+    conv = _strided_shortcut_conv(downsample)
+    if (conv is None or not called_plainly(main_conv) or not in_vouched_forward()
+            or not (torch.is_grad_enabled() and x.requires_grad) or x.dim() != 4):
+        return downsample(x), x
+    # main_conv, called plainly, hands back a gradient nothing else holds: granted
+    main, sampled = _FanOut.apply(x, conv.stride[0], True)
+    return downsample[1](conv(main, sampled=sampled)), main
