@@ -5,7 +5,8 @@
 #            (batch BATCH18, 64 channels, SIZE/4 px): the same bits on the card, time, peak memory
 #   inplace_bn: the low-precision BatchNorm written over its input gives the same bits on the card
 #   inplace_block: a block whose conv and backwards write over what is theirs alone, against the
-#            same block with nothing vouched: forward bits, gradients' largest relative difference
+#            same block with nothing vouched: forward bits, gradients' largest relative difference;
+#            and a downsampling block's compact shortcut gradient against the plain calls
 #   speed:   ResNet-18 (ImageNet stem, 224 px, batch 256) and torchvision's ResNet-50 (224 px,
 #            batch 64): wall ratio (CUDA events) and max_memory_allocated per policy, with the
 #            Triton kernels on and with the PyTorch reference (--reference)
@@ -65,8 +66,10 @@ run inplace_block python - "$DEVICE" <<'PY'
 # bits (cuDNN may pick another algorithm for a chunk) and how far the gradients are apart
 import json, sys, torch
 from core import compress_model
+from core.method import shortcut
 from core.models.resnet import BasicBlock
 device, out = sys.argv[1], []
+find_shortcut = shortcut._strided_shortcut_conv
 for policy in ("avg2+mask+bn8", "q4+mask+bn4"):
     for cl in (False, True):
         fmt = torch.channels_last if cl else torch.contiguous_format
@@ -87,6 +90,23 @@ for policy in ("avg2+mask+bn8", "q4+mask+bn4"):
         diff = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(g1, g2))
         out.append({"policy": policy, "channels_last": cl, "forward_same_bits": torch.equal(y1, y2),
                     "grad_max_rel_diff": diff})
+        print(out[-1], file=sys.stderr)
+        # a downsampling block whose 1x1 shortcut hands back a compact input gradient (computed 8
+        # samples at a time), against the plain calls (nothing else changed: a hook on the
+        # shortcut conv would also keep its BatchNorm from writing over its input, bn8's rounding)
+        x = torch.randn(32, 64, 56, 56, device=device).contiguous(memory_format=fmt)
+        runs = []
+        for fanned in (True, False):
+            torch.manual_seed(0)
+            block = compress_model(BasicBlock(64, 128, stride=2), policy).to(device, memory_format=fmt)
+            shortcut._strided_shortcut_conv = find_shortcut if fanned else (lambda downsample: None)
+            torch.manual_seed(1)
+            y = block(x.requires_grad_())
+            runs.append(torch.autograd.grad(y.square().sum(), [x, *block.parameters()]))
+        shortcut._strided_shortcut_conv = find_shortcut
+        diff = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(*runs))
+        out.append({"policy": policy, "channels_last": cl, "block": "downsampling, compact shortcut gradient",
+                    "grads_same_bits": all(torch.equal(a, b) for a, b in zip(*runs)), "grad_max_rel_diff": diff})
         print(out[-1], file=sys.stderr)
 print(json.dumps(out, indent=1))
 PY
