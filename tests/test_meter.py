@@ -1,11 +1,13 @@
 """The saved-activation meter against sizes computed by hand, and the CPU step peak against it."""
 
 import functools
+import json
 
 import torch
 from torch import nn
 
 from core.analysis.synthetic import training_step
+from core.cli import main
 from core.method.convert import compress_model
 from core.method.meter import SavedActivationMeter, cpu_step_peak_bytes, saved_activation_bytes
 from core.models.resnet import build_model
@@ -71,6 +73,33 @@ def test_cpu_step_peak_is_at_least_the_saved_activations():
         assert abs(peak["net_bytes"]) < 1e6  # everything allocated in the step is freed again
 
 
+def test_the_step_peak_says_what_was_alive_at_it_and_who_made_it():
+    """A step that allocates 1 MiB, then 2 MiB, frees the first, then makes 4 MiB of ones: the
+    peak is the last two (6 MiB), made by aten::empty and aten::ones; the first, freed before,
+    is not among them. In a backward, the maker names the autograd node."""
+    mib = 1 << 20
+
+    def step():
+        a = torch.empty(mib // 4)
+        b = torch.empty(2 * mib // 4)
+        del a
+        c = torch.ones(4 * mib // 4)
+        del b, c
+
+    peak = cpu_step_peak_bytes(step, where=True)
+    assert peak["step_peak_bytes"] == 6 * mib == cpu_step_peak_bytes(step)["step_peak_bytes"]
+    assert peak["at_peak"] == [{"made_by": "aten::ones", "tensors": 1, "bytes": 4 * mib},
+                               {"made_by": "aten::empty", "tensors": 1, "bytes": 2 * mib}]
+
+    x = torch.randn(mib // 4, requires_grad=True)
+    kept = []
+    y = x.exp()
+    peak = cpu_step_peak_bytes(lambda: kept.append(torch.autograd.grad(y, x, torch.ones_like(y))), where=True)
+    makers = {g["made_by"]: g["bytes"] for g in peak["at_peak"]}
+    assert makers == {"aten::ones_like": mib, "aten::mul in ExpBackward0": mib}
+    assert peak["step_peak_bytes"] == 2 * mib
+
+
 def test_two_meters_in_two_threads_count_only_their_own_forward():
     """The app runs pages in threads: a checkpointed model measured in one must add nothing to a
     meter open in another, even over one shared model (a cached run two pages look at)."""
@@ -101,3 +130,22 @@ def test_two_meters_in_two_threads_count_only_their_own_forward():
     assert not errors, errors
     assert got.total_bytes == alone.total_bytes
     assert got.by_kind == alone.by_kind and got.by_layer == alone.by_layer
+
+
+def test_cli_bench_memory_says_where_the_step_peak_is(capsys):
+    """`bench memory --where`: per policy, what was alive at the CPU step peak by the op that made
+    it, in the table and in the JSON (at least the peak's bytes: what existed before the step and
+    was freed before the peak is in the peak only); refused without the peak."""
+    args = ["bench", "memory", "--model", "resnet20", "--batch", "4", "--policies", "none", "avg2+mask",
+            "--threads", "1", "--where"]
+    assert main([*args, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    for row in rows:
+        assert sum(g["bytes"] for g in row["at_peak"]) >= row["cpu_step_peak_bytes"] > 0
+        assert all(g["tensors"] >= 1 and g["made_by"] for g in row["at_peak"])
+    assert any(g["made_by"].endswith("in CompressedConvFunction") for g in rows[1]["at_peak"])
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "at the step peak of none" in table and "at the step peak of avg2+mask" in table
+    assert main([*args, "--no-peak"]) == 2
+    assert "--where needs the step peak" in capsys.readouterr().err

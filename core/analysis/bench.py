@@ -56,13 +56,17 @@ def _fast_path(policies, device, reference: bool) -> None:
 
 def bench_memory(model_name="resnet18", batch=128, size=32, policies=DEFAULT_POLICIES, device="auto",
                  stem="cifar", optimizer="sgd", channels_last=True, step_peak=True, reference=False,
-                 step_in_backward=False) -> list[dict]:
+                 step_in_backward=False, where=False) -> list[dict]:
     """Per policy: saved bytes (the meter), model state, and (step_peak) the peak of one
     training step: CUDA max_memory_allocated or the CPU profiler's live bytes; `transient_bytes`
     is that peak minus the saved bytes, what the backward builds on the way. `reference`: the
     PyTorch reference passes only (no compiled or fused kernels). `step_in_backward`: the
-    optimiser steps inside the backward (core/engine/step_in_backward.py)."""
+    optimiser steps inside the backward (core/engine/step_in_backward.py). `where` (CPU): also
+    "at_peak", the tensors alive at the step peak grouped by the op that made them."""
     device = pick_device(device)
+    if where and device.type != "cpu":
+        raise ValueError("where the step peak is (--where) is measured with the CPU profiler only; "
+                         "use --device cpu")
     _fast_path(policies, device, reference)
     rows = []
     for text in policies:
@@ -83,8 +87,11 @@ def bench_memory(model_name="resnet18", batch=128, size=32, policies=DEFAULT_POL
                 row["cuda_peak_bytes"] = peak["peak_bytes"]
                 row["transient_bytes"] = peak["step_extra_bytes"] - report.total_bytes
             elif device.type == "cpu":
-                row["cpu_step_peak_bytes"] = cpu_step_peak_bytes(step)["step_peak_bytes"]
+                peak = cpu_step_peak_bytes(step, where)
+                row["cpu_step_peak_bytes"] = peak["step_peak_bytes"]
                 row["transient_bytes"] = row["cpu_step_peak_bytes"] - report.total_bytes
+                if where:
+                    row["at_peak"] = peak["at_peak"]
         rows.append(row)
         del model, x, y
     base = next((r for r in rows if r["policy"] == "none"), rows[0])

@@ -50,6 +50,26 @@ def format_memory(rows, header) -> str:
             " transients: step peak - saved activations.")
 
 
+def format_where(rows, share: float = 0.01, most: int = 8) -> str:
+    """Per policy, what was alive at its CPU step peak: the makers holding at least `share` of it
+    (at most `most` of them), the rest summed."""
+    out = []
+    for r in rows:
+        if "at_peak" not in r:
+            continue
+        peak = r["cpu_step_peak_bytes"]
+        out.append(f"\nat the step peak of {r['policy']} ({format_bytes(peak)} above the step's start; "
+                   f"saved activations {format_bytes(r['saved_bytes'])}), alive, by the op that made it:")
+        shown = [g for g in r["at_peak"] if g["bytes"] >= share * peak][:most]
+        for g in shown:
+            out.append(f"  {format_bytes(g['bytes']):>10}  {g['tensors']:>3} x  {g['made_by']}")
+        rest = r["at_peak"][len(shown):]
+        if rest:
+            out.append(f"  {format_bytes(sum(g['bytes'] for g in rest)):>10}  "
+                       f"{sum(g['tensors'] for g in rest):>3} x  other ({len(rest)} ops)")
+    return "\n".join(out)
+
+
 def format_speed(rows, header) -> str:
     cols = [("policy", lambda r: r["policy"]), ("step time", lambda r: f"{r['step_s'] * 1000:.0f} ms"),
             ("ratio to none", lambda r: f"{r['ratio']:.2f}"), ("images/s", lambda r: f"{r['images_per_s']:.0f}"),
@@ -101,6 +121,8 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--reference", action="store_true",
                    help="PyTorch reference passes only (no compiled or fused kernels), to compare against")
+    p.add_argument("--where", action="store_true",
+                   help="memory, CPU: what is alive at each policy's step peak, by the op that made it")
     p.add_argument("--step-in-backward", action="store_true",
                    help="the optimiser steps inside the backward, each parameter as its gradient completes "
                         "(train --step-in-backward)")
@@ -126,10 +148,12 @@ def run(args) -> int:
     # the stem is PoolProp's own ResNets' choice; a torchvision model comes with its own
     title = model if model.startswith("torchvision:") else f"{model} ({args.stem} stem)"
     if args.what == "memory":
+        if args.where and args.no_peak:
+            raise ValueError("--where needs the step peak: drop --no-peak")
         rows = bench_memory(model, args.batch, args.size, policies, device, args.stem, step_peak=not args.no_peak,
-                            reference=args.reference, step_in_backward=args.step_in_backward)
+                            reference=args.reference, step_in_backward=args.step_in_backward, where=args.where)
         text = format_memory(rows, f"memory: {title}, batch {args.batch}, "
-                                   f"{args.size}x{args.size}, {device.type}")
+                                   f"{args.size}x{args.size}, {device.type}") + format_where(rows)
     else:
         rows = bench_speed(model, args.batch, args.size, policies, device, args.stem, repeats=args.repeats,
                            reference=args.reference, peak=not args.no_peak,

@@ -190,7 +190,7 @@ def cuda_step_peak_bytes(step_fn, device=None) -> dict[str, int]:
     return {"peak_bytes": peak, "baseline_bytes": base, "step_extra_bytes": peak - base}
 
 
-def cpu_step_peak_bytes(step_fn) -> dict[str, int]:
+def cpu_step_peak_bytes(step_fn, where: bool = False) -> dict:
     """Peak of live tensor bytes allocated during `step_fn` on the CPU (transients included).
 
     From the CPU allocator's events that torch.profiler records with `profile_memory=True`:
@@ -198,11 +198,16 @@ def cpu_step_peak_bytes(step_fn) -> dict[str, int]:
     time order is the live total above what existed before the step. (The events must be
     sorted: forward and backward run on different threads.) Checked against the meter in
     tests: the peak is never below the saved-activation bytes of the same step.
+
+    `where`: also "at_peak", what was alive at that instant among the step's own allocations,
+    grouped by the op that made it (`peak_makers`).
     """
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step_fn()
+    if where:
+        return _peak_makers(prof)
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
     live = peak = 0
@@ -210,6 +215,56 @@ def cpu_step_peak_bytes(step_fn) -> dict[str, int]:
         live += nbytes
         peak = max(peak, live)
     return {"step_peak_bytes": peak, "net_bytes": live}
+
+
+_WRAPPERS = ("## Call CompiledFxGraph", "Torch-Compiled Region", "CompiledFunction")  # torch.compile's frames
+
+
+def _maker(event) -> str:
+    """Who made an allocation: the outermost ATen op around it ("compiled" inside a compiled
+    region), and the first named frame outside that (an autograd node in the backward, a
+    Function or a module's forward), e.g. "aten::conv_transpose2d in CompressedConvFunctionBackward"."""
+    op, node = None, event.parent
+    while node is not None:
+        name = node.name
+        if name.startswith("aten::"):
+            op = name
+        elif name.startswith(_WRAPPERS):
+            op = "compiled"
+        else:
+            context = name.removeprefix("autograd::engine::evaluate_function: ")
+            return f"{op} in {context}" if op else context
+        node = node.parent
+    return op or "?"
+
+
+def _peak_makers(prof) -> dict:
+    """The step peak from the profiler's event tree, with the allocations alive at it by maker."""
+    from torch._C._profiler import _EventType  # the tree carries each allocation's address
+
+    allocations = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            allocations.append((event.start_time_ns, event.extra_fields.ptr, event.extra_fields.alloc_size, event))
+    allocations.sort(key=lambda a: a[:3])
+    live_now, live, peak, at_peak = {}, 0, 0, {}
+    for _t, ptr, size, event in allocations:
+        if size > 0:
+            live_now[ptr] = (size, event)
+        else:
+            live_now.pop(ptr, None)  # a free of what existed before the step is in `live` only
+        live += size
+        if live > peak:
+            peak, at_peak = live, dict(live_now)
+    groups: dict[str, list[int]] = {}
+    for size, event in at_peak.values():
+        groups.setdefault(_maker(event), []).append(size)
+    makers = sorted(({"made_by": m, "tensors": len(v), "bytes": sum(v)} for m, v in groups.items()),
+                    key=lambda g: -g["bytes"])
+    return {"step_peak_bytes": peak, "net_bytes": live, "at_peak": makers}
 
 
 def format_bytes(n: float) -> str:
