@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.method import conv, fastpath, masks, norms
+from core.method import conv, fastpath, masks, norms, shortcut
 from core.method.conv import CompressedConvFunction, ConvInputForm, _input_grad
 from core.method.convert import compress_model, compressed, decompress_model
 from core.method.layout import vouched_forward
@@ -857,35 +857,43 @@ def _tiny_resnet18_like(block=BasicBlock):
     return ResNet(block, [1, 1, 1, 1], [8, 16, 32, 64])
 
 
-@pytest.mark.parametrize("block, policy, channels_last", [
-    (BasicBlock, "q4+mask+bn4", False), (BasicBlock, "q4+mask+bn4", True), (BasicBlock, "avg2+mask", False),
-    (BasicBlock, "avg2+mask", True), (BasicBlock, "avg2+res2+mask+bn4", True), (Bottleneck, "q4+mask+bn4", True)])
-def test_a_strided_shortcut_with_a_compact_input_gradient_gives_the_same_gradients(block, policy, channels_last,
-                                                                                   monkeypatch, reference_passes):
-    """A downsampling block's 1x1 stride-2 shortcut conv hands back its input gradient at the
-    pixels it read only (core/method/shortcut.py), added into the main branch's: the same outputs
-    and gradients, bit for bit, as the plain calls (a hook on each shortcut conv, doing nothing,
-    makes the blocks call them so); and the compact path really ran, once per such block, with a
-    quarter of the input's pixels (batch 24: three chunks of 8)."""
+@pytest.mark.parametrize("model, policy, channels_last", [
+    ("basic", "q4+mask+bn4", False), ("basic", "q4+mask+bn4", True), ("basic", "avg2+mask", False),
+    ("basic", "avg2+mask", True), ("basic", "avg2+res2+mask+bn4", True), ("bottleneck", "q4+mask+bn4", True),
+    ("resnet20", "none", False), ("resnet20", "avg2+mask+bn8", True)])
+def test_a_subsampling_shortcut_with_a_compact_input_gradient_gives_the_same_gradients(model, policy, channels_last,
+                                                                                       monkeypatch, reference_passes):
+    """A downsampling block's shortcut reads every second pixel of its input only (a compressed
+    1x1 conv of stride 2, or ResNet-20's option-A subsampling) and hands back its input gradient
+    at those pixels only (core/method/shortcut.py), added into the main branch's: the same outputs
+    and gradients, bit for bit, as the plain calls (a hook on each shortcut, doing nothing, makes
+    the blocks call them so); and the compact path really ran, once per such block, with a
+    quarter of the input's pixels (batch 24: the conv's in three chunks of 8)."""
     shapes = []
-    sampled = conv._sampled_input_grad
-    monkeypatch.setattr(conv, "_sampled_input_grad", lambda *a: (shapes.append(a[-1]), sampled(*a))[1])
+    backward = shortcut._FanOut.backward
+    monkeypatch.setattr(shortcut._FanOut, "backward",
+                        staticmethod(lambda ctx, g, gs: (shapes.append(tuple(gs.shape)), backward(ctx, g, gs))[1]))
     layout = torch.channels_last if channels_last else torch.contiguous_format
     x, y = torch.randn(24, 3, 32, 32).contiguous(memory_format=layout), torch.randint(0, 10, (24,))
+    build = {"basic": lambda: _tiny_resnet18_like(BasicBlock), "bottleneck": lambda: _tiny_resnet18_like(Bottleneck),
+             "resnet20": lambda: build_model("resnet20")}[model]
     results = []
     for fanned in (True, False):
         torch.manual_seed(0)
-        model = compress_model(_tiny_resnet18_like(block), policy).to(memory_format=layout)
+        net = compress_model(build(), policy).to(memory_format=layout)
+        downsampling = [getattr(net, name)[0] for name in net.stage_names[1:]]
         if not fanned:
-            for name in ("layer2", "layer3", "layer4"):
-                getattr(model, name)[0].downsample[0].register_forward_pre_hook(lambda m, args: None)
+            for block in downsampling:
+                sc = block.downsample[0] if isinstance(block.downsample, nn.Sequential) else block.downsample
+                sc.register_forward_pre_hook(lambda m, args: None)
         shapes.clear()
         torch.manual_seed(1)
-        out = model(x)
+        out = net(x)
         F.cross_entropy(out, y).backward()
-        results.append([out, *(p.grad for p in model.parameters())])
-        e = block.expansion  # the blocks' inputs, in backward order
-        assert shapes == ([(24, 32 * e, 4, 4), (24, 16 * e, 8, 8), (24, 8 * e, 16, 16)] if fanned else [])
+        results.append([out, *(p.grad for p in net.parameters())])
+        # the blocks' inputs at their every second pixel, in backward order
+        expected = [(24, b.conv1.in_channels, 32 >> (i + 1), 32 >> (i + 1)) for i, b in enumerate(downsampling)][::-1]
+        assert shapes == (expected if fanned else [])
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 

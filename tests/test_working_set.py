@@ -176,25 +176,25 @@ def test_a_compressed_block_writes_over_what_is_its_own_in_both_passes(policy, c
     assert bwd < 2.6 and bwd_plain > 2.7, peaks
 
 
-def _shortcut_unfanned(block) -> None:
-    """A hook on the shortcut's conv (doing nothing): the block then calls its modules plainly."""
-    block.downsample[0].register_forward_pre_hook(lambda m, args: None)
-
-
-def test_a_downsampling_blocks_shortcut_hands_back_its_input_gradient_compact(compiled):
-    """A stride-2 block's 1x1 shortcut conv reads a quarter of the input's pixels. At batch 32
-    (S32 = 4 S, the block's input) its input gradient comes back compact (S32/4, computed 8
-    samples at a time: S32/4 more) and is added into the main branch's, which autograd already
-    holds (S32), beside the shortcut's incoming gradient (S32/2): 2 S32 where a full-size
-    shortcut gradient made 2.5 S32 (autograd runs the shortcut's backward after the main
-    branch's, which is done but for its sum with the shortcut's)."""
+@pytest.mark.parametrize("kind", ["conv", "pad"])
+def test_a_downsampling_blocks_shortcut_hands_back_its_input_gradient_compact(kind, compiled):
+    """A stride-2 block's shortcut reads a quarter of the input's pixels (a 1x1 conv, or option A's
+    subsampling). At batch 32 (S32 = 4 S, the block's input) its input gradient comes back
+    compact and is added into the main branch's, which autograd already holds (S32; autograd runs
+    the shortcut's backward after the main branch's). The conv's (S32/4, computed 8 samples at a
+    time: S32/4 more) sits beside its incoming gradient (S32/2): 2 S32 where a full-size one made
+    2.5. Option A's is a slice of the block output's gradient, nothing new: the peak is then the
+    main branch's own (2 S32: that gradient, held for the shortcut, the first conv's incoming one
+    and its input gradient), where undoing the two slices made a full-size gradient and a
+    half-size one beside the main branch's (2.5)."""
     s32 = 4 * S
     peaks = []
     for fanned in (True, False):
         torch.manual_seed(0)
-        block = compress_model(BasicBlock(16, 32, stride=2), "q4+mask+bn4").to(memory_format=CL)
+        block = compress_model(BasicBlock(16, 32, stride=2, shortcut=kind), "q4+mask+bn4").to(memory_format=CL)
         if not fanned:
-            _shortcut_unfanned(block)
+            shortcut = block.downsample[0] if kind == "conv" else block.downsample
+            shortcut.register_forward_pre_hook(lambda m, args: None)  # the block then calls it plainly
         x = torch.randn(32, 16, 32, 32).contiguous(memory_format=CL).requires_grad_()
         y = block(x)  # the forward outside the profiler, as the trainer runs it, and a step
         g = torch.randn_like(y)  # before the one measured: the first compiles the passes

@@ -1,12 +1,13 @@
-"""A downsampling block's strided 1x1 shortcut, whose input gradient is kept compact.
+"""A downsampling block's shortcut, whose input gradient is kept compact.
 
-A 1x1 conv of stride s reads every s-th pixel of its input only, so its input gradient is zero
-elsewhere; autograd would still hand it back full-size, to be added to the main branch's. At
-ResNet-18's second stage (batch 128) that is a 32 MiB tensor, four fifths zeros, held through the
-whole main branch's backward until the two are summed: the compressed policies' step peak.
+A 1x1 conv of stride s reads every s-th pixel of its input only, as does option A's subsampling
+(ResNet-20's shortcut), so its input gradient is zero elsewhere; autograd would still hand it back
+full-size, to be added to the main branch's. At ResNet-18's second stage (batch 128) that is a
+32 MiB tensor, three quarters zeros, beside the main branch's input gradient until autograd sums
+the two: the compressed policies' step peak (at ResNet-20's, 8 MiB and its 4 MiB half-way copy).
 
 Here the block's input fans out once (`_FanOut`): the main branch reads it as is, the shortcut
-conv its every s-th pixel, to which its backward hands the compact gradient (1/s² of the size);
+its every s-th pixel, to which its backward hands the compact gradient (1/s² of the size);
 the fan-out's backward adds that into the main branch's gradient at those pixels, in place where
 the gradient is its alone. The same sums as autograd's (each element one addition): the same bits.
 """
@@ -48,17 +49,28 @@ def _strided_shortcut_conv(downsample: nn.Module | None) -> CompressedConv2d | N
     return None
 
 
+def _subsampling_shortcut(downsample: nn.Module) -> bool:
+    """A parameter-free shortcut that reads x[:, :, ::s, ::s] only and says so
+    (`forward_sampled(sampled)` and `stride`: He et al.'s option A), called plainly."""
+    return (hasattr(downsample, "forward_sampled") and getattr(downsample, "stride", 1) > 1
+            and called_plainly(downsample))
+
+
 def shortcut_and_main_input(x: torch.Tensor, downsample: nn.Module | None, main_conv: nn.Module):
     """-> (the shortcut's output, the tensor the main branch reads), for a residual block whose
     main branch begins with `main_conv`. Inside a model's own forward (layout.vouched_forward),
-    with a compressed strided 1x1 conv shortcut and nothing hooked on either conv, the shortcut's
-    input gradient stays compact (see the module docstring); otherwise the plain calls."""
+    with a shortcut that reads every s-th pixel only (a compressed strided 1x1 conv, or option A's
+    subsampling) and nothing hooked on the main conv, the shortcut's input gradient stays compact
+    (see the module docstring); otherwise the plain calls."""
     if downsample is None:
         return x, x
     conv = _strided_shortcut_conv(downsample)
-    if (conv is None or not called_plainly(main_conv) or not in_vouched_forward()
+    subsamples = conv is None and _subsampling_shortcut(downsample)
+    if (not (conv is not None or subsamples) or not called_plainly(main_conv) or not in_vouched_forward()
             or not (torch.is_grad_enabled() and x.requires_grad) or x.dim() != 4):
         return downsample(x), x
     # main_conv, called plainly, hands back a gradient nothing else holds: granted
-    main, sampled = _FanOut.apply(x, conv.stride[0], True)
+    main, sampled = _FanOut.apply(x, downsample.stride if subsamples else conv.stride[0], True)
+    if subsamples:
+        return downsample.forward_sampled(sampled), main
     return downsample[1](conv(main, sampled=sampled)), main

@@ -104,9 +104,12 @@ class PadShortcut(nn.Module):
         self.out_channels, self.stride = out_channels, stride
 
     def forward(self, x):
-        x = x[:, :, :: self.stride, :: self.stride]
-        extra = self.out_channels - x.shape[1]
-        return F.pad(x, (0, 0, 0, 0, extra // 2, extra - extra // 2))
+        return self.forward_sampled(x[:, :, :: self.stride, :: self.stride])
+
+    def forward_sampled(self, sampled):
+        """The shortcut of x from x[:, :, ::stride, ::stride] (method/shortcut.py hands it that)."""
+        extra = self.out_channels - sampled.shape[1]
+        return F.pad(sampled, (0, 0, 0, 0, extra // 2, extra - extra // 2))
 
 
 class BasicBlock(ResidualBlock):
