@@ -240,10 +240,14 @@ def _maker(event) -> str:
 
 def _peak_makers(prof) -> dict:
     """The step peak from the profiler's event tree, with the allocations alive at it by maker."""
-    from torch._C._profiler import _EventType  # the tree carries each allocation's address
-
+    try:  # the tree carries each allocation's address; a private API of the pinned torch
+        from torch._C._profiler import _EventType
+        tree = prof.profiler.kineto_results.experimental_event_tree()
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"where the step peak is needs the profiler's event tree, which torch "
+                         f"{torch.__version__} lacks ({e})") from e
     allocations = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    stack = list(tree)
     while stack:
         event = stack.pop()
         stack.extend(event.children)
