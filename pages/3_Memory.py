@@ -1,9 +1,10 @@
-"""Memory: the saved-activation ladder per policy, what runs recorded, and the batch-size planner."""
+"""Memory: the saved-activation ladder per policy, where a step peaks, what runs recorded, and the
+batch-size planner."""
 
 import streamlit as st
 import torch
 
-from core.analysis import memory_ladder, planner, plots
+from core.analysis import bench, memory_ladder, planner, plots
 from core.method import CompressionPolicy
 from core.models import MODEL_MENU, PREFIX
 from ui import common as ui
@@ -29,6 +30,11 @@ def plan(model: str, policy: str, size: int, stem: str, step_in_backward: bool) 
     return planner.plan_memory(model, policy, size=size, stem=stem, device=DEVICE, fit_batches=fit,
                                num_classes=1000 if model.startswith(PREFIX) else 10,
                                step_in_backward=step_in_backward)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def peak_makers(model: str, batch: int, size: int, stem: str, policy: str, step_in_backward: bool) -> dict:
+    return bench.step_peak_makers(model, policy, batch, size, stem, step_in_backward)
 
 
 # ---------------------------------------------------------------------------------------
@@ -94,6 +100,30 @@ else:
             "step time ×": st.column_config.NumberColumn(format="%.2f", help="Training-step time against 'none'"),
             "change %": st.column_config.NumberColumn(format="%+.1f", help="Saved activations against 'none'")})
         ui.download_csv(rows, f"ladder-{lad['model']}-b{lad['batch']}.csv")
+
+# ---------------------------------------------------------------------------------------
+st.header("Where a training step peaks")
+w1, w2, w3 = st.columns([5, 4, 3], vertical_alignment="bottom")
+peak_policy = w1.selectbox("Policy", CHOICES, index=CHOICES.index(memory_ladder.BEST_POLICY), key="mem_peak_policy")
+peak_in_backward = w2.checkbox("Step in backward", key="mem_peak_step_in_backward",
+                               help="The optimiser updates each parameter as soon as its gradient is complete "
+                                    "(train --step-in-backward): the gradients never all coexist")
+if w3.button("Find the peak", key="mem_peak"):
+    st.session_state["mem_peak_args"] = (model, int(batch), int(size), stem, peak_policy, peak_in_backward)
+pargs_peak = st.session_state.get("mem_peak_args")
+if pargs_peak is None:
+    st.info("Press **Find the peak**: one training step on this CPU under the profiler, and what was alive at "
+            "the moment it held the most (the model, batch and image size above).")
+else:
+    with ui.guard("Cannot find the peak"), st.spinner("Profiling one training step…"):
+        found = peak_makers(*pargs_peak)
+        ui.show(plots.peak_makers_figure(found), "step-peak",
+                f"One training step of {found['model']} at batch {found['batch']} on this CPU: the tensors alive "
+                "at its peak (above what existed before the step: the weights and the optimiser's state), grouped "
+                "by the op that made them. The forward's are what it keeps for the backward and what is still in "
+                "flight; the backward's are gradients and what a compressed layer rebuilds. Measured with the "
+                "passes this app runs (PyTorch's reference ones); the trainer's fused passes hold less "
+                "(`python -m core bench memory --where`).")
 
 # ---------------------------------------------------------------------------------------
 st.header("Recorded by the runs")

@@ -67,7 +67,7 @@ def visit(page, name: str, out: Path, prefix: str, size) -> None:
         return
     if name != "home":
         bs.go_to(page, name)
-    for label in {"memory": ["Measure", "Fit the planner"], "fidelity": ["Compute"],
+    for label in {"memory": ["Measure", "Find the peak", "Fit the planner"], "fidelity": ["Compute"],
                   "filters": ["Compute spectra", "Generate images", "Compare"],
                   "attributions": ["Explain"]}.get(name, []):
         press(page, label)

@@ -372,6 +372,24 @@ def test_memory_ladder_and_planner(app_env):
     assert any("the optimiser stepping inside the backward" in c.value for c in at.caption)
 
 
+def test_memory_page_shows_where_a_step_peaks(app_env):
+    """**Find the peak**: one profiled CPU step of the page's model and batch under the picked
+    policy; the figure's bars are what was alive at the peak by maker and pass, and add up to at
+    least that peak (what existed before the step and was freed before it counts in the peak only)."""
+    at = page("memory")
+    at.number_input(key="mem_batch").set_value(2)
+    at.selectbox(key="mem_peak_policy").set_value("q4+mask+bn4")
+    at.button(key="mem_peak").click().run()
+    no_errors(at)
+    spec = _chart(at, "Step peak of q4+mask+bn4")
+    title = spec["layout"]["title"]["text"].replace("<br>", " ")
+    peak_mib = float(title.split("q4+mask+bn4: ")[1].split(" ")[0])
+    bars = {trace["name"]: trace for trace in spec["data"]}
+    assert set(bars) == {"made in the forward", "made in the backward"}
+    assert sum(sum(t["x"]) for t in bars.values()) >= peak_mib - 0.05
+    assert any("CompressedConvFunction" in label for label in bars["made in the forward"]["y"])
+
+
 def test_gradient_fidelity(app_env):
     at = page("fidelity")
     at.select_slider(key="fid_batch").set_value(8)

@@ -439,3 +439,24 @@ def test_selection_colours_keep_each_runs_colour_and_never_repeat_one():
     kept = [n for n in chosen if colours[n] == base[n]]
     assert len(kept) >= len(set(base[n] for n in chosen))  # only a repeated colour is changed
     assert P.selection_colors(everything, list(reversed(chosen))) == colours
+
+
+def test_peak_makers_figure_shows_the_largest_makers_by_pass_and_sums_the_rest():
+    mib = 2 ** 20
+    groups = [{"made_by": f"aten::op{i} in {'Conv' if i % 2 else 'BNBackward0'}", "tensors": 1, "bytes": (12 - i) * mib}
+              for i in range(10)]
+    result = {"policy": "avg2+mask+bn8", "peak_bytes": 100 * mib, "saved_bytes": 40 * mib, "at_peak": groups}
+    fig = P.peak_makers_figure(result, most=8)
+    forward, backward, other = fig.data
+    assert (forward.name, backward.name, other.name) == ("made in the forward", "made in the backward",
+                                                         "smaller, either pass")
+    # the eight largest by pass; the two smallest (op8, op9: 4 + 3 MiB) in one bar
+    assert list(backward.y) == ["op0 · BNBackward0", "op2 · BNBackward0", "op4 · BNBackward0", "op6 · BNBackward0"]
+    assert list(forward.y) == ["op1 · Conv", "op3 · Conv", "op5 · Conv", "op7 · Conv"]
+    assert list(forward.x) == [11, 9, 7, 5] and list(backward.x) == [12, 10, 8, 6]
+    assert list(other.y) == ["other (2 ops)"] and list(other.x) == [7]
+    assert sum(forward.x) + sum(backward.x) + sum(other.x) == sum(g["bytes"] for g in groups) / mib
+    title = fig.layout.title.text.replace("<br>", " ")
+    assert "avg2+mask+bn8: 100.0 MiB alive (40.0 MiB saved)" in title
+    order = list(fig.layout.yaxis.categoryarray)[::-1]  # top to bottom: by size, "other" last
+    assert order == [f"op{i} · {'Conv' if i % 2 else 'BNBackward0'}" for i in range(8)] + ["other (2 ops)"]

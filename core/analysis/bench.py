@@ -102,6 +102,27 @@ def bench_memory(model_name="resnet18", batch=128, size=32, policies=DEFAULT_POL
     return rows
 
 
+def step_peak_makers(model_name: str, policy: str, batch: int, size: int = 32, stem: str = "cifar",
+                     step_in_backward: bool = False) -> dict:
+    """Where one CPU training step of `model_name` under `policy` peaks: {"policy", "peak_bytes"
+    (live bytes above the step's start), "saved_bytes" (the meter's), "at_peak" (what was alive
+    then, by the op that made it: meter.cpu_step_peak_bytes)}. With the passes active in this
+    process, switching nothing (the app measures with the PyTorch reference passes; `bench memory
+    --where` with the fast path, as the trainer runs)."""
+    pol = CompressionPolicy.parse(policy)
+    model, x, y = _setup(model_name, pol, batch, size, torch.device("cpu"), stem, True)
+    saved = saved_activation_bytes(model, x, y).total_bytes
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    hooks = StepInBackward(model, opt) if step_in_backward else None
+    step = functools.partial(training_step, model, x, y, opt, hooks)
+    step()  # the optimiser's state exists before the step measured, as in a run
+    peak = cpu_step_peak_bytes(step, where=True)
+    if hooks is not None:
+        hooks.remove()
+    return {"policy": str(pol), "model": model_name, "batch": batch, "peak_bytes": peak["step_peak_bytes"],
+            "saved_bytes": saved, "at_peak": peak["at_peak"]}
+
+
 def bench_speed(model_name="resnet20", batch=128, size=32, policies=DEFAULT_POLICIES, device="auto",
                 stem="cifar", repeats=7, warmup=2, channels_last=True, amp=None, reference=False,
                 peak=True, step_in_backward=False) -> list[dict]:

@@ -27,6 +27,7 @@ from .memory import (
     bytes_bars,
     memory_ladder_figure,
     memory_over_training,
+    peak_makers_figure,
     planner_figure,
     planner_measure,
     run_memory_bars,
@@ -40,6 +41,7 @@ __all__ = [
     "X_TITLES", "Y_TITLES", "activation_images_figure", "agreement_heatmap", "attribution_grid", "base_layout",
     "bytes_bars", "cka_heatmap", "color_map", "device_note", "fidelity_bars", "fidelity_heatmap",
     "fidelity_over_training_figure", "filter_grid_figure", "hf_share_bars", "loss_curves", "memory_ladder_figure",
-    "memory_over_training", "method_figure", "pareto_scatter", "per_class_bars", "planner_figure", "planner_measure",
+    "memory_over_training", "method_figure", "pareto_scatter", "peak_makers_figure", "per_class_bars",
+    "planner_figure", "planner_measure",
     "rgba", "run_color", "run_memory_bars", "selection_colors", "spectra_figure", "time_to_accuracy_bars",
 ]

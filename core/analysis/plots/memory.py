@@ -158,6 +158,42 @@ def bytes_bars(items: Mapping[str, float | None], title: str | None = None, x_ti
     return fig
 
 
+def _maker_label(made_by: str) -> str:
+    """"aten::mul in ExpBackward0" -> "mul · ExpBackward0": the op, then the node or Function around it."""
+    return made_by.replace("aten::", "").replace(" in ", " · ")
+
+
+def peak_makers_figure(result: Mapping, most: int = 8, title: str | None = None) -> go.Figure:
+    """What was alive at a training step's peak (analysis.bench.step_peak_makers), one bar per op
+    that made it, largest first: made in the backward (gradients, what a backward rebuilds) in one
+    colour, in the forward (what it keeps, what is in flight) in another; past the `most`
+    largest, the rest in one grey bar."""
+    groups = list(result["at_peak"])
+    shown, rest = groups[:most], groups[most:]
+    bars = [("made in the forward", PALETTE[0], [g for g in shown if "Backward" not in g["made_by"]]),
+            ("made in the backward", PALETTE[1], [g for g in shown if "Backward" in g["made_by"]])]
+    if rest:
+        bars.append(("smaller, either pass", "#9E9E9E",
+                     [{"made_by": f"other ({len(rest)} ops)", "tensors": sum(g["tensors"] for g in rest),
+                       "bytes": sum(g["bytes"] for g in rest)}]))
+    fig = go.Figure()
+    for name, color, picked in bars:
+        fig.add_trace(go.Bar(x=[g["bytes"] / 2 ** 20 for g in picked], y=[_maker_label(g["made_by"]) for g in picked],
+                             orientation="h", name=name, marker_color=color,
+                             text=[f"{format_bytes(g['bytes'])} · {g['tensors']}×" for g in picked],
+                             textposition="auto", textfont=dict(size=TICK_SIZE),
+                             hovertemplate="%{y}<br>%{text}<extra>" + name + "</extra>"))
+    base_layout(fig, title or (f"Step peak of {result['policy']}: {format_bytes(result['peak_bytes'])} alive "
+                               f"({format_bytes(result['saved_bytes'])} saved)"),
+                "MiB alive at the peak", None, height=200 + 44 * (len(shown) + bool(rest)))
+    order = [_maker_label(g["made_by"]) for g in shown]  # at_peak comes largest first
+    if rest:
+        order.append(bars[-1][2][0]["made_by"])
+    fig.update_yaxes(categoryorder="array", categoryarray=order[::-1])  # largest on top, "other" last
+    fig.update_layout(legend=dict(orientation="h", y=1.0, yanchor="bottom", x=0))
+    return fig
+
+
 def run_memory_bars(rows: Sequence[Mapping], colors: Mapping[str, str] | None = None, title: str | None = None
                     ) -> go.Figure:
     """Recorded memory of runs: saved activations (in the run's colour) with model state stacked
