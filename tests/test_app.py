@@ -385,7 +385,8 @@ def test_memory_page_shows_where_a_step_peaks(app_env):
     title = spec["layout"]["title"]["text"].replace("<br>", " ")
     peak_mib = float(title.split("q4+mask+bn4: ")[1].split(" ")[0])
     bars = {trace["name"]: trace for trace in spec["data"]}
-    assert set(bars) == {"made in the forward", "made in the backward"}
+    passes = {"made in the forward", "made in the backward"}
+    assert passes <= set(bars) <= passes | {"smaller, either pass"}
     assert sum(sum(t["x"]) for t in bars.values()) >= peak_mib - 0.05
     assert any("CompressedConvFunction" in label for label in bars["made in the forward"]["y"])
 
