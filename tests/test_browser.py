@@ -214,6 +214,11 @@ def tour_memory(page, shots: Shots, batch: int = 8) -> None:
     wait_charts(page, before + 1, "Memory ladder")
     assert "ckpt" in main_text(page)
     shots(page, "memory", anchor=CHART, offset=70)
+    TIMINGS[f"Memory: Find the peak (resnet20, batch {batch}, avg2+mask+bn8)"] = bs.click_button(page, "Find the peak")
+    assert_clean(page, "Memory, after Find the peak")
+    wait_charts(page, before + 2, "Memory step peak")
+    assert "Step peak of avg2+mask+bn8" in main_text(page) and "made in the backward" in main_text(page)
+    shots(page, "memory_peak", anchor=f"{CHART} >> nth=1", offset=20)
 
 
 def tour_fidelity(page, shots: Shots) -> None:
