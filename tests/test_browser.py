@@ -219,6 +219,9 @@ def tour_memory(page, shots: Shots, batch: int = 8) -> None:
     wait_charts(page, before + 2, "Memory step peak")
     assert "Step peak of avg2+mask+bn8" in main_text(page) and "made in the backward" in main_text(page)
     shots(page, "memory_peak", anchor=f"{CHART} >> nth=1", offset=20)
+    # back to the top, where the next test on this page starts: scrolled down to the peak's figure,
+    # a click on the model's selectbox far above opened no list of options
+    page.locator("[data-testid=stMain]").evaluate("m => m.scrollTo(0, 0)")
 
 
 def tour_fidelity(page, shots: Shots) -> None:
