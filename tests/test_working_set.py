@@ -206,15 +206,6 @@ def test_a_downsampling_blocks_shortcut_hands_back_its_input_gradient_compact(ki
     assert peaks[0] < 2.15 and peaks[1] > 2.4, peaks
 
 
-def _weak_block_input(model, block_name):
-    """A weak reference to what enters model.<block_name> (taken where the stage before makes it)."""
-    stage, index = block_name.split(".")
-    ref = []
-    prev = getattr(model, stage)[int(index) - 1] if int(index) else getattr(model, f"layer{int(stage[-1]) - 1}")[-1]
-    prev.act2.register_forward_hook(lambda m, args, out: ref.append(weakref.ref(out)))
-    return ref
-
-
 @pytest.mark.parametrize("policy, freed", [("q4+mask+bn4", True), ("avg2+mask", True), ("none", False)])
 def test_a_downsampling_blocks_input_is_freed_once_both_branches_have_read_it(policy, freed):
     """The model hands each block its input to hold alone (ResidualBlock.forward_from): where
@@ -222,7 +213,8 @@ def test_a_downsampling_blocks_input_is_freed_once_both_branches_have_read_it(po
     shortcut of its own is gone before the block's second conv runs. Uncompressed, conv1 keeps it."""
     torch.manual_seed(0)
     model = compress_model(build_model("resnet18"), policy)
-    ref, alive = _weak_block_input(model, "layer2.0"), []
+    ref, alive = [], []  # a weak reference to layer2[0]'s input, taken where layer1 makes it
+    model.layer1[-1].act2.register_forward_hook(lambda m, args, out: ref.append(weakref.ref(out)))
     model.layer2[0].conv2.register_forward_pre_hook(lambda m, args: alive.append(ref[0]() is not None))
     model(torch.randn(2, 3, 32, 32))
     assert alive == [not freed]

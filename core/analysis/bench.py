@@ -54,6 +54,16 @@ def _fast_path(policies, device, reference: bool) -> None:
             fastpath.use_compiled_on(device)  # as the trainer does: the same bytes, fused passes
 
 
+def _warm_step(model, x, y, step_in_backward: bool):
+    """-> (one SGD training step to measure, its StepInBackward hooks or None), the step run once
+    already: the optimiser's state exists, so what is measured is a steady-state step's."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    hooks = StepInBackward(model, opt) if step_in_backward else None
+    step = functools.partial(training_step, model, x, y, opt, hooks)
+    step()
+    return step, hooks
+
+
 def bench_memory(model_name="resnet18", batch=128, size=32, policies=DEFAULT_POLICIES, device="auto",
                  stem="cifar", optimizer="sgd", channels_last=True, step_peak=True, reference=False,
                  step_in_backward=False, where=False) -> list[dict]:
@@ -78,10 +88,7 @@ def bench_memory(model_name="resnet18", batch=128, size=32, policies=DEFAULT_POL
                "by_kind": report.by_kind, "state_bytes": state["total"],
                "total_bytes": report.total_bytes + state["total"]}
         if step_peak:
-            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-            hooks = StepInBackward(model, opt) if step_in_backward else None
-            step = functools.partial(training_step, model, x, y, opt, hooks)
-            step()  # warm-up: creates the optimiser state, so the peak is a steady-state step's
+            step, _ = _warm_step(model, x, y, step_in_backward)
             if device.type == "cuda":
                 peak = cuda_step_peak_bytes(step, device)
                 row["cuda_peak_bytes"] = peak["peak_bytes"]
@@ -112,10 +119,7 @@ def step_peak_makers(model_name: str, policy: str, batch: int, size: int = 32, s
     pol = CompressionPolicy.parse(policy)
     model, x, y = _setup(model_name, pol, batch, size, torch.device("cpu"), stem, True)
     saved = saved_activation_bytes(model, x, y).total_bytes
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    hooks = StepInBackward(model, opt) if step_in_backward else None
-    step = functools.partial(training_step, model, x, y, opt, hooks)
-    step()  # the optimiser's state exists before the step measured, as in a run
+    step, hooks = _warm_step(model, x, y, step_in_backward)
     peak = cpu_step_peak_bytes(step, where=True)
     if hooks is not None:
         hooks.remove()

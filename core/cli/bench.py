@@ -11,7 +11,7 @@ from ..analysis.bench import DEFAULT_POLICIES, bench_memory, bench_speed
 from ..analysis.pass_bench import bench_passes
 from ..engine.environment import pick_device
 from ..method import CompressionPolicy
-from ..method.meter import format_bytes
+from ..method.meter import format_bytes, largest_makers
 
 
 def _table(rows, cols):
@@ -60,13 +60,8 @@ def format_where(rows, share: float = 0.01, most: int = 8) -> str:
         peak = r["cpu_step_peak_bytes"]
         out.append(f"\nat the step peak of {r['policy']} ({format_bytes(peak)} above the step's start; "
                    f"saved activations {format_bytes(r['saved_bytes'])}), alive, by the op that made it:")
-        shown = [g for g in r["at_peak"] if g["bytes"] >= share * peak][:most]
-        for g in shown:
+        for g in largest_makers(r["at_peak"], most, share, peak):
             out.append(f"  {format_bytes(g['bytes']):>10}  {g['tensors']:>3} x  {g['made_by']}")
-        rest = r["at_peak"][len(shown):]
-        if rest:
-            out.append(f"  {format_bytes(sum(g['bytes'] for g in rest)):>10}  "
-                       f"{sum(g['tensors'] for g in rest):>3} x  other ({len(rest)} ops)")
     return "\n".join(out)
 
 

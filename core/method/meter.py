@@ -271,6 +271,17 @@ def _peak_makers(prof) -> dict:
     return {"step_peak_bytes": peak, "net_bytes": live, "at_peak": makers}
 
 
+def largest_makers(at_peak: list[dict], most: int = 8, share: float = 0.0, peak: int = 0) -> list[dict]:
+    """The `most` largest groups of `at_peak` (cpu_step_peak_bytes(where=True)) holding at least
+    `share` of `peak` each, then one group "other (N ops)" (with "other": True) summing the rest."""
+    shown = [g for g in at_peak if g["bytes"] >= share * peak][:most]
+    rest = at_peak[len(shown):]
+    if rest:
+        shown.append({"made_by": f"other ({len(rest)} ops)", "tensors": sum(g["tensors"] for g in rest),
+                      "bytes": sum(g["bytes"] for g in rest), "other": True})
+    return shown
+
+
 def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":

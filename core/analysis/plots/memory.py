@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import plotly.graph_objects as go
 
-from ...method.meter import format_bytes
+from ...method.meter import format_bytes, largest_makers
 from .. import curves
 from .common import FONT_SIZE, PALETTE, TICK_SIZE, _colors, _legend_below, _note_above, _plain, base_layout
 
@@ -168,16 +168,18 @@ def peak_makers_figure(result: Mapping, most: int = 8, title: str | None = None)
     that made it, largest first: made in the backward (gradients, what a backward rebuilds) in one
     colour, in the forward (what it keeps, what is in flight) in another; past the `most`
     largest, the rest in one grey bar."""
-    groups = list(result["at_peak"])
-    shown, rest = groups[:most], groups[most:]
-    bars = [("made in the forward", PALETTE[0], [g for g in shown if "Backward" not in g["made_by"]]),
-            ("made in the backward", PALETTE[1], [g for g in shown if "Backward" in g["made_by"]])]
-    if rest:
-        bars.append(("smaller, either pass", "#9E9E9E",
-                     [{"made_by": f"other ({len(rest)} ops)", "tensors": sum(g["tensors"] for g in rest),
-                       "bytes": sum(g["bytes"] for g in rest)}]))
+    groups = largest_makers(result["at_peak"], most)
+
+    def made_in(g) -> str:
+        return "smaller, either pass" if g.get("other") else (
+            "made in the backward" if "Backward" in g["made_by"] else "made in the forward")
+
     fig = go.Figure()
-    for name, color, picked in bars:
+    for name, color in (("made in the forward", PALETTE[0]), ("made in the backward", PALETTE[1]),
+                        ("smaller, either pass", "#9E9E9E")):
+        picked = [g for g in groups if made_in(g) == name]
+        if not picked and name == "smaller, either pass":
+            continue
         fig.add_trace(go.Bar(x=[g["bytes"] / 2 ** 20 for g in picked], y=[_maker_label(g["made_by"]) for g in picked],
                              orientation="h", name=name, marker_color=color,
                              text=[f"{format_bytes(g['bytes'])} · {g['tensors']}×" for g in picked],
@@ -185,11 +187,9 @@ def peak_makers_figure(result: Mapping, most: int = 8, title: str | None = None)
                              hovertemplate="%{y}<br>%{text}<extra>" + name + "</extra>"))
     base_layout(fig, title or (f"Step peak of {result['policy']}: {format_bytes(result['peak_bytes'])} alive "
                                f"({format_bytes(result['saved_bytes'])} saved)"),
-                "MiB alive at the peak", None, height=200 + 44 * (len(shown) + bool(rest)))
-    order = [_maker_label(g["made_by"]) for g in shown]  # at_peak comes largest first
-    if rest:
-        order.append(bars[-1][2][0]["made_by"])
-    fig.update_yaxes(categoryorder="array", categoryarray=order[::-1])  # largest on top, "other" last
+                "MiB alive at the peak", None, height=200 + 44 * len(groups))
+    order = [_maker_label(g["made_by"]) for g in groups]  # largest first, "other" last
+    fig.update_yaxes(categoryorder="array", categoryarray=order[::-1])  # top to bottom
     fig.update_layout(legend=dict(orientation="h", y=1.0, yanchor="bottom", x=0))
     return fig
 
