@@ -354,6 +354,45 @@ def test_layers_write_over_what_is_theirs_alone_with_the_same_gradients(policy, 
         assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("policy", ["mask", "q4+mask+bn4"])
+def test_the_imagenet_stems_relu_writes_over_the_max_pools_gradient(policy, channels_last, monkeypatch,
+                                                                   reference_passes):
+    """The ImageNet stem's max pool reads act1's output only (the model vouches), so its backward's
+    fresh gradient is act1's alone, and the mask ReLU's backward writes over it: one more
+    in-place mask backward than with a hook on the max pool (which could keep what it sees).
+    The same gradients, bit for bit; and under `mask` (exact), PyTorch's own (the max pool's
+    scatter adds in PyTorch's order; channels_last: the plain convs' kernels may sum otherwise)."""
+    ran = collections.Counter()
+    fn = masks._mask_apply_
+    monkeypatch.setattr(masks, "_mask_apply_", lambda *a, **k: (ran.update(["over"]), fn(*a, **k))[1])
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x, y = torch.randn(4, 3, 64, 64).contiguous(memory_format=layout), torch.randint(0, 10, (4,))
+    torch.manual_seed(0)
+    plain = ResNet(BasicBlock, [1, 1], [8, 16], stem="imagenet").to(memory_format=layout)
+    results, counts = [], []
+    for hooked in (False, True):
+        model = compress_model(copy.deepcopy(plain), policy)
+        if hooked:
+            model.maxpool.register_forward_pre_hook(lambda m, args: None)
+        ran.clear()
+        torch.manual_seed(1)  # q4 rounds stochastically
+        out = model(x)
+        F.cross_entropy(out, y).backward()
+        results.append([out, *(p.grad for p in model.parameters())])
+        counts.append(ran["over"])
+    assert counts[0] == counts[1] + 1, counts
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    if policy == "mask":
+        out = plain(x)
+        F.cross_entropy(out, y).backward()
+        for (name, p), q in zip(plain.named_parameters(), results[0][1:]):
+            if channels_last:
+                torch.testing.assert_close(q, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+            else:
+                assert torch.equal(q, p.grad), name
+
+
 def test_a_gradient_a_hook_has_seen_is_never_written_over(reference_passes):
     """A hook can keep what it sees: a ReLU's output (a forward hook on it), a conv's input (a
     pre-hook on the conv), a conv's output (a forward hook on the conv), a BatchNorm's input

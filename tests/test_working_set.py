@@ -86,6 +86,19 @@ def test_a_wide_convs_weight_gradient_holds_one_weight_sized_buffer_not_three(po
     assert _backward_peak(plain, x, inputs=False) >= 2.5 * w_bytes  # PyTorch's own
 
 
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format])
+def test_a_max_pools_backward_holds_its_input_gradient_and_a_chunk(layout, monkeypatch):
+    """Keeping only the indices, the max pool's backward scatters its gradient into a zero tensor
+    of the input's layout (S), a sample at a time here: no full-size copy to change the layout
+    (2 S, were it built in NCHW for a channels_last input) and no full-size int64 indices (S/2)."""
+    from core.method import maxpool
+
+    monkeypatch.setattr(maxpool, "_CHUNK_ELEMENTS", 16 * 16 * 16)  # one sample's indices
+    pool = compress_model(nn.Sequential(nn.MaxPool2d(3, 2, 1)), "mask")
+    x = torch.randn(SHAPE).contiguous(memory_format=layout).requires_grad_()
+    assert S <= _backward_peak(pool, x) < 1.1 * S
+
+
 def test_batchnorm_backward_decodes_its_codes_inside_its_passes(compiled):
     """Compiled, the 4-bit BatchNorm's backward forms x_hat from the codes in registers: the only
     full-size tensor it allocates is the input gradient. The reference decodes x first (2 S)."""

@@ -111,6 +111,8 @@ def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], lis
     # and that a conv after an activation is all that reads it: the conv's input gradient is then
     # the activation's alone, which its backward may write over (layout.grant_gradient)
     conv_inputs = _inputs_made_by(model, nn.Conv2d, _MASKABLE_TYPES, "pp_convs_read_temporaries")
+    # and a max pool after an activation (the ImageNet stem's): its fresh input gradient is the activation's alone
+    pool_inputs = _inputs_made_by(model, nn.MaxPool2d, _MASKABLE_TYPES, "pp_pools_read_temporaries")
     for name, m in model.named_modules():
         if name and not in_scope(name, policy, stem):
             continue
@@ -163,7 +165,7 @@ def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], lis
                 swap(ShapeOnlyGlobalPool)
         elif type(m) is nn.MaxPool2d:
             if policy.relu_mask:  # the ReLU before it no longer keeps the input the pool would
-                swap(IndicesMaxPool2d)
+                swap(IndicesMaxPool2d, pp_input_from=pool_inputs.get(name, ()))
         elif isinstance(m, _PASS_THROUGH) or type(m).__name__ in _PASS_THROUGH_NAMES or \
                 getattr(m, "pp_keeps_nothing", False):
             pass

@@ -5,7 +5,8 @@ and the mask ReLU swapped in by `compress_model` replaces modules one by one). E
 temporary nothing else reads (a BatchNorm output or the residual sum), each BatchNorm a conv
 output nothing else reads, and each conv after a ReLU in a block that ReLU's output only, which
 the models declare (`pp_activations_read_temporaries`, `pp_norms_read_temporaries`,
-`pp_convs_read_temporaries`; for the forwards written here only, and inside them only:
+`pp_convs_read_temporaries`, and the ImageNet stem's max pool act1's output only,
+`pp_pools_read_temporaries`; for the forwards written here only, and inside them only:
 layout.vouched_forward): compressed, the mask ReLUs, the low-precision BatchNorms and the second
 convs then write over their inputs, and their backwards over gradients that are theirs alone.
 A downsampling block's input fans out to both branches once (method/shortcut.py: a strided 1x1
@@ -173,6 +174,7 @@ class ResNet(nn.Module):
     pp_activations_read_temporaries = _Vouch()  # see the module docstring
     pp_norms_read_temporaries = _Vouch()
     pp_convs_read_temporaries = _Vouch()
+    pp_pools_read_temporaries = _Vouch()  # the ImageNet stem's max pool reads act1's output only
 
     def __init__(self, block, layers, widths, num_classes=10, stem="cifar", shortcut="conv"):
         super().__init__()
@@ -181,12 +183,12 @@ class ResNet(nn.Module):
         self.stem_kind = stem
         if stem == "cifar":
             self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
-            self.maxpool = None
         else:
             self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
-            self.maxpool = nn.MaxPool2d(3, 2, 1)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.act1 = nn.ReLU()
+        # registered after act1, whose output it alone reads (pp_pools_read_temporaries)
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if stem == "imagenet" else None
         in_ch = widths[0]
         self.stage_names = []
         for i, (n_blocks, width) in enumerate(zip(layers, widths)):
@@ -210,8 +212,8 @@ class ResNet(nn.Module):
     def forward_features(self, x):  # (B, 3, H, W) -> (B, C, h, w)
         with vouched_forward():  # the stem's declarations hold here (each block vouches for its own)
             x = self.act1(self.bn1(self.conv1(x)))
-        if self.maxpool is not None:
-            x = self.maxpool(x)
+            if self.maxpool is not None:
+                x = self.maxpool(x)
         for name in self.stage_names:
             stage = getattr(self, name)
             if not called_plainly(stage):
