@@ -124,6 +124,12 @@ def _input_grad(g, weight, x_shape, stride, padding, dilation, groups):
     return F.conv_transpose2d(g, weight, None, stride, padding, out_pad, groups, dilation)
 
 
+def sampled_grad_in_chunks(n: int) -> bool:
+    """Whether a batch of n samples takes its compact input gradient (`_sampled_input_grad`) a
+    chunk at a time: a single chunk computes the whole gradient first, and the compact one beside it."""
+    return n >= 2 * _MIN_CHUNK
+
+
 def _sampled_input_grad(g, weight, x_shape, stride, padding, dilation, groups, sampled_shape):
     """A 1x1 conv's input gradient at the pixels it reads (x[:, :, ::s, ::s], shortcut.py): the
     whole gradient's kernel (a compact one of stride 1 picks another oneDNN algorithm on some
@@ -131,7 +137,7 @@ def _sampled_input_grad(g, weight, x_shape, stride, padding, dilation, groups, s
     twice that), each chunk's pixels kept: a small full-size chunk beside the compact result."""
     out = torch.empty(sampled_shape, dtype=g.dtype, device=g.device,
                       memory_format=torch.channels_last if is_channels_last(g) else torch.contiguous_format)
-    step = _MIN_CHUNK if g.shape[0] >= 2 * _MIN_CHUNK else g.shape[0]
+    step = _MIN_CHUNK if sampled_grad_in_chunks(g.shape[0]) else g.shape[0]
     for a in range(0, g.shape[0], step):
         part = g[a: a + step]
         whole = _input_grad(part, weight, (part.shape[0], *x_shape[1:]), stride, padding, dilation, groups)

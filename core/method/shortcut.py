@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .conv import CompressedConv2d
+from .conv import CompressedConv2d, sampled_grad_in_chunks
 from .layout import called_plainly, in_vouched_forward, is_dense, may_overwrite_grad
 
 
@@ -61,14 +61,20 @@ def shortcut_and_main_input(x: torch.Tensor, downsample: nn.Module | None, main_
     main branch begins with `main_conv`. Inside a model's own forward (layout.vouched_forward),
     with a shortcut that reads every s-th pixel only (a compressed strided 1x1 conv, or option A's
     subsampling) and nothing hooked on the main conv, the shortcut's input gradient stays compact
-    (see the module docstring); otherwise the plain calls."""
+    (see the module docstring), and the block may let its input go at once. Otherwise (None, x):
+    the block calls the shortcut after its main branch, as torchvision orders it, so that autograd
+    runs the shortcut's backward first and lets the block output's gradient go sooner (measured:
+    torchvision's ResNet-50 at batch 8, 224 px, peaks 3-10 MiB lower than with the shortcut first).
+    The conv's compact gradient needs two chunks of samples (`sampled_grad_in_chunks`): with one,
+    it would build the whole gradient first and the compact one beside it."""
     if downsample is None:
         return x, x
     conv = _strided_shortcut_conv(downsample)
     subsamples = conv is None and _subsampling_shortcut(downsample)
     if (not (conv is not None or subsamples) or not called_plainly(main_conv) or not in_vouched_forward()
-            or not (torch.is_grad_enabled() and x.requires_grad) or x.dim() != 4):
-        return downsample(x), x
+            or not (torch.is_grad_enabled() and x.requires_grad) or x.dim() != 4
+            or (conv is not None and not sampled_grad_in_chunks(x.shape[0]))):
+        return None, x
     # main_conv, called plainly, hands back a gradient nothing else holds: granted
     main, sampled = _FanOut.apply(x, downsample.stride if subsamples else conv.stride[0], True)
     if subsamples:

@@ -29,24 +29,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..method.checkpointing import note_checkpoint_input
-from ..method.layout import called_plainly, may_overwrite, vouched_forward
-from ..method.shortcut import shortcut_and_main_input
+from ..method.layout import vouched_forward
+from ..method.residual import basic_block, bottleneck_block, run_stages
 
 CIFAR_RESNETS = {"resnet20": 3, "resnet32": 5, "resnet56": 9}  # blocks per stage (6n+2 layers)
 IMAGENET_RESNETS = {"resnet18": ("basic", [2, 2, 2, 2]), "resnet34": ("basic", [3, 4, 6, 3]),
                     "resnet50": ("bottleneck", [3, 4, 6, 3])}
 MODEL_NAMES = tuple(CIFAR_RESNETS) + tuple(IMAGENET_RESNETS)
 STEMS = ("cifar", "imagenet")
-
-
-def _residual_sum(out: torch.Tensor, identity: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """out + identity, written over `out` (the norm's output) where nothing else can read it: no
-    hook on the norm could have kept it (autograd's own checks cover the rest). The forward then
-    holds one full-size tensor fewer; the sum and its gradients are the same bits."""
-    if (called_plainly(norm) and may_overwrite(out) and identity.shape == out.shape
-            and torch.result_type(out, identity) == out.dtype):  # add_ would neither broadcast nor demote
-        return out.add_(identity)
-    return out + identity
 
 
 class _Vouch:
@@ -131,13 +121,7 @@ class BasicBlock(ResidualBlock):
             else:
                 self.downsample = nn.Sequential(nn.Conv2d(in_ch, ch, 1, stride, bias=False), nn.BatchNorm2d(ch))
 
-    def _forward(self, x):
-        identity, x = shortcut_and_main_input(x, self.downsample, self.conv1)
-        out = self.act1(self.bn1(self.conv1(x)))
-        del x  # read by both branches: freed here where nothing else holds it (forward_from)
-        out = self.conv2(out)  # one call per line: `out` is freed as soon as the next op has read it
-        out = self.bn2(out)
-        return self.act2(_residual_sum(out, identity, self.bn2))
+    _forward = basic_block  # method/residual.py: the order of calls that holds least
 
 
 class Bottleneck(ResidualBlock):
@@ -159,15 +143,7 @@ class Bottleneck(ResidualBlock):
         if stride != 1 or in_ch != out_ch:
             self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
 
-    def _forward(self, x):
-        identity, x = shortcut_and_main_input(x, self.downsample, self.conv1)
-        out = self.act1(self.bn1(self.conv1(x)))
-        del x  # read by both branches: freed here where nothing else holds it (forward_from)
-        out = self.conv2(out)  # one call per line: `out` is freed as soon as the next op has read it
-        out = self.act2(self.bn2(out))
-        out = self.conv3(out)
-        out = self.bn3(out)
-        return self.act3(_residual_sum(out, identity, self.bn3))
+    _forward = bottleneck_block
 
 
 class ResNet(nn.Module):
@@ -214,22 +190,9 @@ class ResNet(nn.Module):
             x = self.act1(self.bn1(self.conv1(x)))
             if self.maxpool is not None:
                 x = self.maxpool(x)
-        for name in self.stage_names:
-            stage = getattr(self, name)
-            if not called_plainly(stage):
-                x = stage(x)  # hooks on the stage (Captum's, the app's layer views) see one module call
-                continue
-            # The same calls without the Sequential's: its call holds the stage's input until the
-            # stage returns, a full-size tensor alive through every later block (under compression
-            # 8 MiB of ResNet-20's 61 MiB step peak at batch 128).
-            for block in stage:
-                if not (isinstance(block, ResidualBlock) and called_plainly(block)):
-                    x = block(x)
-                    continue
-                held = [x]
-                del x  # the block alone holds its input (ResidualBlock.forward_from)
-                x = block.forward_from(held)
-        return x
+        held = [x]
+        del x  # each block holds its input alone (method/residual.py)
+        return run_stages(held, [getattr(self, name) for name in self.stage_names])
 
     def forward_head(self, x):  # (B, C, h, w) -> (B, classes)
         return self.fc(x.mean(dim=(2, 3)))
