@@ -4,6 +4,7 @@ Exactness where the policy is exact (bit for bit), the forward unchanged under e
 state_dicts that load both ways, refusals that name the module and leave the model alone, and
 the four torchvision models the README measures: converted, trained a step, cut by half."""
 
+import collections
 import copy
 
 import pytest
@@ -185,3 +186,80 @@ def test_torchvision_models_convert_train_and_keep_half(name):
     loss.backward()
     opt.step()
     assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _tiny_torchvision_resnet(block: str):
+    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+    return ResNet(BasicBlock if block == "basic" else Bottleneck, [1, 1, 1, 1], num_classes=10)
+
+
+@pytest.mark.parametrize("block, policy, channels_last", [
+    ("basic", "avg2+mask", True), ("basic", "avg2+mask", False), ("bottleneck", "avg2+mask", True),
+    ("basic", "avg2+mask+bn16", True)])
+def test_torchvision_resnets_run_as_ours_with_the_same_outputs_and_gradients(block, policy, channels_last,
+                                                                              monkeypatch):
+    """compress_model adopts torchvision's ResNet, BasicBlock and Bottleneck (method/
+    torchvision_resnet.py): their forwards become PoolProp's, which write over what is theirs
+    alone and hand a strided shortcut's gradient back compact. The same outputs and gradients,
+    bit for bit, as the converted model run by torchvision's own forwards; the in-place paths
+    and the compact shortcut really ran (batch 16: two chunks of 8), and only when adopted; and
+    decompress_model gives torchvision's classes back. (Deterministic policies: `qB` rounds with
+    draws the shortcut's conv now takes first; bn16's BatchNorm, written over its input, keeps
+    x_hat's rounding of its own, as in our ResNets: equal to float32 rounding there.)"""
+    from core.method import convert, masks, shortcut
+    from core.method import conv as conv_module
+
+    ran = collections.Counter()
+    for module, name in ((masks, "_mask_apply_"), (conv_module, "_over_by_chunk")):
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _fn=fn, _name=name, **k: (ran.update([_name]), _fn(*a, **k))[1])
+    fan = shortcut._FanOut.backward
+    monkeypatch.setattr(shortcut._FanOut, "backward",
+                        staticmethod(lambda ctx, g, gs: (ran.update(["compact shortcut"]), fan(ctx, g, gs))[1]))
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x, y = torch.randn(16, 3, 64, 64).contiguous(memory_format=layout), torch.randint(0, 10, (16,))
+    torch.manual_seed(0)
+    plain = _tiny_torchvision_resnet(block).to(memory_format=layout)
+    adoption = convert.adoption
+    results, counts = [], []
+    for adopted in (True, False):
+        monkeypatch.setattr(convert, "adoption", adoption if adopted else (lambda m: None))
+        model = compress_model(copy.deepcopy(plain), policy)
+        names = {type(model).__name__, type(model.layer2[0]).__name__}
+        assert names == ({"AdoptedResNet", f"Adopted{type(plain.layer2[0]).__name__}"} if adopted
+                         else {"ResNet", type(plain.layer2[0]).__name__})
+        ran.clear()
+        out = model(x)
+        results.append([out, *_grads(model, x, y).values()])
+        counts.append(dict(ran))
+        decompress_model(model)
+        assert type(model) is type(plain) and type(model.layer2[0]) is type(plain.layer2[0])
+    assert counts[1] == {}, counts
+    assert counts[0]["compact shortcut"] == 3 and counts[0]["_mask_apply_"] > 0, counts
+    for a, b in zip(*results):
+        if "bn16" in policy:
+            torch.testing.assert_close(a, b)
+        else:
+            assert torch.equal(a, b)
+
+
+def test_a_torchvision_block_with_a_forward_of_its_own_is_not_adopted_nor_the_resnet_holding_it():
+    """Adoption vouches for torchvision's own forwards only: a subclass that overrides one (and
+    may read a tensor twice) keeps its forward, and the ResNet around it keeps torchvision's
+    (its declarations would reach that block); the other blocks are still adopted."""
+    from torchvision.models.resnet import BasicBlock
+
+    class Logged(BasicBlock):
+        def forward(self, x):
+            return super().forward(x)
+
+    model = _tiny_torchvision_resnet("basic")
+    own = Logged(64, 64)
+    own.load_state_dict(model.layer1[0].state_dict())
+    model.layer1[0] = own
+    compress_model(model, "q4+mask+bn4")
+    assert type(model).__name__ == "ResNet" and type(model.layer1[0]) is Logged
+    assert type(model.layer2[0]).__name__ == "AdoptedBasicBlock"
+    assert not any(getattr(m, "pp_input_from", ()) for m in model.layer1[0].modules())
+    model(torch.randn(2, 3, 32, 32)).sum().backward()  # runs

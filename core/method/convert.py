@@ -32,6 +32,7 @@ from .scale import (
     is_layer_scale_block,
     is_squeeze_excitation,
 )
+from .torchvision_resnet import adoption
 
 # Leaf modules that keep nothing a policy could shrink (or nothing at all): no swap needed.
 _PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Flatten, nn.MaxPool2d, nn.AvgPool2d,
@@ -80,14 +81,16 @@ def _inputs_made_by(model: nn.Module, layer: type, maker: type, declaration: str
     made_by = {}
 
     def walk(parent: nn.Module, prefix: str, vouched: bool) -> None:
-        vouched = bool(getattr(parent, declaration, vouched))
+        declarer = adoption(parent) or parent  # a torchvision ResNet declares what its adopted forward makes true
+        vouched = bool(getattr(declarer, declaration, vouched))
+        reads = getattr(declarer, "pp_reads", {})  # where registration order does not tell
         last = None
         for name, child in parent.named_children():
             full = f"{prefix}.{name}" if prefix else name
             if isinstance(child, maker):
                 last = child
-            elif isinstance(child, layer) and last is not None and vouched:
-                made_by[full] = (last,)
+            elif isinstance(child, layer) and vouched and (name in reads or last is not None):
+                made_by[full] = tuple(getattr(parent, n) for n in reads[name]) if name in reads else (last,)
             walk(child, full, vouched)
 
     walk(model, "", False)
@@ -114,6 +117,8 @@ def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], lis
     # and a max pool after an activation (the ImageNet stem's): its fresh input gradient is the activation's alone
     pool_inputs = _inputs_made_by(model, nn.MaxPool2d, _MASKABLE_TYPES, "pp_pools_read_temporaries")
     for name, m in model.named_modules():
+        if shrinks and not policy.checkpoint and adoption(m):  # torchvision's ResNets, run as ours
+            swaps.append(_Swap(name, m, _variant(type(m), adoption(m), "Adopted"), {}))
         if name and not in_scope(name, policy, stem):
             continue
         leaf = len(list(m.children())) == 0
