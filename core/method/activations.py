@@ -41,6 +41,7 @@ class _Coded:
 
     pp_bits: int = 8
 
+    @torch.compiler.disable  # torch.compile(model): see convert.py
     def forward(self, x):
         base = super().forward
         if torch.is_grad_enabled() and x.requires_grad and x.dim() in (2, 3, 4):

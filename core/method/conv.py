@@ -265,6 +265,7 @@ class CompressedConv2d(nn.Conv2d):
     pp_form: ConvInputForm = ConvInputForm()
     pp_input_from: tuple[nn.Module, ...] = ()  # the activation whose output only this conv reads (the model vouches)
 
+    @torch.compiler.disable  # torch.compile(model): see convert.py
     def forward(self, x, sampled=None):
         """`sampled`: x's every stride-th pixel, to take the input gradient (shortcut.py)."""
         if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):

@@ -8,6 +8,11 @@ mask; smooth activations, LayerNorm/GroupNorm, Linear layers, global pooling, sq
 excitation and ConvNeXt's layer scale each have a compressed form. The whole model is
 planned first and changed only when every module is understood: a refused conversion leaves
 the model as it was.
+
+torch.compile(model) works on a converted model: each compressed layer's forward is left out of
+the graph (`torch.compiler.disable`: dynamo cannot trace the layers' Functions, some of whose
+shapes depend on the data) and runs as written, with the memory it saves; the rest is compiled,
+and the fast path's passes inside the layers still run compiled.
 """
 
 from __future__ import annotations

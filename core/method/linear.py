@@ -56,6 +56,7 @@ class CompressedLinear(nn.Linear):
 
     pp_form: ConvInputForm = ConvInputForm()
 
+    @torch.compiler.disable  # torch.compile(model): see convert.py
     def forward(self, x):
         if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)) or \
                 not keeps_something_else(self.pp_form, x):

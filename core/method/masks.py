@@ -151,6 +151,7 @@ class _Masked:
             return "leaky", float(self.negative_slope), 0.0
         return "relu", 0.0, 0.0
 
+    @torch.compiler.disable  # torch.compile(model): see convert.py
     def forward(self, x):
         if torch.is_grad_enabled() and x.requires_grad:
             vouched = self.pp_inplace and in_vouched_forward() and all(called_plainly(m) for m in self.pp_input_from)

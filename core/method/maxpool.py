@@ -58,6 +58,7 @@ class IndicesMaxPool2d(nn.MaxPool2d):
 
     pp_input_from: tuple[nn.Module, ...] = ()
 
+    @torch.compiler.disable  # torch.compile(model): see convert.py
     def forward(self, x):
         if torch.is_grad_enabled() and x.requires_grad and x.dim() == 4 and not self.return_indices:
             if (self.pp_input_from and in_vouched_forward()

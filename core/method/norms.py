@@ -186,6 +186,7 @@ class LowPrecisionBatchNorm2d(nn.BatchNorm2d):
     pp_inplace: bool = False
     pp_input_from: tuple[nn.Module, ...] = ()  # the conv that made x: a hook on it may have kept x
 
+    @torch.compiler.disable  # torch.compile(model): see convert.py
     def forward(self, x):
         if not (self.training and torch.is_grad_enabled() and x.requires_grad and self.track_running_stats):
             return super().forward(x)
@@ -282,6 +283,7 @@ class _LowPrecisionNorm:
 
     pp_store: str = "bn16"
 
+    @torch.compiler.disable  # torch.compile(model): see convert.py
     def forward(self, x):
         if not (torch.is_grad_enabled() and x.requires_grad):
             return super().forward(x)

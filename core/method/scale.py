@@ -33,6 +33,7 @@ class ShapeOnlyGlobalPoolFunction(torch.autograd.Function):
 class ShapeOnlyGlobalPool(nn.AdaptiveAvgPool2d):
     """nn.AdaptiveAvgPool2d(1) that keeps only its input's shape for backward."""
 
+    @torch.compiler.disable  # torch.compile(model): see convert.py
     def forward(self, x):
         if torch.is_grad_enabled() and x.requires_grad and x.dim() == 4:
             return ShapeOnlyGlobalPoolFunction.apply(x)
@@ -81,6 +82,7 @@ class _CodedSqueezeExcite:
 
     pp_bits: int = 8
 
+    @torch.compiler.disable  # torch.compile(model): see convert.py
     def forward(self, x):
         if not (torch.is_grad_enabled() and x.requires_grad):
             return super().forward(x)
@@ -93,6 +95,7 @@ class _CodedLayerScale:
 
     pp_bits: int = 8
 
+    @torch.compiler.disable  # torch.compile(model): see convert.py
     def forward(self, x):
         if not (torch.is_grad_enabled() and x.requires_grad):
             return super().forward(x)
