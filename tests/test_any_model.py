@@ -207,8 +207,8 @@ def test_torchvision_resnets_run_as_ours_with_the_same_outputs_and_gradients(blo
     decompress_model gives torchvision's classes back. (Deterministic policies: `qB` rounds with
     draws the shortcut's conv now takes first; bn16's BatchNorm, written over its input, keeps
     x_hat's rounding of its own, as in our ResNets: equal to float32 rounding there.)"""
-    from core.method import convert, masks, shortcut
     from core.method import conv as conv_module
+    from core.method import convert, masks, shortcut
 
     ran = collections.Counter()
     for module, name in ((masks, "_mask_apply_"), (conv_module, "_over_by_chunk")):
