@@ -286,3 +286,29 @@ def test_torch_compile_of_a_compressed_model_gives_the_eager_gradients(build, po
         results.append([out, *(p.grad for p in (eager if model is eager else graph).parameters())])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("activation", [nn.SiLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.Hardswish(),
+                                        nn.Sigmoid(), nn.Tanh(), nn.Mish(), nn.Softplus(2.0, 5.0), nn.ELU(0.7)])
+def test_a_coded_activations_gradient_is_autograds_at_the_decoded_input(activation, monkeypatch):
+    """The backward of an activation kept as codes calls ATen's own backward kernel on the decoded
+    input a batch chunk at a time: the same gradient as autograd differentiating the activation
+    recomputed at that input (the path kept for activations without a kernel), in every layout
+    the converter meets; equal to float32 rounding (a chunk's tail may take a scalar loop)."""
+    from core.method import activations
+
+    for shape, channels_last in (((16, 8, 6, 6), False), ((16, 8, 6, 6), True), ((5, 7, 9), False),
+                                 ((6, 10), False), ((12, 3, 5, 5), False)):
+        x = 3 * torch.randn(shape)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        g = torch.randn_like(x)
+        grads = []
+        for kernel in (activations._aten_backward, lambda module: None):
+            monkeypatch.setattr(activations, "_aten_backward", kernel)
+            coded = compress_model(nn.Sequential(copy.deepcopy(activation)), "q8+mask")
+            xi = x.clone().requires_grad_()
+            torch.manual_seed(1)  # the same codes
+            grads.append(torch.autograd.grad(coded(xi), xi, g)[0])
+        torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-6)
+        assert grads[0].stride() == grads[1].stride()

@@ -99,6 +99,20 @@ def test_a_max_pools_backward_holds_its_input_gradient_and_a_chunk(layout, monke
     assert S <= _backward_peak(pool, x) < 1.1 * S
 
 
+def test_a_coded_activations_backward_holds_its_result_and_a_chunk(monkeypatch, compiled):
+    """GELU keeping its input as 8-bit codes: the backward decodes a quarter of the batch at a
+    time (compiled: one pass) and writes g * GELU'(x~) for it into the result (S), by ATen's own
+    kernel: S and two quarter-size chunks, where recomputing GELU under autograd held the
+    decoded input, its copy, GELU's output and the result (4 S)."""
+    from core.method import activations
+
+    gelu = compress_model(nn.Sequential(nn.GELU()), "q8+mask")
+    x = _input()
+    assert S <= _backward_peak(gelu, x) < 1.6 * S
+    monkeypatch.setattr(activations, "_aten_backward", lambda module: None)
+    assert _backward_peak(gelu, x) >= 3.5 * S
+
+
 def test_batchnorm_backward_decodes_its_codes_inside_its_passes(compiled):
     """Compiled, the 4-bit BatchNorm's backward forms x_hat from the codes in registers: the only
     full-size tensor it allocates is the input gradient. The reference decodes x first (2 S)."""
