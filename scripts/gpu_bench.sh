@@ -93,11 +93,7 @@ for policy in ("avg2+mask+bn8", "q4+mask+bn4"):
         print(out[-1], file=sys.stderr)
         # a downsampling block whose 1x1 shortcut hands back a compact input gradient (computed 8
         # samples at a time), against the plain calls (nothing else changed: a hook on the
-        # shortcut conv would also keep its BatchNorm from writing over its input, bn8's rounding).
-        # Deterministic policies only: the plain shortcut runs after the main branch, and q4's
-        # random draws follow the order of the calls
-        if policy.startswith("q"):
-            continue
+        # shortcut conv would also keep its BatchNorm from writing over its input, bn8's rounding)
         x = torch.randn(32, 64, 56, 56, device=device).contiguous(memory_format=fmt)
         runs = []
         for fanned in (True, False):

@@ -312,3 +312,38 @@ def test_a_coded_activations_gradient_is_autograds_at_the_decoded_input(activati
             grads.append(torch.autograd.grad(coded(xi), xi, g)[0])
         torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-6)
         assert grads[0].stride() == grads[1].stride()
+
+
+def test_a_stage_with_a_forward_of_its_own_is_called_through_it():
+    """The stages' blocks are called one by one only where a stage is a plain Sequential: a
+    subclass with its own forward (here it halves the stage's output) is called as itself, in
+    PoolProp's ResNets and in torchvision's (which is then not adopted); the outputs stay the
+    plain model's."""
+
+    class Halved(nn.Sequential):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 64, 64)
+    for plain in (build_model("resnet20"), _tiny_torchvision_resnet("basic")):
+        plain.layer2 = Halved(*plain.layer2)
+        model = compress_model(copy.deepcopy(plain), "avg2+mask")
+        assert torch.equal(model(x), plain(x))
+    assert type(model).__name__ == "ResNet"
+
+
+def test_a_block_compiled_on_its_own_is_called_compiled():
+    """module.compile() makes a block's call run compiled; the stage loop, which hands a plain
+    block its input to hold alone, calls such a block through its call (layout.called_plainly)."""
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = compress_model(build_model("resnet20"), "avg2+mask")
+    model.layer1[0].compile(backend=backend)
+    model(torch.randn(16, 3, 32, 32)).sum().backward()
+    assert graphs

@@ -897,8 +897,8 @@ def _tiny_resnet18_like(block=BasicBlock):
 
 
 @pytest.mark.parametrize("model, policy, channels_last", [
-    ("basic", "avg4+mask", False), ("basic", "avg4+mask", True), ("basic", "avg2+mask", False),
-    ("basic", "avg2+mask", True), ("basic", "max2+mask", True), ("bottleneck", "avg2+mask", True),
+    ("basic", "q4+mask+bn4", False), ("basic", "q4+mask+bn4", True), ("basic", "avg2+mask", False),
+    ("basic", "avg2+mask", True), ("basic", "avg2+res2+mask+bn4", True), ("bottleneck", "q4+mask+bn4", True),
     ("resnet20", "none", False), ("resnet20", "avg2+mask+bn8", True)])
 def test_a_subsampling_shortcut_with_a_compact_input_gradient_gives_the_same_gradients(model, policy, channels_last,
                                                                                        monkeypatch, reference_passes):
@@ -906,9 +906,9 @@ def test_a_subsampling_shortcut_with_a_compact_input_gradient_gives_the_same_gra
     1x1 conv of stride 2, or ResNet-20's option-A subsampling) and hands back its input gradient
     at those pixels only (core/method/shortcut.py), added into the main branch's: the same outputs
     and gradients, bit for bit, as the plain calls (a hook on each shortcut, doing nothing, makes
-    the blocks call them so, after the main branch); and the compact path really ran, once per
-    such block, with a quarter of the input's pixels (batch 24: the conv's in three chunks of 8).
-    Deterministic policies: `qB` and bn4 round with draws a shortcut taken later takes later."""
+    the blocks call them so, in the same place: `qB`'s draws come in the same order); and the
+    compact path really ran, once per such block, with a quarter of the input's pixels (batch 24:
+    the conv's in three chunks of 8)."""
     shapes = []
     backward = shortcut._FanOut.backward
     monkeypatch.setattr(shortcut._FanOut, "backward",

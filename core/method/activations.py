@@ -62,9 +62,16 @@ class CodedActivationFunction(torch.autograd.Function):
             with torch.enable_grad():
                 (gx,) = torch.autograd.grad(fn(x + 0), x, g)  # x + 0: an in-place fn may not touch a leaf
             return gx, None, None, None, None
-        gx = torch.empty_like(g)
+        gx = None
         for samples, x in dequantize_by_chunk(*ctx.saved_tensors, info):
-            gx[samples] = derivative(g[samples], x)
+            part = derivative(g[samples], x)
+            del x  # before the next chunk is decoded
+            if samples == slice(None):  # decoded whole (dequantize_by_chunk): the result as it is
+                return part, None, None, None, None
+            if gx is None:
+                gx = torch.empty_like(g)
+            gx[samples] = part
+            del part
         return gx, None, None, None, None
 
 

@@ -61,11 +61,12 @@ def may_overwrite(x: torch.Tensor) -> bool:
 
 def called_plainly(module: nn.Module) -> bool:
     """Whether calling `module` runs just its forward: no hooks on it and none global (the test
-    nn.Module.__call__ makes before its own fast path)."""
+    nn.Module.__call__ makes before its own fast path), and not compiled (`module.compile()`)."""
     m = torch_module
     return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks or m._global_forward_hooks or m._global_forward_pre_hooks
-                or m._global_backward_hooks or m._global_backward_pre_hooks)
+                or m._global_backward_hooks or m._global_backward_pre_hooks
+                or getattr(module, "_compiled_call_impl", None) is not None)
 
 
 _vouching = threading.local()

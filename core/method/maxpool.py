@@ -7,8 +7,9 @@ indices alone, as int32, is most of the saving there.
 
 The backward scatters the gradient into a zero tensor of the input's layout (NCHW, or NHWC for
 channels_last: no full-size copy to change it afterwards) a few samples at a time, so that the
-int64 indices scatter_add_ wants exist for a chunk only. Each input element receives its
-gradients in the order of the output positions, as in PyTorch's own backward: the same bits.
+int64 indices scatter_add_ wants exist for a chunk only. On the CPU each input element receives
+its gradients in the order of the output positions, as in PyTorch's own backward: the same bits
+(on CUDA scatter_add_ adds with atomics, in no fixed order: float32 rounding).
 """
 
 from __future__ import annotations

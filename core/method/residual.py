@@ -4,8 +4,8 @@ ResNets compress_model adopts, method/torchvision_resnet.py).
 - A downsampling block's input fans out to both branches once (method/shortcut.py: a strided
   shortcut hands back a compact input gradient), and the block lets its input go once both
   branches have read it: the caller hands it over in a one-element list (`run_stages`,
-  a block's `forward_from`), so that nothing else holds it. Any other shortcut runs after the
-  main branch (its backward then runs first).
+  a block's `forward_from`), so that nothing else holds it. Such a conv shortcut at a batch too
+  small for its compact gradient runs after the main branch instead (its backward then runs first).
 - The residual sum is written over the last norm's output where nothing else can read it.
 - One call per line: each temporary is freed as soon as the next op has read it.
 The arithmetic is the blocks' own (He et al.'s BasicBlock; the Bottleneck with its stride on
@@ -69,8 +69,8 @@ def run_stages(held: list, stages) -> torch.Tensor:
     called as one module (Captum's hooks, the app's layer views, see one call)."""
     x = held.pop()
     for stage in stages:
-        if not called_plainly(stage):
-            x = stage(x)
+        if not (called_plainly(stage) and type(stage).forward is nn.Sequential.forward):
+            x = stage(x)  # hooked, or a forward of its own
             continue
         for block in stage:
             if not (hasattr(block, "forward_from") and called_plainly(block)):

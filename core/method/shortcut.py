@@ -38,11 +38,11 @@ class _FanOut(torch.autograd.Function):
 
 
 def _strided_shortcut_conv(downsample: nn.Module | None) -> CompressedConv2d | None:
-    """The compressed conv of a (1x1 conv of stride > 1, norm) shortcut called plainly, or None."""
-    if not (isinstance(downsample, nn.Sequential) and len(downsample) == 2 and called_plainly(downsample)):
+    """The compressed conv of a (1x1 conv of stride > 1, norm) shortcut, or None."""
+    if not (isinstance(downsample, nn.Sequential) and len(downsample) == 2):
         return None
     conv = downsample[0]
-    if (isinstance(conv, CompressedConv2d) and called_plainly(conv) and conv.kernel_size == (1, 1)
+    if (isinstance(conv, CompressedConv2d) and conv.kernel_size == (1, 1)
             and tuple(conv.padding) == (0, 0) and tuple(conv.dilation) == (1, 1)
             and conv.stride[0] == conv.stride[1] > 1):
         return conv
@@ -51,30 +51,31 @@ def _strided_shortcut_conv(downsample: nn.Module | None) -> CompressedConv2d | N
 
 def _subsampling_shortcut(downsample: nn.Module) -> bool:
     """A parameter-free shortcut that reads x[:, :, ::s, ::s] only and says so
-    (`forward_sampled(sampled)` and `stride`: He et al.'s option A), called plainly."""
-    return (hasattr(downsample, "forward_sampled") and getattr(downsample, "stride", 1) > 1
-            and called_plainly(downsample))
+    (`forward_sampled(sampled)` and `stride`: He et al.'s option A)."""
+    return hasattr(downsample, "forward_sampled") and getattr(downsample, "stride", 1) > 1
 
 
 def shortcut_and_main_input(x: torch.Tensor, downsample: nn.Module | None, main_conv: nn.Module):
     """-> (the shortcut's output, the tensor the main branch reads), for a residual block whose
     main branch begins with `main_conv`. Inside a model's own forward (layout.vouched_forward),
     with a shortcut that reads every s-th pixel only (a compressed strided 1x1 conv, or option A's
-    subsampling) and nothing hooked on the main conv, the shortcut's input gradient stays compact
-    (see the module docstring), and the block may let its input go at once. Otherwise (None, x):
-    the block calls the shortcut after its main branch, as torchvision orders it, so that autograd
-    runs the shortcut's backward first and lets the block output's gradient go sooner (measured:
-    torchvision's ResNet-50 at batch 8, 224 px, peaks 3-10 MiB lower than with the shortcut first).
-    The conv's compact gradient needs two chunks of samples (`sampled_grad_in_chunks`): with one,
-    it would build the whole gradient first and the compact one beside it."""
+    subsampling) and nothing hooked on it or the main conv, the shortcut's input gradient stays
+    compact (see the module docstring), and the block may let its input go at once; otherwise
+    the plain calls, the shortcut first. Except (None, x) for such a conv and a batch of one chunk
+    (`sampled_grad_in_chunks`: its compact gradient would be built beside the whole one): the
+    block then calls the shortcut after its main branch, as torchvision orders it, so that
+    autograd runs the shortcut's backward first and lets the block output's gradient go sooner
+    (torchvision's ResNet-50 at batch 8, 224 px: 3-10 MiB lower than with the shortcut first)."""
     if downsample is None:
         return x, x
     conv = _strided_shortcut_conv(downsample)
     subsamples = conv is None and _subsampling_shortcut(downsample)
-    if (not (conv is not None or subsamples) or not called_plainly(main_conv) or not in_vouched_forward()
-            or not (torch.is_grad_enabled() and x.requires_grad) or x.dim() != 4
-            or (conv is not None and not sampled_grad_in_chunks(x.shape[0]))):
+    grad = torch.is_grad_enabled() and x.requires_grad
+    if conv is not None and grad and not sampled_grad_in_chunks(x.shape[0]):
         return None, x
+    if (not (conv is not None or subsamples) or not grad or x.dim() != 4 or not in_vouched_forward()
+            or not all(called_plainly(m) for m in (downsample, main_conv, *([conv] if conv is not None else [])))):
+        return downsample(x), x
     # main_conv, called plainly, hands back a gradient nothing else holds: granted
     main, sampled = _FanOut.apply(x, downsample.stride if subsamples else conv.stride[0], True)
     if subsamples:

@@ -88,7 +88,7 @@ def adoption(m: nn.Module) -> type | None:
             return mixin
     if _is_torchvision(m, "ResNet"):
         stages = [getattr(m, f"layer{i}", None) for i in range(1, 5)]
-        if all(isinstance(s, nn.Sequential) and all(any(_is_torchvision(b, n) for n in _BLOCKS) for b in s)
+        if all(type(s) is nn.Sequential and all(any(_is_torchvision(b, n) for n in _BLOCKS) for b in s)
                for s in stages):
             return ResNetForward
     return None
