@@ -122,8 +122,8 @@ def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], lis
     # and a max pool after an activation (the ImageNet stem's): its fresh input gradient is the activation's alone
     pool_inputs = _inputs_made_by(model, nn.MaxPool2d, _MASKABLE_TYPES, "pp_pools_read_temporaries")
     for name, m in model.named_modules():
-        if shrinks and not policy.checkpoint and adoption(m):  # torchvision's ResNets, run as ours
-            swaps.append(_Swap(name, m, _variant(type(m), adoption(m), "Adopted"), {}))
+        if shrinks and not policy.checkpoint and (forward := adoption(m)):  # torchvision's ResNets, run as ours
+            swaps.append(_Swap(name, m, _variant(type(m), forward, "Adopted"), {}))
         if name and not in_scope(name, policy, stem):
             continue
         leaf = len(list(m.children())) == 0
