@@ -56,8 +56,24 @@ def _variant(base: type, mixin: type, prefix: str) -> type:
     """`base` with `mixin`'s forward in front, made once per pair (so isinstance(base) holds)."""
     key = (base, mixin)
     if key not in _variants:
-        _variants[key] = type(f"{prefix}{base.__name__}", (mixin, base), {"__module__": __name__})
+        _variants[key] = type(f"{prefix}{base.__name__}", (mixin, base),
+                              {"__module__": __name__, "__reduce_ex__": _reduce_variant,
+                               "_pp_made_from": (base, mixin, prefix)})
     return _variants[key]
+
+
+def _reduce_variant(module: nn.Module, protocol: int):
+    # A variant class lives in no module's namespace, so pickle (torch.save(model), a worker
+    # process) cannot name it: it is named by what it is made from, and made again on load.
+    made_from = type(module).__dict__.get("_pp_made_from")
+    if made_from is None:  # a user's subclass of a variant: pickled as any class is
+        return object.__reduce_ex__(module, protocol)
+    return _new_variant, made_from, module.__dict__
+
+
+def _new_variant(base: type, mixin: type, prefix: str) -> nn.Module:
+    cls = _variant(base, mixin, prefix)
+    return cls.__new__(cls)
 
 
 def _inherits_forward(m: nn.Module, base: type) -> bool:
