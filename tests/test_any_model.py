@@ -300,6 +300,105 @@ def test_a_torchvision_block_with_a_forward_of_its_own_is_not_adopted_nor_the_re
     model(torch.randn(2, 3, 32, 32)).sum().backward()  # runs
 
 
+def _small_mobilenet():
+    return torchvision.models.mobilenet_v2(width_mult=0.25, num_classes=10)
+
+
+def _small_efficientnet():
+    """EfficientNet-B0's blocks (expanding SiLU, depthwise conv, squeeze-excitation), two stages."""
+    model = torchvision.models.efficientnet_b0(num_classes=10)
+    model.features = model.features[:3]
+    model.classifier[1] = nn.Linear(24, 10)
+    return model
+
+
+@pytest.mark.parametrize("build, policy, channels_last", [
+    (_small_mobilenet, "avg2+mask", True), (_small_mobilenet, "q4+mask+bn4", False),
+    (_small_mobilenet, "avg2+mask+bn16", True), (_small_efficientnet, "q4+mask+bn4", True)])
+def test_plain_sequentials_vouch_for_their_layers_with_the_same_outputs_and_gradients(build, policy,
+                                                                                      channels_last, monkeypatch):
+    """A plain nn.Sequential hands each element the one before's output and keeps nothing
+    (method/sequential.py): inside MobileNet's and EfficientNet's blocks the BatchNorms then write
+    over their convs' outputs, the ReLU6 masks over their norms', and an activation's backward
+    over the gradient the conv after it hands back. The same outputs and gradients as without
+    those declarations, bit for bit (bn16: x_hat rounds its own way in place, and a bf16 rounding
+    flips here and there: within 1e-4 of the largest gradient); the in-place paths really ran,
+    and only with them."""
+    from core.method import activations, convert, masks, norms
+
+    ran = collections.Counter()
+    apply_ = masks._mask_apply_
+    monkeypatch.setattr(masks, "_mask_apply_", lambda *a, **k: (ran.update(["mask over g"]), apply_(*a, **k))[1])
+    granted = activations.may_overwrite_grad
+    monkeypatch.setattr(activations, "may_overwrite_grad",
+                        lambda *a: (ok := granted(*a), ran.update(["coded over g"] if ok else []))[0])
+    bn = norms.LowPrecisionBNFunction.forward
+    monkeypatch.setattr(norms.LowPrecisionBNFunction, "forward", staticmethod(
+        lambda ctx, x, *a: (ran.update(["norm in place"] if a[-1] else []), bn(ctx, x, *a))[1]))
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    plain = build().to(memory_format=layout)
+    x, y = torch.randn(4, 3, 64, 64).contiguous(memory_format=layout), torch.randint(0, 10, (4,))
+    declared = convert.sequential_inputs
+    results, counts = [], []
+    for vouched in (True, False):
+        monkeypatch.setattr(convert, "sequential_inputs", declared if vouched else (lambda *a: {}))
+        model = compress_model(copy.deepcopy(plain), policy)
+        assert any(type(m).__name__.startswith("Vouched") for m in model.modules()) == vouched
+        ran.clear()
+        torch.manual_seed(1)  # q4 rounds stochastically: the same draws both times
+        out = model(x)
+        results.append([out, *_grads(model, x, y).values()])
+        counts.append(dict(ran))
+        decompress_model(model)
+        assert [type(m) for m in model.modules()] == [type(m) for m in plain.modules()]
+    assert counts[1].get("norm in place", 0) == counts[1].get("coded over g", 0) == 0, counts
+    if build is _small_mobilenet:
+        assert counts[0]["mask over g"] > counts[1].get("mask over g", 0), counts
+    else:
+        assert counts[0]["coded over g"] > 0, counts
+    if "bn" in policy and "bn16" not in policy:
+        assert counts[0]["norm in place"] > 0, counts
+    scale = max(t.abs().max() for t in results[1])
+    for a, b in zip(*results):
+        if "bn16" in policy:
+            assert (a - b).abs().max() <= 1e-4 * scale
+        else:
+            assert torch.equal(a, b)
+
+
+def test_a_hook_a_shared_layer_or_a_forward_of_its_own_stops_what_a_sequential_vouches():
+    """Declared pairs hold only while nn.Sequential.forward alone passes the tensor on: a hook on a
+    Sequential between the two layers may keep it (the depthwise conv then must not write over
+    its input), a module called twice reads its input in two places, and a Sequential subclass
+    with a forward of its own may read a tensor twice."""
+    torch.manual_seed(0)
+    model = compress_model(_small_mobilenet(), "avg2+mask+bn8")
+    dw = model.features[3].conv[1][0]
+    assert model.features[3].conv[0] in dw.pp_input_from  # the expanding block, whose output dw reads
+    kept = []
+    model.features[3].conv[0].register_forward_hook(lambda mod, i, o: kept.append((o, o.clone())))
+    x = torch.randn(16, 3, 64, 64)  # two batch chunks: the conv could write its output over its input
+    model(x).sum().backward()
+    held, copied = kept[0]
+    assert torch.equal(held, copied)  # not written over by the depthwise conv
+
+    relu = nn.ReLU()
+    shared = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), relu, nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), relu)
+    compress_model(shared, "avg2+mask+bn8")
+    assert shared[1].pp_input_from and not shared[2].pp_input_from and not shared[3].pp_input_from
+
+    class Twice(nn.Sequential):
+        def forward(self, x):
+            y = self[0](x)
+            return self[2](self[1](y)) + y
+
+    own = Twice(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    compress_model(own, "avg2+mask+bn8")
+    assert not any(getattr(m, "pp_input_from", ()) or getattr(m, "pp_inplace", False) for m in own)
+    assert type(own) is Twice
+
+
 @pytest.mark.parametrize("build, policy", [(lambda: build_model("resnet20"), "avg2+mask"),
                                            (lambda: _layer_zoo(), "avg2+mask+bn8")])
 def test_torch_compile_of_a_compressed_model_gives_the_eager_gradients(build, policy):

@@ -525,8 +525,12 @@ def test_only_declared_models_write_over_a_norms_or_activations_input_and_not_pa
         assert block.bn1.pp_inplace and block.bn1.pp_input_from == (block.conv1,)
         assert block.act1.pp_inplace and block.act1.pp_input_from == (block.bn1,)
     seq = compress_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), "avg2+mask+bn8")
-    assert not seq[1].pp_inplace and not seq[2].pp_inplace  # a plain Sequential vouches for nothing:
-    # a caller may loop over its children and keep a conv's output (feature taps)
+    assert seq[1].pp_inplace and seq[2].pp_inplace  # a plain Sequential hands each output on alone,
+    taps, h = [], torch.randn(2, 3, 8, 8)  # but a caller looping over its elements may keep each (feature taps)
+    for layer in seq:
+        h = layer(h)
+        taps.append((h, h.clone()))
+    assert all(torch.equal(*tap) for tap in taps)
 
     torch.manual_seed(0)
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .layout import is_dense, may_overwrite_grad
 from .quantize import dequantize, dequantize_by_chunk, quantize
 
 SMOOTH = (nn.SiLU, nn.GELU, nn.Hardswish, nn.Sigmoid, nn.Tanh, nn.Mish, nn.Softplus, nn.ELU)
@@ -41,7 +42,9 @@ class CodedActivationFunction(torch.autograd.Function):
     Where ATen has f's backward kernel, the input is decoded a batch chunk at a time and each
     chunk's gradient written into the result: beside the incoming gradient and the result, a
     chunk (at ConvNeXt's MLP, 224 px, batch 8: 37 MiB a tensor), where recomputing f under
-    autograd held the decoded input, a copy of it, f's output and the result at once."""
+    autograd held the decoded input, a copy of it, f's output and the result at once. Where the
+    conv after it grants its gradient (layout.grant_gradient: an EfficientNet block's expanding
+    SiLU, read by the depthwise conv alone), the result is written over the incoming gradient."""
 
     @staticmethod
     def forward(ctx, x, module, fn, bits: int, inplace: bool):
@@ -51,6 +54,7 @@ class CodedActivationFunction(torch.autograd.Function):
             ctx.mark_dirty(x)
         ctx.save_for_backward(packed, lo, scale)
         ctx.conf = (module, fn, info)
+        ctx.grad_granted = False  # layout.grant_gradient: y's gradient may be written over
         return y
 
     @staticmethod
@@ -69,7 +73,7 @@ class CodedActivationFunction(torch.autograd.Function):
             if samples == slice(None):  # decoded whole (dequantize_by_chunk): the result as it is
                 return part, None, None, None, None
             if gx is None:
-                gx = torch.empty_like(g)
+                gx = g if may_overwrite_grad(ctx, g) and is_dense(g) else torch.empty_like(g)
             gx[samples] = part
             del part
         return gx, None, None, None, None

@@ -11,11 +11,11 @@ from torch import nn
 from .layout import (
     called_plainly,
     grant_gradient,
-    in_vouched_forward,
     is_channels_last,
     is_dense,
     may_overwrite,
     may_overwrite_grad,
+    reads_vouched,
 )
 from .policy import CompressionPolicy, PolicyError
 from .pooling import blockwise_applies, blockwise_weight_grad, lowres_weight_grad, pooled_copy, upsample
@@ -276,7 +276,7 @@ class CompressedConv2d(nn.Conv2d):
                 f"K={self.pp_form.k} is larger than the {h}x{w} feature map entering "
                 f"{getattr(self, 'pp_name', 'a conv')}; use a smaller K or restrict the policy to earlier stages "
                 "(stages=1,2)")
-        vouched = (bool(self.pp_input_from) and in_vouched_forward()
+        vouched = (bool(self.pp_input_from) and reads_vouched(self, x)
                    and all(called_plainly(m) for m in (self, *self.pp_input_from)))
         if vouched:
             grant_gradient(x)  # no hook saw x: the gradient this conv hands back is the activation's alone

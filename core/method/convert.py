@@ -37,6 +37,7 @@ from .scale import (
     is_layer_scale_block,
     is_squeeze_excitation,
 )
+from .sequential import VouchedSequential, sequential_inputs
 from .torchvision_resnet import adoption
 
 # Leaf modules that keep nothing a policy could shrink (or nothing at all): no swap needed.
@@ -48,7 +49,7 @@ _BLOCK_NAMES = {"BasicBlock", "Bottleneck", "InvertedResidual", "MBConv", "Fused
 _MASKABLE_TYPES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU)
 _ORIGINAL = "_pp_original_class"
 _ATTRS = ("pp_form", "pp_name", "pp_store", "pp_bits", "pp_channels_first", "pp_inplace", "pp_input_from",
-          "checkpointed")
+          "pp_handed_by", "checkpointed")
 _variants: dict[tuple[type, type], type] = {}
 
 
@@ -137,14 +138,28 @@ def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], lis
     conv_inputs = _inputs_made_by(model, nn.Conv2d, _MASKABLE_TYPES, "pp_convs_read_temporaries")
     # and a max pool after an activation (the ImageNet stem's): its fresh input gradient is the activation's alone
     pool_inputs = _inputs_made_by(model, nn.MaxPool2d, _MASKABLE_TYPES, "pp_pools_read_temporaries")
+    # plain Sequentials vouch for the same pairs where one element's last layer feeds the next's first
+    handed_by: dict[str, tuple[nn.Module]] = {}  # reader -> (the Sequential that hands it its input,)
+    for found, layer, maker in ((norm_inputs, nn.BatchNorm2d, nn.Conv2d), (act_inputs, _MASKABLE_TYPES, nn.BatchNorm2d),
+                                (conv_inputs, nn.Conv2d, _MASKABLE_TYPES + SMOOTH),
+                                (pool_inputs, nn.MaxPool2d, _MASKABLE_TYPES)):
+        for reader, (declarer, made_by) in sequential_inputs(model, layer, maker).items():
+            if reader not in found:
+                found[reader] = made_by
+                handed_by[reader] = (model.get_submodule(declarer),)
+    vouching = {id(s[0]) for s in handed_by.values()}
     for name, m in model.named_modules():
         if shrinks and not policy.checkpoint and (forward := adoption(m)):  # torchvision's ResNets, run as ours
             swaps.append(_Swap(name, m, _variant(type(m), forward, "Adopted"), {}))
+        if shrinks and not policy.checkpoint and id(m) in vouching:
+            swaps.append(_Swap(name, m, _variant(type(m), VouchedSequential, "Vouched"), {}))
         if name and not in_scope(name, policy, stem):
             continue
         leaf = len(list(m.children())) == 0
 
         def swap(cls, name=name, m=m, **attrs):
+            if name in handed_by:
+                attrs["pp_handed_by"] = handed_by[name]
             swaps.append(_Swap(name, m, cls, attrs))
 
         if policy.checkpoint:

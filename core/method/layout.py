@@ -89,6 +89,29 @@ def in_vouched_forward() -> bool:
     return getattr(_vouching, "depth", 0) > 0
 
 
+@contextlib.contextmanager
+def handing_over(sequential: nn.Module, x: torch.Tensor):
+    """A plain Sequential's forward hands x, the output of one element, to the next and keeps
+    nothing (method/sequential.py): inside, the layer that element begins with reads x alone."""
+    handed = _vouching.__dict__.setdefault("handed", [])
+    handed.append((id(sequential), id(x)))  # x is alive throughout: its id names it
+    try:
+        yield
+    finally:
+        handed.pop()
+
+
+def reads_vouched(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether this call of `layer` is one its declaration covers: where a plain Sequential
+    declared it (`pp_handed_by`), x must be what that Sequential's forward is handing over (a
+    caller looping over the Sequential's elements, who may keep each output, is not it);
+    elsewhere, inside the forward of the model that declared it (vouched_forward)."""
+    by = getattr(layer, "pp_handed_by", ())
+    if by:
+        return (id(by[0]), id(x)) in getattr(_vouching, "handed", ())
+    return in_vouched_forward()
+
+
 def grant_gradient(x: torch.Tensor) -> None:
     """Called for x's only reader (the model vouches for it, and the reader may write over x),
     whose backward hands x's maker a fresh gradient that nothing else holds: where the maker is a

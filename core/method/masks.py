@@ -19,11 +19,11 @@ from .layout import (
     from_memory_order,
     grant_gradient,
     in_memory_order,
-    in_vouched_forward,
     is_channels_last,
     may_overwrite,
     may_overwrite_grad,
     memory_order_flat,
+    reads_vouched,
 )
 
 _WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -154,7 +154,7 @@ class _Masked:
     @torch.compiler.disable  # torch.compile(model): see convert.py
     def forward(self, x):
         if torch.is_grad_enabled() and x.requires_grad:
-            vouched = self.pp_inplace and in_vouched_forward() and all(called_plainly(m) for m in self.pp_input_from)
+            vouched = self.pp_inplace and reads_vouched(self, x) and all(called_plainly(m) for m in self.pp_input_from)
             inplace = bool(self.inplace or vouched) and may_overwrite(x)
             if vouched and inplace and called_plainly(self):
                 grant_gradient(x)  # x is overwritten: the gradient this backward hands the BatchNorm is its alone

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import called_plainly, grant_gradient, in_vouched_forward, is_channels_last
+from .layout import called_plainly, grant_gradient, is_channels_last, reads_vouched
 
 _CHUNK_ELEMENTS = 2 ** 18  # int64 indices alive at a time in the backward (2 MiB)
 
@@ -62,7 +62,7 @@ class IndicesMaxPool2d(nn.MaxPool2d):
     @torch.compiler.disable  # torch.compile(model): see convert.py
     def forward(self, x):
         if torch.is_grad_enabled() and x.requires_grad and x.dim() == 4 and not self.return_indices:
-            if (self.pp_input_from and in_vouched_forward()
+            if (self.pp_input_from and reads_vouched(self, x)
                     and all(called_plainly(m) for m in (self, *self.pp_input_from))):
                 grant_gradient(x)
             return IndicesMaxPoolFunction.apply(x, self.kernel_size, self.stride, self.padding, self.dilation,

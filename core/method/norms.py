@@ -10,11 +10,11 @@ from .layout import (
     called_plainly,
     grant_gradient,
     in_memory_order,
-    in_vouched_forward,
     is_channels_last,
     is_dense,
     may_overwrite,
     may_overwrite_grad,
+    reads_vouched,
 )
 from .policy import BN_STORAGE
 from .quantize import _decode_pass, dequantize, quantize
@@ -192,7 +192,7 @@ class LowPrecisionBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         self.num_batches_tracked.add_(1)
         momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        in_place = (self.pp_inplace and in_vouched_forward() and all(called_plainly(m) for m in self.pp_input_from)
+        in_place = (self.pp_inplace and reads_vouched(self, x) and all(called_plainly(m) for m in self.pp_input_from)
                     and not self._forward_pre_hooks and not x.is_leaf and may_overwrite(x)
                     and is_dense(x))
         if in_place and called_plainly(self):  # x is overwritten and no hook here kept a gradient:
