@@ -125,15 +125,21 @@ def test_a_compressed_model_pickles_and_loads_in_a_fresh_process(tmp_path):
     """torch.save(model) names each class; the converted classes are made at run time, so they
     are named by what they are made from. A fresh interpreter (no classes made yet) loads the
     model, and its gradients are the original's, bit for bit; it decompresses to torchvision's
-    classes."""
+    classes. As nn.Module's own pickling does, a module.compile()d call is left behind: a copy
+    runs its own weights."""
     torch.manual_seed(3)
     model = nn.Sequential(torchvision.models.resnet18(num_classes=5), nn.SiLU())  # adopted + coded
     compress_model(model, "avg2+mask+bn8")
-    path = tmp_path / "model.pt"
-    torch.save(model, path)
     x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 5, (2,))
     torch.manual_seed(4)  # the coded SiLU rounds stochastically
     torch.save((x, y, _grads(model, x, y)), tmp_path / "expected.pt")
+    model[0].compile()  # compiled on its first call, which never comes here
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    clone = copy.deepcopy(model)
+    for p in clone.parameters():
+        p.detach().zero_()
+    assert not clone[0](x).any()  # its own zero weights, not model[0]'s compiled call
     script = f"""
 import torch, torch.nn.functional as F
 from core import decompress_model
@@ -314,16 +320,17 @@ def _small_efficientnet():
 
 @pytest.mark.parametrize("build, policy, channels_last", [
     (_small_mobilenet, "avg2+mask", True), (_small_mobilenet, "q4+mask+bn4", False),
-    (_small_mobilenet, "avg2+mask+bn16", True), (_small_efficientnet, "q4+mask+bn4", True)])
+    (_small_mobilenet, "avg2+mask+bn8", True), (_small_mobilenet, "avg2+mask+bn16", True),
+    (_small_efficientnet, "q4+mask+bn4", True)])
 def test_plain_sequentials_vouch_for_their_layers_with_the_same_outputs_and_gradients(build, policy,
                                                                                       channels_last, monkeypatch):
     """A plain nn.Sequential hands each element the one before's output and keeps nothing
     (method/sequential.py): inside MobileNet's and EfficientNet's blocks the BatchNorms then write
     over their convs' outputs, the ReLU6 masks over their norms', and an activation's backward
     over the gradient the conv after it hands back. The same outputs and gradients as without
-    those declarations, bit for bit (bn16: x_hat rounds its own way in place, and a bf16 rounding
-    flips here and there: within 1e-4 of the largest gradient); the in-place paths really ran,
-    and only with them."""
+    those declarations, bit for bit (bn8, bn16: x_hat rounds its own way in place, and a float8 or
+    bf16 rounding flips here and there: within 1e-4 of the largest gradient); the in-place paths
+    really ran, and only with them."""
     from core.method import activations, convert, masks, norms
 
     ran = collections.Counter()
@@ -361,7 +368,7 @@ def test_plain_sequentials_vouch_for_their_layers_with_the_same_outputs_and_grad
         assert counts[0]["norm in place"] > 0, counts
     scale = max(t.abs().max() for t in results[1])
     for a, b in zip(*results):
-        if "bn16" in policy:
+        if policy.endswith(("bn8", "bn16")):
             assert (a - b).abs().max() <= 1e-4 * scale
         else:
             assert torch.equal(a, b)
@@ -397,6 +404,76 @@ def test_a_hook_a_shared_layer_or_a_forward_of_its_own_stops_what_a_sequential_v
     compress_model(own, "avg2+mask+bn8")
     assert not any(getattr(m, "pp_input_from", ()) or getattr(m, "pp_inplace", False) for m in own)
     assert type(own) is Twice
+
+
+@pytest.mark.parametrize("body", [
+    lambda: nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3, padding=1)),  # pix2pix's blocks begin so
+    lambda: nn.Sequential(nn.Identity(), nn.LeakyReLU(0.2, inplace=True), nn.Conv2d(8, 8, 3, padding=1))])
+def test_an_in_place_activation_that_may_return_the_callers_tensor_vouches_for_nothing(body, monkeypatch):
+    """An in-place activation returns its input: first in a Sequential (or after a layer that
+    passes its input on) that is the caller's tensor, which the caller may still read. The conv
+    after it must not write over it (the forward is the plain model's, bit for bit), and nothing
+    is declared (the gradients are those of the model converted without declarations)."""
+    from core.method import convert
+
+    class PreActivation(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.body = nn.Conv2d(3, 8, 3, padding=1), body()
+
+        def forward(self, x):
+            h = self.stem(x)
+            return self.body(h) + h  # h is relu(h) by now, in plain PyTorch too
+
+    torch.manual_seed(0)
+    plain = PreActivation()
+    x = torch.randn(16, 3, 8, 8)  # two batch chunks: the conv could write its output over its input
+    expected = plain(x)
+    declared = convert.sequential_inputs
+    grads = []
+    for vouching in (declared, lambda *a: {}):
+        monkeypatch.setattr(convert, "sequential_inputs", vouching)
+        model = compress_model(copy.deepcopy(plain), "q4+mask")
+        torch.manual_seed(1)  # q4 rounds stochastically
+        out = model(x)
+        assert torch.equal(out, expected)
+        out.square().sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_a_maker_with_a_forward_of_its_own_or_a_sequential_edited_after_converting_vouches_for_nothing():
+    """Declarations rest on PyTorch's own forwards and on the elements compress_model saw: a conv
+    subclass that keeps its output (left exact) is not a maker whose output a BatchNorm may write
+    over, and a module inserted into a converted Sequential (which keeps its input) sees its
+    input intact; a slice of a converted Sequential decompresses to nn.Sequential."""
+
+    class TapConv(nn.Conv2d):
+        def forward(self, x):
+            self.out = super().forward(x)
+            return self.out
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), TapConv(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+    compress_model(model, "avg2+mask+bn8", unsupported="exact")
+    x = torch.randn(4, 3, 8, 8)
+    model(x).sum().backward()
+    assert torch.equal(model[2].out, nn.Conv2d.forward(model[2], model[1](model[0](x))))
+
+    class Keep(nn.Module):
+        def forward(self, x):
+            self.kept = (x, x.clone())
+            return x
+
+    seq = compress_model(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()), "avg2+mask+bn8")
+    assert type(seq).__name__ == "VouchedSequential" and seq[1].pp_inplace
+    seq.insert(1, Keep())
+    seq(x).sum().backward()
+    assert torch.equal(*seq[1].kept)
+    part = seq[:2]
+    assert type(part).__name__ == "VouchedSequential"
+    decompress_model(part)
+    assert type(part) is nn.Sequential
 
 
 @pytest.mark.parametrize("build, policy", [(lambda: build_model("resnet20"), "avg2+mask"),

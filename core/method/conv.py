@@ -263,7 +263,8 @@ class CompressedConv2d(nn.Conv2d):
     """A Conv2d (same parameters and state_dict) that keeps only `pp_form` of its input."""
 
     pp_form: ConvInputForm = ConvInputForm()
-    pp_input_from: tuple[nn.Module, ...] = ()  # the activation whose output only this conv reads (the model vouches)
+    # the activation whose output only this conv reads, and modules whose hooks could keep that output
+    pp_input_from: tuple[nn.Module, ...] = ()
 
     @torch.compiler.disable  # torch.compile(model): see convert.py
     def forward(self, x, sampled=None):

@@ -49,7 +49,7 @@ _BLOCK_NAMES = {"BasicBlock", "Bottleneck", "InvertedResidual", "MBConv", "Fused
 _MASKABLE_TYPES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU)
 _ORIGINAL = "_pp_original_class"
 _ATTRS = ("pp_form", "pp_name", "pp_store", "pp_bits", "pp_channels_first", "pp_inplace", "pp_input_from",
-          "pp_handed_by", "checkpointed")
+          "pp_handed_by", "pp_elements", "checkpointed")
 _variants: dict[tuple[type, type], type] = {}
 
 
@@ -69,7 +69,7 @@ def _reduce_variant(module: nn.Module, protocol: int):
     made_from = type(module).__dict__.get("_pp_made_from")
     if made_from is None:  # a user's subclass of a variant: pickled as any class is
         return object.__reduce_ex__(module, protocol)
-    return _new_variant, made_from, module.__dict__
+    return _new_variant, made_from, module.__getstate__()  # nn.Module's: without a module.compile()d call
 
 
 def _new_variant(base: type, mixin: type, prefix: str) -> nn.Module:
@@ -143,16 +143,17 @@ def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], lis
     for found, layer, maker in ((norm_inputs, nn.BatchNorm2d, nn.Conv2d), (act_inputs, _MASKABLE_TYPES, nn.BatchNorm2d),
                                 (conv_inputs, nn.Conv2d, _MASKABLE_TYPES + SMOOTH),
                                 (pool_inputs, nn.MaxPool2d, _MASKABLE_TYPES)):
-        for reader, (declarer, made_by) in sequential_inputs(model, layer, maker).items():
+        for reader, (declarer, watched) in sequential_inputs(model, layer, maker).items():
             if reader not in found:
-                found[reader] = made_by
+                found[reader] = watched  # the maker, and the modules between whose hooks could keep its output
                 handed_by[reader] = (model.get_submodule(declarer),)
     vouching = {id(s[0]) for s in handed_by.values()}
     for name, m in model.named_modules():
         if shrinks and not policy.checkpoint and (forward := adoption(m)):  # torchvision's ResNets, run as ours
             swaps.append(_Swap(name, m, _variant(type(m), forward, "Adopted"), {}))
         if shrinks and not policy.checkpoint and id(m) in vouching:
-            swaps.append(_Swap(name, m, _variant(type(m), VouchedSequential, "Vouched"), {}))
+            swaps.append(_Swap(name, m, _variant(type(m), VouchedSequential, "Vouched"),
+                               {"pp_elements": tuple(m._modules.values())}))
         if name and not in_scope(name, policy, stem):
             continue
         leaf = len(list(m.children())) == 0
@@ -273,6 +274,8 @@ def decompress_model(model: nn.Module) -> nn.Module:
     """Undo `compress_model`: every swapped module gets its original class back."""
     for m in model.modules():
         original = m.__dict__.pop(_ORIGINAL, None)
+        if original is None and "_pp_made_from" in type(m).__dict__:  # made from a variant (a slice of a Sequential)
+            original = type(m)._pp_made_from[0]
         if original is not None:
             m.__class__ = original
         for attr in _ATTRS:

@@ -142,7 +142,7 @@ class _Masked:
     module that made it could have kept it: the forward then holds one full-size tensor fewer."""
 
     pp_inplace: bool = False
-    pp_input_from: tuple[nn.Module, ...] = ()  # the BatchNorm before: a hook on it may have kept x
+    pp_input_from: tuple[nn.Module, ...] = ()  # the BatchNorm before, and modules whose hooks could keep x
 
     def _mask_args(self) -> tuple[str, float, float]:
         if isinstance(self, nn.Hardtanh):

@@ -184,7 +184,7 @@ class LowPrecisionBatchNorm2d(nn.BatchNorm2d):
 
     pp_store: str = "bn16"
     pp_inplace: bool = False
-    pp_input_from: tuple[nn.Module, ...] = ()  # the conv that made x: a hook on it may have kept x
+    pp_input_from: tuple[nn.Module, ...] = ()  # the conv that made x, and modules whose hooks could keep x
 
     @torch.compiler.disable  # torch.compile(model): see convert.py
     def forward(self, x):

@@ -8,9 +8,13 @@ those pairs, as a ResNet's forward declares its blocks' (`pp_*_read_temporaries`
 then writes over its conv's output, an activation over its BatchNorm's, and an activation's
 backward over the gradient its conv hands back. The declaration covers only what the declaring
 Sequential's own forward hands over (layout.handing_over): a caller looping over its elements,
-who may keep each output (feature taps), gets none of it. Each layer still checks at every call
-that no hook on it, on the layer that made its input, or on a Sequential between them could have
-kept that tensor; a layer called in two places is never declared.
+who may keep each output (feature taps), gets none of it, nor does a Sequential edited after
+converting. Each layer still checks at every call that no hook on it, on the layer that made its
+input, or on a module between them could have kept that tensor. Never declared: a layer
+registered in two places, one whose forward is not PyTorch's own (a subclass may keep its
+output), and an in-place activation that does not follow a fresh conv or norm output in its own
+Sequential (it returns its input, which may be the caller's: pix2pix's `LeakyReLU(0.2, True)`
+first in a block called as `cat([x, block(x)])`).
 """
 from __future__ import annotations
 
@@ -27,10 +31,16 @@ def is_plain_sequential(m: nn.Module) -> bool:
 
 class VouchedSequential:
     """A plain Sequential's forward, handing each element's output to the next
-    (layout.handing_over) where `sequential_inputs` found a pair it vouches for."""
+    (layout.handing_over), while its elements are the ones compress_model planned with
+    (`pp_elements`): a Sequential edited after converting runs as nn.Sequential does."""
+
+    pp_elements: tuple[nn.Module, ...] = ()
 
     def forward(self, input):
-        for i, module in enumerate(self):
+        elements = tuple(self._modules.values())
+        if len(elements) != len(self.pp_elements) or any(a is not b for a, b in zip(elements, self.pp_elements)):
+            return nn.Sequential.forward(self, input)
+        for i, module in enumerate(elements):
             if i == 0:
                 input = module(input)
                 continue
@@ -39,24 +49,44 @@ class VouchedSequential:
         return input
 
 
-def _end(m: nn.Module, first: bool) -> tuple[nn.Module, list[nn.Module]] | None:
-    """The leaf that reads m's input (first) or makes m's output, and the plain Sequentials
-    passed on the way down; None where a module with a forward of its own is in between."""
-    path = []
+def _torch_forward(m: nn.Module) -> bool:
+    """A leaf running PyTorch's own forward (a subclass may keep or return what it likes)."""
+    return next(m.children(), None) is None and type(m).forward.__module__.startswith("torch.nn.modules.")
+
+
+def _fresh(m: nn.Module) -> bool:
+    """A leaf whose output is a new tensor, never its input or a view of it."""
+    return isinstance(m, (nn.Conv2d, nn.modules.batchnorm._BatchNorm)) and _torch_forward(m)
+
+
+def _end(elements: list[nn.Module], i: int, first: bool) -> tuple[nn.Module, list[nn.Module]] | None:
+    """For elements[i] of a plain Sequential: the leaf that reads its input (first) or that makes
+    its output, with the modules whose hooks could keep that tensor on the way (the plain
+    Sequentials passed, and for an in-place activation the fresh layer whose output it
+    overwrites and returns: the one before it in its Sequential); None where a module with a
+    forward of its own is in between, or an in-place activation may return someone else's tensor."""
+    path, m = [], elements[i]
     while is_plain_sequential(m):
         if len(m) == 0:
             return None
         path.append(m)
-        m = m[0] if first else m[-1]
-    if next(m.children(), None) is not None:
+        elements, i = list(m._modules.values()), 0 if first else len(m) - 1
+        m = elements[i]
+    if not _torch_forward(m):
         return None
+    if not first and getattr(m, "inplace", False):
+        if i == 0 or not _fresh(elements[i - 1]):
+            return None
+        path.append(elements[i - 1])
     return m, path
 
 
 def sequential_inputs(model: nn.Module, layer, maker) -> dict[str, tuple[str, tuple[nn.Module, ...]]]:
     """Where a plain Sequential hands the output of a `maker` leaf to a `layer` leaf and nothing
     else: layer name -> (the name of the Sequential that vouches for it, (the maker, then the
-    Sequentials between them: each a module whose hook could keep that tensor))."""
+    modules between them whose hooks could keep that tensor)). Both leaves run PyTorch's own
+    forwards, and each is registered in one place only (one module called in two places reads
+    two tensors)."""
     uses = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     names = {id(m): n for n, m in model.named_modules()}
     found = {}
@@ -64,13 +94,13 @@ def sequential_inputs(model: nn.Module, layer, maker) -> dict[str, tuple[str, tu
         if not is_plain_sequential(seq):
             continue
         elements = list(seq._modules.values())  # in call order, a module repeated as often as it is called
-        for before, after in zip(elements, elements[1:]):
-            end, start = _end(before, first=False), _end(after, first=True)
+        for i in range(1, len(elements)):
+            end, start = _end(elements, i - 1, first=False), _end(elements, i, first=True)
             if end is None or start is None:
                 continue
             (made_by, down), (reader, up) = end, start
-            between = [*down, *up]
+            watched = (made_by, *down, *up)  # a hook on any of these could keep the tensor
             if (isinstance(reader, layer) and isinstance(made_by, maker)
-                    and all(uses[id(m)] == 1 for m in (reader, made_by, *between))):
-                found[names[id(reader)]] = (name, (made_by, *between))
+                    and all(uses[id(m)] == 1 for m in (reader, *watched))):
+                found[names[id(reader)]] = (name, watched)
     return found
