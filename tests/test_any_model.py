@@ -143,6 +143,7 @@ def test_a_compressed_model_pickles_and_loads_in_a_fresh_process(tmp_path):
     script = f"""
 import torch, torch.nn.functional as F
 from core import decompress_model
+torch.set_num_threads({torch.get_num_threads()})  # the same reductions, in the same order
 model = torch.load({str(path)!r}, weights_only=False)
 x, y, expected = torch.load({str(tmp_path / "expected.pt")!r})
 torch.manual_seed(4)
@@ -227,6 +228,51 @@ def test_torchvision_models_convert_train_and_keep_half(name):
     loss.backward()
     opt.step()
     assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "shufflenet_v2_x0_5"])
+def test_mobilenet_v3_and_shufflenet_convert_train_and_keep_a_third(name):
+    """MobileNetV3 gates its squeeze-excitation with a Hardsigmoid (kept as codes), ShuffleNetV2's
+    stride-1 blocks hold an empty Sequential (the identity): both convert as they come. At 64 px,
+    batch 2: the eval forward unchanged, one training step with finite gradients, and at most a
+    third of the saved bytes under avg2+mask+bn8."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, num_classes=10)
+    x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 10, (2,))
+    none = saved_activation_bytes(model, x, y).total_bytes
+    expected = model.eval()(x[:1])
+    compress_model(model.train(), "avg2+mask+bn8")
+    assert torch.equal(model.eval()(x[:1]), expected)
+    assert saved_activation_bytes(model.train(), x, y).total_bytes <= none / 3
+    F.cross_entropy(model(x), y).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_maxvit_converts_under_codes_and_its_reshapes_keep_nothing():
+    """MaxViT's window partitions and axis swaps are reshapes: nothing for backward, passed
+    through (the meter finds no bytes in them alone). MaxViT-T then converts under the codes,
+    its eval forward unchanged and a training step finite (224 px: its windows need it)."""
+    from torchvision.models.maxvit import SwapAxes, WindowDepartition, WindowPartition
+
+    class Reshapes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.part, self.depart, self.swap = WindowPartition(), WindowDepartition(), SwapAxes(-2, -1)
+
+        def forward(self, x):
+            return self.swap(self.depart(self.part(x, 4), 4, 2, 2))
+
+    reshapes = compress_model(Reshapes(), "q4+mask+bn4")
+    assert saved_activation_bytes(reshapes, torch.randn(2, 3, 8, 8, requires_grad=True)).total_bytes == 0
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("maxvit_t", num_classes=10)
+    x, y = torch.randn(1, 3, 224, 224), torch.randint(0, 10, (1,))
+    expected = model.eval()(x)
+    compress_model(model.train(), "q4+mask+bn4")
+    assert torch.equal(model.eval()(x), expected)
+    loss = F.cross_entropy(model.train()(x), y)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 def _tiny_torchvision_resnet(block: str):
@@ -329,8 +375,8 @@ def test_plain_sequentials_vouch_for_their_layers_with_the_same_outputs_and_grad
     over their convs' outputs, the ReLU6 masks over their norms', and an activation's backward
     over the gradient the conv after it hands back. The same outputs and gradients as without
     those declarations, bit for bit (bn8, bn16: x_hat rounds its own way in place, and a float8 or
-    bf16 rounding flips here and there: within 1e-4 of the largest gradient); the in-place paths
-    really ran, and only with them."""
+    bf16 rounding flips here and there: a twentieth at most of what keeping x_hat in those bits
+    changes, measured 1e-2 to 1e-3 of it); the in-place paths really ran, and only with them."""
     from core.method import activations, convert, masks, norms
 
     ran = collections.Counter()
@@ -366,12 +412,15 @@ def test_plain_sequentials_vouch_for_their_layers_with_the_same_outputs_and_grad
         assert counts[0]["coded over g"] > 0, counts
     if "bn" in policy and "bn16" not in policy:
         assert counts[0]["norm in place"] > 0, counts
-    scale = max(t.abs().max() for t in results[1])
-    for a, b in zip(*results):
-        if policy.endswith(("bn8", "bn16")):
-            assert (a - b).abs().max() <= 1e-4 * scale
-        else:
-            assert torch.equal(a, b)
+    if not policy.endswith(("bn8", "bn16")):
+        assert all(torch.equal(a, b) for a, b in zip(*results))
+        return
+    # the policy without its low-precision norms: what x_hat's own rounding changes, 100x more
+    model = compress_model(copy.deepcopy(plain), policy.rsplit("+bn", 1)[0])
+    torch.manual_seed(1)
+    results.append([model(x), *_grads(model, x, y).values()])
+    vouched, plain_run, full_norms = (torch.cat([t.detach().flatten() for t in r]) for r in results)
+    assert (vouched - plain_run).norm() <= 0.05 * (plain_run - full_norms).norm()
 
 
 def test_a_hook_a_shared_layer_or_a_forward_of_its_own_stops_what_a_sequential_vouches():
@@ -500,7 +549,8 @@ def test_torch_compile_of_a_compressed_model_gives_the_eager_gradients(build, po
 
 
 @pytest.mark.parametrize("activation", [nn.SiLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.Hardswish(),
-                                        nn.Sigmoid(), nn.Tanh(), nn.Mish(), nn.Softplus(2.0, 5.0), nn.ELU(0.7)])
+                                        nn.Hardsigmoid(), nn.Sigmoid(), nn.Tanh(), nn.Mish(), nn.Softplus(2.0, 5.0),
+                                        nn.ELU(0.7)])
 def test_a_coded_activations_gradient_is_autograds_at_the_decoded_input(activation, monkeypatch):
     """The backward of an activation kept as codes calls ATen's own backward kernel on the decoded
     input a batch chunk at a time: the same gradient as autograd differentiating the activation

@@ -12,7 +12,9 @@ from torch import nn
 from .layout import is_dense, may_overwrite_grad
 from .quantize import dequantize, dequantize_by_chunk, quantize
 
-SMOOTH = (nn.SiLU, nn.GELU, nn.Hardswish, nn.Sigmoid, nn.Tanh, nn.Mish, nn.Softplus, nn.ELU)
+# Hardsigmoid has a mask (slope 1/6 inside (-3, 3)), but not one of masks.py's kinds: it gates
+# MobileNetV3's squeeze-excitation, a (N, C, 1, 1) vector, where codes cost next to nothing
+SMOOTH = (nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish, nn.Softplus, nn.ELU)
 
 
 def _aten_backward(m: nn.Module):
@@ -30,7 +32,7 @@ def _aten_backward(m: nn.Module):
     if isinstance(m, nn.Tanh):
         return lambda g, x: aten.tanh_backward(g, torch.tanh(x))
     for cls, op in ((nn.SiLU, aten.silu_backward), (nn.Hardswish, aten.hardswish_backward),
-                    (nn.Mish, aten.mish_backward)):
+                    (nn.Hardsigmoid, aten.hardsigmoid_backward), (nn.Mish, aten.mish_backward)):
         if isinstance(m, cls):
             return op
     return None

@@ -37,13 +37,14 @@ from .scale import (
     is_layer_scale_block,
     is_squeeze_excitation,
 )
-from .sequential import VouchedSequential, sequential_inputs
+from .sequential import VouchedSequential, is_plain_sequential, sequential_inputs
 from .torchvision_resnet import adoption
 
 # Leaf modules that keep nothing a policy could shrink (or nothing at all): no swap needed.
 _PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Flatten, nn.MaxPool2d, nn.AvgPool2d,
                  nn.AdaptiveAvgPool2d, nn.Softmax, nn.ZeroPad2d)
-_PASS_THROUGH_NAMES = {"Permute", "StochasticDepth"}  # torchvision.ops, by name: core.method imports no torchvision
+_PASS_THROUGH_NAMES = {"Permute", "StochasticDepth",  # torchvision.ops, by name: core.method imports no torchvision
+                       "WindowPartition", "WindowDepartition", "SwapAxes"}  # MaxViT's reshapes
 # Residual blocks of torchvision's CNNs that `ckpt` recomputes (PoolProp's own have `checkpointed`).
 _BLOCK_NAMES = {"BasicBlock", "Bottleneck", "InvertedResidual", "MBConv", "FusedMBConv", "CNBlock"}
 _MASKABLE_TYPES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU)
@@ -208,9 +209,9 @@ def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], lis
         elif type(m) is nn.MaxPool2d:
             if policy.relu_mask:  # the ReLU before it no longer keeps the input the pool would
                 swap(IndicesMaxPool2d, pp_input_from=pool_inputs.get(name, ()))
-        elif isinstance(m, _PASS_THROUGH) or type(m).__name__ in _PASS_THROUGH_NAMES or \
-                getattr(m, "pp_keeps_nothing", False):
-            pass
+        elif (isinstance(m, _PASS_THROUGH) or type(m).__name__ in _PASS_THROUGH_NAMES
+              or is_plain_sequential(m) or getattr(m, "pp_keeps_nothing", False)):
+            pass  # (a plain Sequential here is empty: the identity, ShuffleNet's stride-1 branch1)
         else:
             problems.append(f"{name} ({type(m).__name__})")
             exact.append(name)
