@@ -248,6 +248,17 @@ def test_mobilenet_v3_and_shufflenet_convert_train_and_keep_a_third(name):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_every_model_in_the_apps_menus_converts():
+    """The Train, Memory and Gradient fidelity pages offer MODEL_MENU: each entry builds and
+    converts under the codes and under pooling, every layer compressed (none left exact)."""
+    from core.models import MODEL_MENU
+
+    for name in MODEL_MENU:
+        for policy in ("q4+mask+bn4", "avg2+mask+bn8"):
+            model = compress_model(build_model(name), policy)
+            assert model.pp_uncompressed == [], (name, policy)
+
+
 def test_maxvit_converts_under_codes_and_its_reshapes_keep_nothing():
     """MaxViT's window partitions and axis swaps are reshapes: nothing for backward, passed
     through (the meter finds no bytes in them alone). MaxViT-T then converts under the codes,

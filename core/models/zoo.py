@@ -11,7 +11,7 @@ from pathlib import Path
 from torch import nn
 
 PREFIX = "torchvision:"
-EXAMPLES = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "convnext_tiny")
+EXAMPLES = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny")
 
 
 def torchvision_names() -> list[str]:
