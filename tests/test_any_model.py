@@ -259,10 +259,13 @@ def test_every_model_in_the_apps_menus_converts():
             assert model.pp_uncompressed == [], (name, policy)
 
 
-def test_maxvit_converts_under_codes_and_its_reshapes_keep_nothing():
+@pytest.mark.parametrize("policy", ["q4+mask+bn4", "avg2+mask+bn8"])
+def test_maxvit_converts_and_its_reshapes_keep_nothing(policy):
     """MaxViT's window partitions and axis swaps are reshapes: nothing for backward, passed
-    through (the meter finds no bytes in them alone). MaxViT-T then converts under the codes,
-    its eval forward unchanged and a training step finite (224 px: its windows need it)."""
+    through (the meter finds no bytes in them alone). MaxViT-T then converts, its eval forward
+    unchanged and a training step finite (224 px: its windows need it); under pooling its
+    attention's and MLP's Linear layers, which see (N, windows, tokens, C), stay exact (pooling
+    there had refused the last stage's single 7x7 window: "K=2 is larger than 1x49")."""
     from torchvision.models.maxvit import SwapAxes, WindowDepartition, WindowPartition
 
     class Reshapes(nn.Module):
@@ -273,13 +276,13 @@ def test_maxvit_converts_under_codes_and_its_reshapes_keep_nothing():
         def forward(self, x):
             return self.swap(self.depart(self.part(x, 4), 4, 2, 2))
 
-    reshapes = compress_model(Reshapes(), "q4+mask+bn4")
+    reshapes = compress_model(Reshapes(), policy)
     assert saved_activation_bytes(reshapes, torch.randn(2, 3, 8, 8, requires_grad=True)).total_bytes == 0
     torch.manual_seed(0)
     model = torchvision.models.get_model("maxvit_t", num_classes=10)
     x, y = torch.randn(1, 3, 224, 224), torch.randint(0, 10, (1,))
     expected = model.eval()(x)
-    compress_model(model.train(), "q4+mask+bn4")
+    compress_model(model.train(), policy)
     assert torch.equal(model.eval()(x), expected)
     loss = F.cross_entropy(model.train()(x), y)
     loss.backward()

@@ -45,12 +45,14 @@ _PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Flatten, nn.MaxPool2d
                  nn.AdaptiveAvgPool2d, nn.Softmax, nn.ZeroPad2d)
 _PASS_THROUGH_NAMES = {"Permute", "StochasticDepth",  # torchvision.ops, by name: core.method imports no torchvision
                        "WindowPartition", "WindowDepartition", "SwapAxes"}  # MaxViT's reshapes
+# Attention whose Linear layers see (N, windows, tokens, C): tokens, not a feature map to pool.
+_TOKEN_ATTENTION_NAMES = {"PartitionAttentionLayer"}  # MaxViT's (its attention and its MLP)
 # Residual blocks of torchvision's CNNs that `ckpt` recomputes (PoolProp's own have `checkpointed`).
 _BLOCK_NAMES = {"BasicBlock", "Bottleneck", "InvertedResidual", "MBConv", "FusedMBConv", "CNBlock"}
 _MASKABLE_TYPES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU)
 _ORIGINAL = "_pp_original_class"
 _ATTRS = ("pp_form", "pp_name", "pp_store", "pp_bits", "pp_channels_first", "pp_inplace", "pp_input_from",
-          "pp_handed_by", "pp_elements", "checkpointed")
+          "pp_handed_by", "pp_elements", "pp_tokens", "checkpointed")
 _variants: dict[tuple[type, type], type] = {}
 
 
@@ -130,6 +132,7 @@ def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], lis
     swaps, problems, exact = [], [], []
     # a squeeze-excitation's 1x1 convs see the squeezed (N, C, 1, 1) vector: nothing to pool
     excites = [n + "." for n, m in model.named_modules() if n and is_squeeze_excitation(m)]
+    attentions = [n + "." for n, m in model.named_modules() if n and type(m).__name__ in _TOKEN_ATTENTION_NAMES]
     # our ResNets vouch that every BatchNorm reads a conv's output and every activation a
     # BatchNorm's output or the residual sum, which nothing else reads
     norm_inputs = _inputs_made_by(model, nn.BatchNorm2d, nn.Conv2d, "pp_norms_read_temporaries")
@@ -186,7 +189,8 @@ def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], lis
                 swap(CompressedConv2d, pp_form=form, pp_name=name, pp_input_from=conv_inputs.get(name, ()))
         elif isinstance(m, nn.Linear) and _inherits_forward(m, nn.Linear):
             if policy.compresses_conv_input:
-                swap(CompressedLinear, pp_form=form, pp_name=name)
+                swap(CompressedLinear, pp_form=form, pp_name=name,
+                     pp_tokens=any(name.startswith(a) for a in attentions))
         elif isinstance(m, nn.BatchNorm2d) and _inherits_forward(m, nn.modules.batchnorm._BatchNorm):
             if policy.bn != "full":
                 swap(LowPrecisionBatchNorm2d, pp_store=policy.bn, pp_inplace=name in norm_inputs,

@@ -3,7 +3,8 @@
 Its input as B-bit codes (qB: per sample, or per token for (N, L, C) inputs); or, for the
 (N, H, W, C) inputs of pointwise layers inside conv nets (ConvNeXt's MLP), pooled over H and
 W exactly as a 1x1 conv's input would be (avgK, maxK, avgK+resB). A plain (N, F) input under
-a pooling policy has nothing to pool: it stays exact (and the meter shows its bytes).
+a pooling policy has nothing to pool: it stays exact (and the meter shows its bytes), as do
+tokens (`pp_tokens`: MaxViT's attention sees (N, windows, tokens, C), not a feature map).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from .conv import ConvInputForm
 from .policy import PolicyError
 
 
-def keeps_something_else(form: ConvInputForm, x: torch.Tensor) -> bool:
-    return form.bits is not None or (form.pools and x.dim() == 4)
+def keeps_something_else(form: ConvInputForm, x: torch.Tensor, tokens: bool = False) -> bool:
+    return form.bits is not None or (form.pools and x.dim() == 4 and not tokens)
 
 
 class CompressedLinearFunction(torch.autograd.Function):
@@ -55,11 +56,12 @@ class CompressedLinear(nn.Linear):
     """An nn.Linear (same parameters and state_dict) that keeps only `pp_form` of its input."""
 
     pp_form: ConvInputForm = ConvInputForm()
+    pp_tokens: bool = False  # a 4-d input is (N, windows, tokens, C): nothing to pool
 
     @torch.compiler.disable  # torch.compile(model): see convert.py
     def forward(self, x):
         if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)) or \
-                not keeps_something_else(self.pp_form, x):
+                not keeps_something_else(self.pp_form, x, self.pp_tokens):
             return super().forward(x)
         if self.pp_form.pools and x.dim() == 4 and self.pp_form.k > min(x.shape[1:3]):
             raise PolicyError(f"K={self.pp_form.k} is larger than the {x.shape[1]}x{x.shape[2]} feature map entering "
