@@ -47,8 +47,12 @@ _PASS_THROUGH_NAMES = {"Permute", "StochasticDepth",  # torchvision.ops, by name
                        "WindowPartition", "WindowDepartition", "SwapAxes"}  # MaxViT's reshapes
 # Attention whose Linear layers see (N, windows, tokens, C): tokens, not a feature map to pool.
 _TOKEN_ATTENTION_NAMES = {"PartitionAttentionLayer"}  # MaxViT's (its attention and its MLP)
-# Residual blocks of torchvision's CNNs that `ckpt` recomputes (PoolProp's own have `checkpointed`).
-_BLOCK_NAMES = {"BasicBlock", "Bottleneck", "InvertedResidual", "MBConv", "FusedMBConv", "CNBlock"}
+# Blocks of torchvision's models that `ckpt` recomputes (PoolProp's own have `checkpointed`): each
+# takes one tensor (DenseNet's layers take a list: their dense block is recomputed whole).
+_BLOCK_NAMES = {"BasicBlock", "Bottleneck", "InvertedResidual", "MBConv", "FusedMBConv", "CNBlock",
+                "ResBottleneckBlock", "_InvertedResidual", "_DenseBlock", "Fire", "Inception", "InceptionA",
+                "InceptionB", "InceptionC", "InceptionD", "InceptionE", "EncoderBlock", "SwinTransformerBlock",
+                "SwinTransformerBlockV2"}
 _MASKABLE_TYPES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU)
 _ORIGINAL = "_pp_original_class"
 _ATTRS = ("pp_form", "pp_name", "pp_store", "pp_bits", "pp_channels_first", "pp_inplace", "pp_input_from",
@@ -253,7 +257,7 @@ def compress_model(model: nn.Module, policy: CompressionPolicy | str, unsupporte
                                      for s in swaps):
         if before != CompressionPolicy():
             compress_model(model, before, unsupported="exact")
-        raise PolicyError("ckpt recomputes residual blocks, and this model has none PoolProp knows "
+        raise PolicyError("ckpt recomputes a model's blocks, and this model has none PoolProp knows "
                           f"({', '.join(sorted(_BLOCK_NAMES))})")
     try:
         for s in swaps:

@@ -26,9 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from ..method.checkpointing import note_checkpoint_input
+from ..method.checkpointing import checkpointed_call
 from ..method.layout import vouched_forward
 from ..method.residual import basic_block, bottleneck_block, run_stages
 
@@ -61,8 +60,7 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x):
         if self.checkpointed and torch.is_grad_enabled() and x.requires_grad:
-            note_checkpoint_input(x)  # the meter counts what checkpointing keeps by reference
-            return checkpoint(self._vouched_forward, x, use_reentrant=False)  # recomputed alike
+            return checkpointed_call(self, self._vouched_forward, x)  # recomputed alike
         return self._vouched_forward(x)
 
     def _vouched_forward(self, x):
