@@ -1,7 +1,7 @@
 """Which of torchvision's classification models compress_model converts as they come:
 
     python scripts/torchvision_scan.py                       # every builder, q4+mask+bn4
-    python scripts/torchvision_scan.py --policy avg2+mask+bn8 --run 224
+    python scripts/torchvision_scan.py --policy avg2+mask+bn8 --run 299   # Inception-v3's aux head needs 299
 
 Each model is built with random weights (nothing is downloaded) and converted; with --run SIZE
 a batch of 2 images of that size also runs one training step through it (pooling policies can
@@ -43,6 +43,8 @@ def main() -> int:
             print(f"{name:24s} converted" + (f", a step at {args.run} px" if args.run else ""), flush=True)
         except PolicyError as e:
             print(f"{name:24s} REFUSED: {str(e)[:240]}", flush=True)
+        except RuntimeError as e:  # the plain model cannot run at this size either (Inception-v3's aux head at 224 px)
+            print(f"{name:24s} FAILED at {args.run} px: {str(e).splitlines()[0][:200]}", flush=True)
         del model
         gc.collect()
     print(f"{converted} of {len(names)} converted under {args.policy}")

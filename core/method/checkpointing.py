@@ -40,9 +40,8 @@ def _statistics_kept(block: nn.Module):
     try:
         yield
     finally:
-        with torch.no_grad():
-            for buffer, value in kept:
-                buffer.copy_(value)
+        for buffer, value in kept:  # .data: the buffer's version stays (a norm's own update keeps it too)
+            buffer.data.copy_(value)
 
 
 def checkpointed_call(block: nn.Module, forward, x: torch.Tensor) -> torch.Tensor:

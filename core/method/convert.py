@@ -97,7 +97,9 @@ class _Swap:
 
 
 def _is_checkpoint_block(m: nn.Module) -> bool:
-    return type(m).__name__ in _BLOCK_NAMES and not hasattr(m, "checkpointed")
+    """torchvision's own (a user's EncoderBlock may take two tensors), known by module and name."""
+    cls = type(m)
+    return cls.__name__ in _BLOCK_NAMES and cls.__module__.startswith("torchvision.") and not hasattr(m, "checkpointed")
 
 
 def _inputs_made_by(model: nn.Module, layer: type, maker: type, declaration: str) -> dict[str, tuple[nn.Module]]:
