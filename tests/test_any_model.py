@@ -144,8 +144,9 @@ def test_a_compressed_model_pickles_and_loads_in_a_fresh_process(tmp_path):
 import torch, torch.nn.functional as F
 from core import decompress_model
 torch.set_num_threads({torch.get_num_threads()})  # the same reductions, in the same order
+# a whole nn.Module unpickles its classes, which weights_only refuses: this is the test's own file
 model = torch.load({str(path)!r}, weights_only=False)
-x, y, expected = torch.load({str(tmp_path / "expected.pt")!r})
+x, y, expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
 torch.manual_seed(4)
 model.zero_grad(set_to_none=True)
 F.cross_entropy(model(x), y).backward()
@@ -502,10 +503,10 @@ def test_plain_sequentials_vouch_for_their_layers_with_the_same_outputs_and_grad
     torch.manual_seed(0)
     plain = build().to(memory_format=layout)
     x, y = torch.randn(4, 3, 64, 64).contiguous(memory_format=layout), torch.randint(0, 10, (4,))
-    declared = convert.sequential_inputs
+    declared = convert.sequential_pairs
     results, counts = [], []
     for vouched in (True, False):
-        monkeypatch.setattr(convert, "sequential_inputs", declared if vouched else (lambda *a: {}))
+        monkeypatch.setattr(convert, "sequential_pairs", declared if vouched else (lambda *a: {}))
         model = compress_model(copy.deepcopy(plain), policy)
         assert any(type(m).__name__.startswith("Vouched") for m in model.modules()) == vouched
         ran.clear()
@@ -588,10 +589,10 @@ def test_an_in_place_activation_that_may_return_the_callers_tensor_vouches_for_n
     plain = PreActivation()
     x = torch.randn(16, 3, 8, 8)  # two batch chunks: the conv could write its output over its input
     expected = plain(x)
-    declared = convert.sequential_inputs
+    declared = convert.sequential_pairs
     grads = []
     for vouching in (declared, lambda *a: {}):
-        monkeypatch.setattr(convert, "sequential_inputs", vouching)
+        monkeypatch.setattr(convert, "sequential_pairs", vouching)
         model = compress_model(copy.deepcopy(plain), "q4+mask")
         torch.manual_seed(1)  # q4 rounds stochastically
         out = model(x)

@@ -37,7 +37,7 @@ from .scale import (
     is_layer_scale_block,
     is_squeeze_excitation,
 )
-from .sequential import VouchedSequential, is_plain_sequential, sequential_inputs
+from .sequential import VouchedSequential, is_plain_sequential, sequential_pairs
 from .torchvision_resnet import adoption
 
 # Leaf modules that keep nothing a policy could shrink (or nothing at all): no swap needed.
@@ -150,13 +150,14 @@ def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], lis
     pool_inputs = _inputs_made_by(model, nn.MaxPool2d, _MASKABLE_TYPES, "pp_pools_read_temporaries")
     # plain Sequentials vouch for the same pairs where one element's last layer feeds the next's first
     handed_by: dict[str, tuple[nn.Module]] = {}  # reader -> (the Sequential that hands it its input,)
+    pairs = sequential_pairs(model)
     for found, layer, maker in ((norm_inputs, nn.BatchNorm2d, nn.Conv2d), (act_inputs, _MASKABLE_TYPES, nn.BatchNorm2d),
                                 (conv_inputs, nn.Conv2d, _MASKABLE_TYPES + SMOOTH),
                                 (pool_inputs, nn.MaxPool2d, _MASKABLE_TYPES)):
-        for reader, (declarer, watched) in sequential_inputs(model, layer, maker).items():
-            if reader not in found:
-                found[reader] = watched  # the maker, and the modules between whose hooks could keep its output
-                handed_by[reader] = (model.get_submodule(declarer),)
+        for name, (declarer, reader, watched) in pairs.items():
+            if name not in found and isinstance(reader, layer) and isinstance(watched[0], maker):
+                found[name] = watched  # the maker, and the modules between whose hooks could keep its output
+                handed_by[name] = (model.get_submodule(declarer),)
     vouching = {id(s[0]) for s in handed_by.values()}
     for name, m in model.named_modules():
         if shrinks and not policy.checkpoint and (forward := adoption(m)):  # torchvision's ResNets, run as ours

@@ -81,12 +81,12 @@ def _end(elements: list[nn.Module], i: int, first: bool) -> tuple[nn.Module, lis
     return m, path
 
 
-def sequential_inputs(model: nn.Module, layer, maker) -> dict[str, tuple[str, tuple[nn.Module, ...]]]:
-    """Where a plain Sequential hands the output of a `maker` leaf to a `layer` leaf and nothing
-    else: layer name -> (the name of the Sequential that vouches for it, (the maker, then the
-    modules between them whose hooks could keep that tensor)). Both leaves run PyTorch's own
-    forwards, and each is registered in one place only (one module called in two places reads
-    two tensors)."""
+def sequential_pairs(model: nn.Module) -> dict[str, tuple[str, nn.Module, tuple[nn.Module, ...]]]:
+    """Where a plain Sequential hands one leaf's output to another leaf and nothing else: the
+    reader's name -> (the name of the Sequential that vouches for it, the reader, (the maker,
+    then the modules between them whose hooks could keep that tensor)). Both leaves run
+    PyTorch's own forwards, and each is registered in one place only (one module called in two
+    places reads two tensors). compress_model keeps the pairs whose kinds it declares."""
     uses = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     names = {id(m): n for n, m in model.named_modules()}
     found = {}
@@ -100,7 +100,6 @@ def sequential_inputs(model: nn.Module, layer, maker) -> dict[str, tuple[str, tu
                 continue
             (made_by, down), (reader, up) = end, start
             watched = (made_by, *down, *up)  # a hook on any of these could keep the tensor
-            if (isinstance(reader, layer) and isinstance(made_by, maker)
-                    and all(uses[id(m)] == 1 for m in (reader, *watched))):
-                found[names[id(reader)]] = (name, watched)
+            if all(uses[id(m)] == 1 for m in (reader, *watched)):
+                found[names[id(reader)]] = (name, reader, watched)
     return found
