@@ -260,6 +260,24 @@ def test_every_model_in_the_apps_menus_converts():
             assert model.pp_uncompressed == [], (name, policy)
 
 
+@pytest.mark.parametrize("policy", ["avg2+mask", "q4+mask+bn4"])
+def test_swin_v2_relative_position_mlp_stays_exact(policy):
+    """Swin V2's attention computes its bias with an MLP (`cpb_mlp`) over a constant (1, 7, 7, 2)
+    coordinate table, not a feature map: its Linear layers keep their inputs exact (pooled or
+    coded, their weight gradients were 0.3-0.6 off). Its q/k/v and output projections run as
+    F.linear on the module's weights, so the attention alone backpropagates bit for bit."""
+    from torchvision.models.swin_transformer import ShiftedWindowAttentionV2
+
+    torch.manual_seed(0)
+    plain = ShiftedWindowAttentionV2(16, [4, 4], [2, 2], num_heads=2)
+    model = compress_model(copy.deepcopy(plain), policy)
+    assert type(model.cpb_mlp[0]) is nn.Linear and type(model.cpb_mlp[2]) is nn.Linear
+    x = torch.randn(2, 8, 8, 16)
+    for m in (plain, model):
+        m(x).square().sum().backward()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(plain.parameters(), model.parameters()))
+
+
 @pytest.mark.parametrize("policy", ["q4+mask+bn4", "avg2+mask+bn8"])
 def test_maxvit_converts_and_its_reshapes_keep_nothing(policy):
     """MaxViT's window partitions and axis swaps are reshapes: nothing for backward, passed

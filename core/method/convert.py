@@ -47,6 +47,9 @@ _PASS_THROUGH_NAMES = {"Permute", "StochasticDepth",  # torchvision.ops, by name
                        "WindowPartition", "WindowDepartition", "SwapAxes"}  # MaxViT's reshapes
 # Attention whose Linear layers see (N, windows, tokens, C): tokens, not a feature map to pool.
 _TOKEN_ATTENTION_NAMES = {"PartitionAttentionLayer"}  # MaxViT's (its attention and its MLP)
+# Attention whose `cpb_mlp` reads a constant coordinate table, (1, 2w-1, 2w-1, 2), not a feature
+# map: pooled, its weight gradients were 0.3-0.6 off to save a few KiB, so it stays exact
+_TABLE_MLP_NAMES = {"ShiftedWindowAttentionV2"}  # Swin V2's relative-position bias
 # Blocks of torchvision's models that `ckpt` recomputes (PoolProp's own have `checkpointed`): each
 # takes one tensor (DenseNet's layers take a list: their dense block is recomputed whole).
 _BLOCK_NAMES = {"BasicBlock", "Bottleneck", "InvertedResidual", "MBConv", "FusedMBConv", "CNBlock",
@@ -139,6 +142,8 @@ def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], lis
     # a squeeze-excitation's 1x1 convs see the squeezed (N, C, 1, 1) vector: nothing to pool
     excites = [n + "." for n, m in model.named_modules() if n and is_squeeze_excitation(m)]
     attentions = [n + "." for n, m in model.named_modules() if n and type(m).__name__ in _TOKEN_ATTENTION_NAMES]
+    tables = [f"{n}.cpb_mlp." if n else "cpb_mlp." for n, m in model.named_modules()
+              if type(m).__name__ in _TABLE_MLP_NAMES]
     # our ResNets vouch that every BatchNorm reads a conv's output and every activation a
     # BatchNorm's output or the residual sum, which nothing else reads
     norm_inputs = _inputs_made_by(model, nn.BatchNorm2d, nn.Conv2d, "pp_norms_read_temporaries")
@@ -195,7 +200,7 @@ def _plan(model: nn.Module, policy: CompressionPolicy) -> tuple[list[_Swap], lis
             elif policy.compresses_conv_input:
                 swap(CompressedConv2d, pp_form=form, pp_name=name, pp_input_from=conv_inputs.get(name, ()))
         elif isinstance(m, nn.Linear) and _inherits_forward(m, nn.Linear):
-            if policy.compresses_conv_input:
+            if policy.compresses_conv_input and not any(name.startswith(t) for t in tables):
                 swap(CompressedLinear, pp_form=form, pp_name=name,
                      pp_tokens=any(name.startswith(a) for a in attentions))
         elif isinstance(m, nn.BatchNorm2d) and _inherits_forward(m, nn.modules.batchnorm._BatchNorm):
