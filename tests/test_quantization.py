@@ -93,6 +93,23 @@ def test_range_is_rounded_outward_so_nothing_clamps():
     assert lo.float().item() + 3 * scale.float().item() >= x.max().item()
 
 
+def test_bfloat16_directed_rounding_equals_nextafter_of_the_nearest():
+    """The range's rounding works on the float32 bits (a compiled pass computes bfloat16's
+    nextafter in float32); it equals the definition: round to nearest, then one bfloat16 step
+    toward the direction where that landed on the wrong side, for values across float32's
+    whole range, zeros, subnormals and infinities included."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.cat([torch.randn(20000, generator=g) * 10.0 ** torch.randint(-44, 38, (20000,), generator=g),
+                   torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, 1.0, -1.0, 3.3895e38, -3.3895e38,
+                                 math.inf, -math.inf])])
+    for direction in (-1.0, 1.0):
+        nearest = t.to(torch.bfloat16)
+        wrong = nearest.float() > t if direction < 0 else nearest.float() < t
+        expected = torch.where(wrong, torch.nextafter(nearest, torch.full_like(nearest, direction * math.inf)), nearest)
+        got = Q._bf16_toward(t, direction)
+        assert got.dtype == torch.bfloat16 and torch.equal(got.view(torch.int16), expected.view(torch.int16))
+
+
 def test_constant_group_is_exact():
     x = torch.full((2, 3, 4, 4), 0.25)
     r = Q.dequantize(*Q.quantize(x, 2))

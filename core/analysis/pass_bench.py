@@ -35,19 +35,24 @@ def pass_cases(x: torch.Tensor, seed: int = 0) -> list[tuple[str, Callable, tupl
     mean, invstd = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False).add(1e-5).rsqrt()
     mask = masks._mask_pack.reference(x, "relu", 0.0, 0.0, cl)
     x_hat = norms._bn_keep.reference(x, mean, invstd, torch.float8_e4m3fn)
-    lo, scale = Q.group_range(x, 4)
-    s = scale.float()
-    inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
+    lo, scale, inv = Q._range_pass.reference(x, 4)
     seed_t = Q.dither_seed(x.device, gen)
     codes = Q._encode_pass.reference(x, lo.float(), inv, seed_t, 4, cl)
     pooled = pooling.pool.reference(x, "avg", 2)
+    # a conv's kept input is decoded a batch chunk at a time, each chunk one plane of the bytes:
+    # here the second plane of 4-bit codes (an even batch: each plane is half of it)
+    xe = x if shape[0] % 2 == 0 else torch.cat([x, x[:1]])
+    m, (lo_e, scale_e, inv_e) = xe.shape[0] // 2, Q._range_pass.reference(xe, 4)
+    codes_e = Q._encode_pass.reference(xe, lo_e.float(), inv_e, seed_t, 4, cl)
     return [
         ("ReLU mask: pack", masks._mask_pack, (x, "relu", 0.0, 0.0, cl)),
         ("ReLU mask: apply", masks._mask_apply, (g, mask, shape, cl, "relu", 0.0)),
         ("ReLU mask: apply over g", masks._mask_apply_, (g, mask, shape, cl, "relu", 0.0)),
-        ("codes: range", Q._range_pass, (x,)),
+        ("codes: range", Q._range_pass, (x, 4)),
         ("codes: encode 4-bit", Q._encode_pass, (x, lo.float(), inv, seed_t, 4, cl)),
         ("codes: decode 4-bit", Q._decode_pass, (codes, lo, scale, shape, cl, 4, torch.float32)),
+        ("codes: decode a plane of 4-bit", Q._decode_plane,
+         (codes_e, 1, lo_e[m:], scale_e[m:], (m, *shape[1:]), cl, 4, torch.float32)),
         ("BN: keep x_hat float8", norms._bn_keep, (x, mean, invstd, torch.float8_e4m3fn)),
         ("BN: keep x_hat bf16", norms._bn_keep, (x, mean, invstd, torch.bfloat16)),
         ("BN: backward from float8 x_hat", norms._bn_backward_from_hat, (g, x_hat, weight, invstd)),

@@ -73,15 +73,32 @@ def packed_bytes(shape: tuple[int, ...], bits: int) -> int:
 # The passes (reference PyTorch; torch.compile'd on request)
 # ---------------------------------------------------------------------------------------
 
+def _bf16_toward(t: torch.Tensor, direction: float) -> torch.Tensor:
+    """t (float32) rounded to bfloat16 toward -inf (direction < 0) or +inf (direction > 0). A
+    bfloat16 is a float32's upper 16 bits: dropping the lower ones rounds toward zero, and adding
+    one to the upper ones where something was dropped rounds away from it (integer ops on the
+    bits, which a compiled pass keeps exact; it computes bfloat16's nextafter in float32)."""
+    bits = t.view(torch.int32)
+    toward_zero = bits & -65536
+    away = (bits & 65535 != 0) & ((t < 0) if direction < 0 else (t > 0))
+    return torch.where(away, toward_zero + 65536, toward_zero).view(torch.float32).to(torch.bfloat16)
+
+
 @fused
-def _range_pass(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (sample, channel) min and max of x (N, C, H, W), float32 (N, C)."""
+def _range_pass(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per (sample, channel) of x (N, C, H, W): the minimum rounded down and the step rounded up
+    to bfloat16, (N, C), and the step's inverse, float32 (0 for a constant group). One pass:
+    compiled, the rounding and the inverse run in the reduction's loop, not as a dozen small ops."""
     n, c = x.shape[:2]
     if is_channels_last(x):  # reduce over the pixels of an (N, HW, C) view: no copy
-        lo, hi = torch.aminmax(x.permute(0, 2, 3, 1).reshape(n, -1, c), dim=1)
+        lo32, hi = torch.aminmax(x.permute(0, 2, 3, 1).reshape(n, -1, c), dim=1)
     else:
-        lo, hi = torch.aminmax(x.reshape(n, c, -1), dim=2)
-    return lo.float(), hi.float()
+        lo32, hi = torch.aminmax(x.reshape(n, c, -1), dim=2)
+    lo = _bf16_toward(lo32.float(), -1.0)
+    scale = _bf16_toward((hi.float() - lo.float()) / ((1 << bits) - 1), 1.0)
+    s = scale.float()
+    inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
+    return lo, scale, inv
 
 
 def _hash31(k: torch.Tensor) -> torch.Tensor:
@@ -155,22 +172,24 @@ def _decode_pass(packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, sh
     return out.to(dtype)
 
 
+@fused
+def _decode_plane(packed: torch.Tensor, plane: int, lo: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...],
+                  channels_last: bool, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The samples whose codes are plane `plane` of these bytes (dequantize_by_chunk), decoded:
+    the plane's bits taken out, one code a byte, then `_decode_pass` as 8-bit codes. Compiled,
+    taking the bits out runs inside the decoding loop (no byte buffer, no two small ops a chunk)."""
+    if bits < 8:
+        packed = (packed >> (bits * plane)) & ((1 << bits) - 1)
+    return _decode_pass(packed, lo, scale, shape, channels_last, 8, dtype)
+
+
 # ---------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------
 
-def _bf16_toward(t: torch.Tensor, direction: float) -> torch.Tensor:
-    """t (float32) rounded to bfloat16 toward -inf (direction < 0) or +inf (direction > 0)."""
-    b = t.to(torch.bfloat16)
-    wrong = b.float() > t if direction < 0 else b.float() < t
-    return torch.where(wrong, torch.nextafter(b, torch.full_like(b, direction * math.inf)), b)
-
-
 def group_range(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (sample, channel) minimum (rounded down) and step (rounded up), bfloat16 (N, C)."""
-    lo32, hi = _range_pass(x)
-    lo = _bf16_toward(lo32, -1.0)
-    scale = _bf16_toward((hi - lo.float()) / ((1 << bits) - 1), 1.0)
+    lo, scale, _ = _range_pass(x, bits)
     return lo, scale
 
 
@@ -200,9 +219,7 @@ def quantize(x: torch.Tensor, bits: int, generator: torch.Generator | None = Non
         raise ValueError(f"{bits} bits are not supported; use one of {BITS}")
     orig = tuple(x.shape) if x.dim() != 4 else None
     x = _as_4d(x)
-    lo, scale = group_range(x, bits)
-    s = scale.float()
-    inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
+    lo, scale, inv = _range_pass(x, bits)
     cl = is_channels_last(x)
     packed = _encode_pass(x, lo.float(), inv, dither_seed(x.device, generator), bits, cl)
     return packed, lo, scale, PackedShape(tuple(x.shape), cl, bits, x.dtype, orig)
@@ -226,15 +243,12 @@ def dequantize_by_chunk(packed: torch.Tensor, lo: torch.Tensor, scale: torch.Ten
     if info.orig_shape is not None or n % per:
         yield slice(None), dequantize(packed, lo, scale, info)
         return
-    m, mask = n // per, (1 << info.bits) - 1
+    m = n // per
     step = -(-m // max(1, -(-chunks // per)))  # samples a chunk holds, within one plane
     per_sample = packed.numel() // m
     for i in range(per):
         for a in range(0, m, step):
             b = min(m, a + step)
-            codes = packed[a * per_sample: b * per_sample]
-            if per > 1:
-                codes = (codes >> (info.bits * i)) & mask  # this plane's codes, one a byte: decoded as 8-bit
             samples = slice(i * m + a, i * m + b)
-            yield samples, _decode_pass(codes, lo[samples], scale[samples], (b - a, *info.shape[1:]),
-                                        info.channels_last, 8, info.dtype)
+            yield samples, _decode_plane(packed[a * per_sample: b * per_sample], i, lo[samples], scale[samples],
+                                         (b - a, *info.shape[1:]), info.channels_last, info.bits, info.dtype)
