@@ -56,6 +56,36 @@ def test_a_conv_backward_never_holds_its_rebuilt_input_and_its_input_gradient_at
     assert S <= _backward_peak(conv, x) < bound * S
 
 
+@pytest.mark.parametrize("channels, batch, chunks", [(16, 8, 1), (64, 8, 2), (64, 16, 4), (64, 32, 4)])
+def test_a_conv_rebuilds_its_input_in_chunks_of_at_least_a_mebibyte(channels, batch, chunks, monkeypatch):
+    """The weight gradient's rebuilt input comes in up to four batch chunks of at least 1 MiB
+    each (0.5, 2, 4 and 8 MiB of float32 input here): smaller ones only cost calls. The weight
+    gradient is the one the whole rebuilt input gives, to float32 rounding."""
+    from core.method import conv as conv_module
+
+    seen = []
+    rebuild = conv_module.ConvInputForm.rebuild_by_chunk
+
+    def spy(self, kept, info, shape, chunks=4):
+        parts = list(rebuild(self, kept, info, shape, chunks))
+        seen.append(len(parts))
+        return iter(parts)
+
+    monkeypatch.setattr(conv_module.ConvInputForm, "rebuild_by_chunk", spy)
+    torch.manual_seed(0)
+    layer = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+    x = torch.randn(batch, channels, 32, 32).contiguous(memory_format=CL)
+    g = torch.randn(batch, channels, 32, 32)
+    form = conv_module.ConvInputForm(pool="avg", k=2, mode="upsample")
+    w = layer.weight.detach().requires_grad_()
+    conv_module.CompressedConvFunction.apply(x, w, None, (1, 1), (1, 1), (1, 1), 1, form).backward(g)
+    assert seen == [chunks]
+    rebuilt = form.rebuild(*form.keep(x), tuple(x.shape))
+    expected = torch.ops.aten.convolution_backward(g, rebuilt, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                   [False, True, False])[1]
+    torch.testing.assert_close(w.grad, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
 @pytest.mark.parametrize("policy", ["avg2+res2", "avg2+res4"])
 def test_a_residual_forms_forward_writes_the_residual_over_its_upsampled_copy(policy, compiled):
     """Keeping x as P(x) and codes of x - up(P(x)): one full-size temporary for the residual (S),
@@ -181,13 +211,17 @@ def _block_peaks(block, x) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("policy", ["q4+mask+bn4", "avg4+mask+bn8"])
-def test_a_compressed_block_writes_over_what_is_its_own_in_both_passes(policy, compiled):
+def test_a_compressed_block_writes_over_what_is_its_own_in_both_passes(policy, compiled, monkeypatch):
     """At batch 16 (two chunks of 8, S16 = 2 S a tensor): where the block vouches for its
     temporaries, its second conv writes its output over its input, so the forward holds the
     block's input, that input and a chunk beyond what it keeps (1.5 S16; 2 S16 with nothing
     vouched); and the backward writes over each gradient that is its own (the convs' input
     gradients, the mask's, BatchNorm's), so beside the output gradient it was handed and the
-    input gradient it returns it holds a chunk (2.5 S16 in all; 3 with nothing vouched)."""
+    input gradient it returns it holds a chunk (2.5 S16 in all; 3 with nothing vouched). The
+    convs rebuild their inputs in quarters, as a large layer's are (a 1 MiB one is rebuilt whole)."""
+    from core.method import conv as conv_module
+
+    monkeypatch.setattr(conv_module, "_MIN_REBUILT_CHUNK_BYTES", 1)
     s16 = 2 * S
     peaks = []
     for vouched in (True, False):

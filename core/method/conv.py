@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,15 @@ from .weight_grad import tapwise_pays, tapwise_weight_grad
 # sample runs another oneDNN kernel, whose output differs in the last bits; chunks of 2 and more
 # gave the whole batch's bits in every case tried). Smaller batches run out of place.
 _CHUNKS, _MIN_CHUNK = 4, 8
+# A rebuilt input's chunk holds at least this much: smaller chunks take nothing off a peak worth
+# having and cost a call each (EfficientNet's late 2x2 maps at 64 px ran 1.5x slower chunked).
+_MIN_REBUILT_CHUNK_BYTES = 1 << 20
+
+
+def _rebuild_chunks(shape: tuple[int, ...], element_size: int) -> int:
+    """How many batch chunks a conv's input of `shape` is rebuilt in: up to _CHUNKS, each at
+    least _MIN_REBUILT_CHUNK_BYTES (codes are decoded a plane at a time in any case)."""
+    return max(1, min(_CHUNKS, math.prod(shape) * element_size // _MIN_REBUILT_CHUNK_BYTES))
 
 
 def _batch_chunks(n: int) -> int:
@@ -235,7 +245,8 @@ class CompressedConvFunction(torch.autograd.Function):
         else:
             if need_w:  # summed over batch chunks of the rebuilt input: never the whole of it at once
                 tapwise = tapwise_pays(weight.shape, weight.device, x_shape, stride, groups)
-                for samples, x_rec in form.rebuild_by_chunk(kept, info, x_shape):
+                chunks = _rebuild_chunks(x_shape, weight.element_size())
+                for samples, x_rec in form.rebuild_by_chunk(kept, info, x_shape, chunks):
                     gw = _weight_grad(g[samples], x_rec.to(weight.dtype), weight, stride, padding, dilation,
                                       groups, tapwise, w_strides, gw)
                     del x_rec
