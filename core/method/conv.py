@@ -30,7 +30,8 @@ from .weight_grad import tapwise_pays, tapwise_weight_grad
 _CHUNKS, _MIN_CHUNK = 4, 8
 # A rebuilt input's chunk holds at least this much: smaller chunks take nothing off a peak worth
 # having and cost a call each (EfficientNet's late 2x2 maps at 64 px ran 1.5x slower chunked).
-_MIN_REBUILT_CHUNK_BYTES = 1 << 20
+# Every input of the CIFAR ResNets at batch 128 (2 MiB and up) still comes in quarters.
+_MIN_REBUILT_CHUNK_BYTES = 1 << 19
 
 
 def _rebuild_chunks(shape: tuple[int, ...], element_size: int) -> int:
