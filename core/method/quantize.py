@@ -173,13 +173,14 @@ def _decode_pass(packed: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, sh
 
 
 @fused
-def _decode_plane(packed: torch.Tensor, plane: int, lo: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...],
-                  channels_last: bool, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """The samples whose codes are plane `plane` of these bytes (dequantize_by_chunk), decoded:
-    the plane's bits taken out, one code a byte, then `_decode_pass` as 8-bit codes. Compiled,
-    taking the bits out runs inside the decoding loop (no byte buffer, no two small ops a chunk)."""
+def _decode_plane(packed: torch.Tensor, shift: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor,
+                  shape: tuple[int, ...], channels_last: bool, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The samples whose codes sit `shift` bits up in these bytes (a plane: dequantize_by_chunk),
+    decoded: the plane's bits taken out, one code a byte, then `_decode_pass` as 8-bit codes.
+    Compiled, taking the bits out runs inside the decoding loop (no byte buffer, no two small ops
+    a chunk). `shift` is a 0-d uint8 tensor, so one compiled loop serves every plane of a shape."""
     if bits < 8:
-        packed = (packed >> (bits * plane)) & ((1 << bits) - 1)
+        packed = (packed >> shift) & ((1 << bits) - 1)
     return _decode_pass(packed, lo, scale, shape, channels_last, 8, dtype)
 
 
@@ -250,5 +251,6 @@ def dequantize_by_chunk(packed: torch.Tensor, lo: torch.Tensor, scale: torch.Ten
         for a in range(0, m, step):
             b = min(m, a + step)
             samples = slice(i * m + a, i * m + b)
-            yield samples, _decode_plane(packed[a * per_sample: b * per_sample], i, lo[samples], scale[samples],
+            shift = torch.full((), info.bits * i, dtype=torch.uint8, device=packed.device)
+            yield samples, _decode_plane(packed[a * per_sample: b * per_sample], shift, lo[samples], scale[samples],
                                          (b - a, *info.shape[1:]), info.channels_last, info.bits, info.dtype)
