@@ -5,6 +5,7 @@ import streamlit as st
 import torch
 
 from core.analysis import bench, memory_ladder, planner, plots
+from core.analysis.lesson import STEP_TIME
 from core.method import CompressionPolicy
 from core.models import MODEL_MENU, PREFIX
 from ui import common as ui
@@ -62,7 +63,9 @@ families = c6.checkbox("All families", value=False, key="mem_families",
                        help="Instead of the picked policies: each compression family's steps side by side "
                             "(pooling, quantisation, pooled + residual, checkpointing)")
 timed = c6.checkbox("Time the steps", value=True, key="mem_timed",
-                    help="Median of interleaved training steps (on a CPU at batch 16 at most; a minute or so)")
+                    help="Median of interleaved training steps (on a CPU at batch 16 at most; a minute or so), "
+                         "with PyTorch's reference passes as this app runs them: the trainer's fused passes make "
+                         "the compressed steps cheaper (README, \"Speed\")")
 
 
 def chosen_policies() -> tuple[str, ...]:
@@ -89,7 +92,9 @@ else:
             st.warning(f"{pol} left out: {why}")
         ui.show(plots.memory_ladder_figure(lad), "memory-ladder",
                 f"Bytes kept for backward by one training step of {lad['model']} at batch {lad['batch']}, "
-                "split by what keeps them; labels give the change against 'none' and the step-time cost.")
+                "split by what keeps them; labels give the change against 'none' and the step-time cost, timed "
+                "with PyTorch's reference passes (the trainer's fused passes cost less: on ResNet-20 "
+                + ", ".join(f"{p} {r:.2f}×" for p, r in STEP_TIME.items()) + ', README "Speed").')
         rows = [{"policy": s["policy"], "saved MiB": round(s["total_bytes"] / 2 ** 20, 1),
                  "change %": None if s["cut"] is None else round(-100 * s["cut"], 1),
                  "step time ×": None if s.get("time_ratio") is None else round(s["time_ratio"], 2)}
@@ -97,7 +102,8 @@ else:
         if all(r["step time ×"] is None for r in rows):  # untimed: no column of blanks
             rows = [{k: v for k, v in r.items() if k != "step time ×"} for r in rows]
         st.dataframe(rows, hide_index=True, column_config={
-            "step time ×": st.column_config.NumberColumn(format="%.2f", help="Training-step time against 'none'"),
+            "step time ×": st.column_config.NumberColumn(format="%.2f", help="Training-step time against 'none', "
+                                                          "with the reference passes"),
             "change %": st.column_config.NumberColumn(format="%+.1f", help="Saved activations against 'none'")})
         ui.download_csv(rows, f"ladder-{lad['model']}-b{lad['batch']}.csv")
 
