@@ -14,6 +14,8 @@ runs = ui.page("Loss curves", "Training loss, validation loss and validation acc
 
 def _range(row: dict, key: str, fmt: str) -> str:
     """'13' for one seed, '13.5 (13–14)' for a setting's mean and range; 'never'."""
+    if key.startswith("wall_") and row.get("wall_mixed"):
+        return "— (seeds on different devices)"
     if row[key] is None:
         return "never" if not row.get("reached") else f"never ({row['reached']} of {row['seeds']} seeds reached)"
     text = format(row[key], fmt)

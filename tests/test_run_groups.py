@@ -97,4 +97,18 @@ def test_settings_tables_take_the_mean_and_range_of_their_seeds(tmp_path):
     assert row["epochs_to_0.8"] == 1.5 and row["epochs_to_0.8_min"] == 1 and row["epochs_to_0.8_max"] == 2
     (never,) = run_groups.epochs_to_accuracy_rows([setting], metrics, 0.88)
     assert never["epochs_to_0.88"] is None and never["reached"] == 1  # one seed of two got there
+    assert row["wall_to_0.8"] == 14.5 and not row["wall_mixed"]  # one device: seconds averaged
+
+
+def test_seconds_of_seeds_on_different_devices_are_not_averaged(tmp_path):
+    """A setting whose seeds trained on an H200 and on a CPU has no mean time to an accuracy (the
+    app showed 1690 s, the mean of 23 and 3358); its epochs still average."""
+    runs = [run(tmp_path, "n0", seed=0, device="cuda"), run(tmp_path, "n1", seed=1)]
+    (setting,) = run_groups.group_settings(runs, run_groups.run_names(runs))
+    assert len(setting.devices) == 2, setting.devices
+    metrics = {m: recs for m, recs in zip(setting.members, (_recs([0.5, 0.85], [10, 23]),
+                                                            _recs([0.82, 0.9], [1700, 3358])))}
+    (row,) = run_groups.epochs_to_accuracy_rows([setting], metrics, 0.8)
+    assert row["wall_mixed"] and row["wall_to_0.8"] is None and row["wall_to_0.8_min"] is None
+    assert row["epochs_to_0.8"] == 1.5
     assert np.isclose(curves.epochs_to_accuracy(metrics["none · 20 ep · s1"], 0.88)["epoch"], 2)

@@ -176,17 +176,19 @@ def epochs_to_accuracy_rows(settings: Sequence[Setting], metrics: Mapping[str, S
                             target: float) -> list[dict]:
     """curves.epochs_to_accuracy_table per setting: each figure the mean of its seeds, with their
     min and max ("<key>_min", "<key>_max"); epochs and seconds are None ("never") unless every
-    seed got there ("reached" counts those that did). "run" is the setting's label."""
+    seed got there ("reached" counts those that did). "run" is the setting's label. Seconds of
+    seeds trained on different devices are not averaged (a mean of an H200's 23 s and a CPU's
+    3358 s describes neither): they are None there, with "wall_mixed" True."""
     keys = (f"epochs_to_{target:g}", f"wall_to_{target:g}", "best_val_acc", "best_epoch")
     rows = []
     for s in settings:
         per = curves.epochs_to_accuracy_table({m: metrics.get(m, []) for m in s.members}, [target])
         row = {"run": s.label, "seeds": len(per), "devices": s.devices,
-               "reached": sum(r[keys[0]] is not None for r in per)}
+               "reached": sum(r[keys[0]] is not None for r in per), "wall_mixed": len(s.devices) > 1}
         for key in keys:
             vals = [r[key] for r in per]
             mean, lo, hi = mean_range(vals)
-            if key in keys[:2] and None in vals:
+            if (key in keys[:2] and None in vals) or (key == keys[1] and row["wall_mixed"]):
                 mean = lo = hi = None
             row.update({key: mean, f"{key}_min": lo, f"{key}_max": hi})
         rows.append(row)
