@@ -99,7 +99,7 @@ if datasets:
         subset = run_groups.filter_runs(subset, epochs=schedule)
     settings = ui.settings_of(subset)
     ui.show(plots.pareto_scatter(run_views.pareto_setting_rows(settings), "saved activations per training image",
-                                 colors=ui.setting_colors(settings, subset),
+                                 colors=ui.setting_colors(settings),
                                  title=f"Accuracy vs memory · {run_groups.data_name(subset[0].config or {})}"
                                        + ("" if schedule == "all" else f" · {schedule} epochs")), "pareto",
             "Each dot is a run, or the mean of a setting's seeds with a bar from the lowest to the highest: "

@@ -27,7 +27,7 @@ if ui.need_runs(runs, "loss curves"):
     names = ui.names_of(runs)
     settings = ui.settings_of(runs)
     groups = {s.label: s.members for s in settings}
-    colors = ui.setting_colors(settings, runs)
+    colors = ui.setting_colors(settings)
     devices = {s.label: s.devices for s in settings}
     metrics = {n: ui.metrics_of(r) for n, r in zip(names, runs)}
     c1, c2, c3 = st.columns([2, 2, 1])

@@ -838,6 +838,7 @@ def test_the_picker_filters_and_colours_and_names_runs_in_full(shipped_env):
     """18 shipped runs: a filter by schedule and family narrows what the picker offers (the picked
     runs stay); names say setting · epochs · seed; each chip gets its run's colour (CSS the
     browser applies; the browser test checks what it shows)."""
+    from core.analysis import plots
     from core.engine.runs import inspect_run
     from ui import common as ui
     from ui.picker import PICKER_KEY
@@ -855,8 +856,19 @@ def test_the_picker_filters_and_colours_and_names_runs_in_full(shipped_env):
     assert set(at.multiselect(key=PICKER_KEY).options) == picked  # no 30-epoch features10 baseline
     css = " ".join(h.value for h in at.get("html"))
     runs = [inspect_run(p) for p in at.session_state["selected_runs"]]
-    for i, color in enumerate(ui.colors_for(runs)[n] for n in ui.names_of(runs)):
-        assert f'[data-tag-index="{i}"]' in css and f"border: 2px solid {color}" in css
+    chips = plots.selection_colors([r.name for r in ui.all_runs()], [r.name for r in runs])
+    for i, r in enumerate(runs):
+        assert f'[data-tag-index="{i}"]' in css and f"border: 2px solid {chips[r.name]}" in css
+    # the front of every 20-epoch run draws a picked run's setting in its chip's colour, the
+    # other settings in colours no chip has (it drew the baseline pink beside a red chip)
+    at.selectbox(key="_filter_data").set_value("all").run()
+    setting_of = {"none · 20 ep · s1": "none · 20 ep (2 seeds)",
+                  "avg2+mask · 20 ep · s0": "avg2+mask · 20 ep (2 seeds)",
+                  "avg4+mask · 20 ep · s0": "avg4+mask · 20 ep · s0"}
+    drawn = {t["name"]: t["marker"]["color"] for t in _chart(at, "Accuracy vs memory")["data"] if t.get("marker")}
+    for r, name in zip(runs, ui.names_of(runs)):
+        assert drawn[setting_of[name]] == chips[r.name], name
+    assert not {c for n, c in drawn.items() if n not in setting_of.values()} & set(chips.values())
 
 
 def test_families_are_offered_and_their_bias_shown(app_env):

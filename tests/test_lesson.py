@@ -72,6 +72,27 @@ def test_the_step_times_it_quotes_are_the_readmes(shipped):
     assert f"{lesson.STEP_TIME['avg2+mask+bn8']:.2f} times" in ckpt
 
 
+def test_a_run_has_one_colour_in_every_step_and_the_first_starts_chips(shipped):
+    """Steps 4-7 colour different sets of runs (the Pareto step every 20-epoch setting): each run
+    keeps one colour across them, and the runs the app selects at first start have their chips'."""
+    from core.analysis import plots
+    from core.analysis.run_views import default_selection
+
+    casts = [lesson.COMPRESSED, lesson.PICTURED, ("none", "avg2+mask", "avg4+mask"),
+             sorted({(r.config or {}).get("policy") for r in lesson._cifar(shipped)})]
+    seen: dict[str, str] = {}
+    for cast in casts:
+        colours = lesson.run_colors(shipped, {p: lesson.pick(shipped, p) for p in cast})
+        assert len(set(colours.values())) == len(cast), cast
+        for p, c in colours.items():
+            assert seen.setdefault(p, c) == c, p
+    first = [Path(p).name for p in default_selection(shipped)]
+    chips = plots.selection_colors([r.name for r in shipped], first)
+    for r in shipped:
+        if r.name in chips:
+            assert seen[r.config["policy"]] == chips[r.name], r.name
+
+
 def test_the_lesson_uses_cpu_runs_of_one_recipe(shipped):
     """The 20-epoch baseline of seed 0 trained on an H200 in bf16, the others on the CPU: the
     lesson's figures compare runs of one device (seed 1 of the baseline)."""

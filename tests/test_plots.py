@@ -441,6 +441,25 @@ def test_selection_colours_keep_each_runs_colour_and_never_repeat_one():
     assert P.selection_colors(everything, list(reversed(chosen))) == colours
 
 
+def test_shown_colours_keep_the_chips_and_give_the_others_colours_no_chip_has():
+    """A figure of runs beyond the selection (the home page's front of every run) or of part of it
+    draws the selected runs in their chips' colours and the rest in other colours."""
+    everything = [f"run{i}" for i in range(18)]
+    selected = everything[:4]
+    chips = P.selection_colors(everything, selected)
+    front = everything[2:12]  # two selected runs and eight others: ten runs, ten colours
+    colours = P.shown_colors(everything, selected, front)
+    assert all(colours[n] == chips[n] for n in front if n in chips)
+    rest = [colours[n] for n in front if n not in chips]
+    assert not set(rest) & set(chips.values())  # eight others share the six colours no chip has
+    assert len(set(rest)) == len(P.PALETTE) - len(selected)
+    part = P.shown_colors(everything, selected, selected[1:3])  # some of the selection only
+    assert part == {n: chips[n] for n in selected[1:3]}
+    crowd = P.shown_colors(everything, selected, everything)  # more runs than colours: shared, none lost
+    assert set(crowd) == set(everything) and all(crowd[n] == chips[n] for n in selected)
+    assert not {crowd[n] for n in everything[4:]} & set(chips.values())
+
+
 def test_peak_makers_figure_shows_the_largest_makers_by_pass_and_sums_the_rest():
     mib = 2 ** 20
     groups = [{"made_by": f"aten::op{i} in {'Conv' if i % 2 else 'BNBackward0'}", "tensors": 1, "bytes": (12 - i) * mib}

@@ -101,11 +101,19 @@ def names_of(runs: list[Run]) -> list[str]:
     return [d[str(r.path)] for r in runs]
 
 
+def _selected_names() -> list[str]:
+    """Folder names of the sidebar's selection (its chips)."""
+    chosen = set(st.session_state.get(SELECTED) or ())
+    return [r.name for r in all_runs() if str(r.path) in chosen]
+
+
 def colors_for(runs: list[Run]) -> dict[str, str]:
     """Display name -> colour; the colour comes from the run's folder name, resolved over all runs
     on disk, so a run keeps its colour on every page whatever else is selected (two selected runs
-    never share one: plots.selection_colors)."""
-    by_folder = plots.selection_colors([r.name for r in all_runs()], [r.name for r in runs])
+    never share one). A figure of some of the selected runs, or of runs beyond them (the home
+    page's front), draws each selected run in its chip's colour and the others in colours no chip
+    has (plots.shown_colors)."""
+    by_folder = plots.shown_colors([r.name for r in all_runs()], _selected_names(), [r.name for r in runs])
     d = _all_names(runs)
     return {d[str(r.path)]: by_folder[r.name] for r in runs}
 
@@ -119,10 +127,14 @@ def settings_of(runs: list[Run]) -> list[run_groups.Setting]:
     return run_groups.group_settings(runs, _all_names(runs), apart=seeds_apart())
 
 
-def setting_colors(settings: list[run_groups.Setting], runs: list[Run]) -> dict[str, str]:
-    """Setting label -> colour: its first run's colour."""
-    colors = colors_for(runs)
-    return {s.label: colors[s.members[0]] for s in settings}
+def setting_colors(settings: list[run_groups.Setting]) -> dict[str, str]:
+    """Setting label -> colour: the colour of its first selected seed (the chip a reader sees), else
+    of its first seed."""
+    selected = set(st.session_state.get(SELECTED) or ())
+    drawn = {s.label: next(((m, r) for m, r in zip(s.members, s.runs) if str(r.path) in selected),
+                           (s.members[0], s.runs[0])) for s in settings}
+    colors = colors_for([r for _, r in drawn.values()])  # one colour a setting: no palette spent on other seeds
+    return {label: colors[member] for label, (member, _) in drawn.items()}
 
 
 # =======================================================================================

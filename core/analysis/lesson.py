@@ -17,6 +17,7 @@ import statistics
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from .memory_ladder import memory_ladder
 from .method_picture import method_picture
 from .reproduction import trained_on
 from .run_groups import data_name, group_settings, run_names
-from .run_views import pareto_setting_rows
+from .run_views import default_selection, pareto_setting_rows
 
 
 class LessonError(ValueError):
@@ -102,9 +103,12 @@ def pick(runs: Sequence[Run], policy: str, epochs: int = EPOCHS) -> Run:
 
 
 def run_colors(runs: Sequence[Run], chosen: dict[str, Run]) -> dict[str, str]:
-    """Label -> the colour its run has on the other pages (from its folder name, as ui.picker),
-    no two alike among `chosen`."""
-    cmap = plots.selection_colors([r.name for r in runs], [r.name for r in chosen.values()])
+    """Label -> its run's colour, the same in every step: the runs the app selects at first start
+    keep their chips' colours (plots.shown_colors, as ui.picker), and every run the lesson shows
+    (pick's run of each 20-epoch policy) is placed once, so a run has one colour on every step."""
+    cast = {pick(runs, p).name for p in {(r.config or {}).get("policy") for r in _cifar(runs)}}
+    first_start = [Path(p).name for p in default_selection(list(runs))]
+    cmap = plots.shown_colors([r.name for r in runs], first_start, sorted(cast | {r.name for r in chosen.values()}))
     return {label: cmap[r.name] for label, r in chosen.items()}
 
 
@@ -226,7 +230,8 @@ def _cost(runs):
     rows = pareto_setting_rows(settings)
     fig = plots.pareto_scatter(rows, "saved activations per training image",
                                title=f"Accuracy vs memory, CIFAR-10, {EPOCHS} epochs",
-                               colors=run_colors(runs, {s.label: s.runs[0] for s in settings}))
+                               colors=run_colors(runs, {s.label: pick(runs, s.runs[0].config["policy"])
+                                                        for s in settings}))
     acc = {r["policy"]: r["acc"] for r in rows}
     mem = {r["policy"]: r["memory"] for r in rows}
     longer = [r for r in _cifar(runs, 30) if (r.config or {}).get("policy") == "avg2+mask"]

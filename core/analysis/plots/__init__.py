@@ -19,6 +19,7 @@ from .common import (
     rgba,
     run_color,
     selection_colors,
+    shown_colors,
 )
 from .features import activation_images_figure, cka_heatmap, filter_grid_figure, hf_share_bars, spectra_figure
 from .fidelity import FIDELITY_METRIC_LABELS, fidelity_bars, fidelity_heatmap, fidelity_over_training_figure
@@ -43,5 +44,6 @@ __all__ = [
     "fidelity_over_training_figure", "filter_grid_figure", "hf_share_bars", "loss_curves", "memory_ladder_figure",
     "memory_over_training", "method_figure", "pareto_scatter", "peak_makers_figure", "per_class_bars",
     "planner_figure", "planner_measure",
-    "rgba", "run_color", "run_memory_bars", "selection_colors", "spectra_figure", "time_to_accuracy_bars",
+    "rgba", "run_color", "run_memory_bars", "selection_colors", "shown_colors", "spectra_figure",
+    "time_to_accuracy_bars",
 ]

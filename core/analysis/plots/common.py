@@ -84,6 +84,28 @@ def selection_colors(all_names: Sequence[str], chosen: Sequence[str]) -> dict[st
     return out
 
 
+def shown_colors(all_names: Sequence[str], selected: Sequence[str], shown: Sequence[str]) -> dict[str, str]:
+    """Colours of the runs a figure `shown`, which may hold runs beyond the `selected` ones (a front of
+    every run of a schedule) or only some of them: a selected run has its chip's colour
+    (selection_colors over the whole selection, whatever the figure shows); any other takes its
+    own colour among all runs if no selected or earlier-placed run has it, else the first palette
+    colour none has (in name order). Once the palette runs out the others share colours, never a
+    chip's (a reader would take the run for the selected one)."""
+    chips = selection_colors(all_names, selected)
+    out = {n: chips[n] for n in shown if n in chips}
+    others = [c for c in PALETTE if c not in chips.values()]
+    taken = set(chips.values())
+    own = color_map([*all_names, *shown])
+    for n in sorted({n for n in shown if n not in out}, key=str):
+        c = own[n]
+        if c in taken:
+            free = [p for p in others if p not in taken]
+            c = free[0] if free else (c if c in others else others[_hash(n) % len(others)])
+        out[n] = c
+        taken.add(c)
+    return out
+
+
 def _colors(names: Sequence[str], colors: Mapping[str, str] | None) -> dict[str, str]:
     auto = color_map(names)
     return {n: (colors or {}).get(n, auto[n]) for n in names}
