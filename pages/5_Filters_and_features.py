@@ -87,8 +87,10 @@ if ui.need_runs(runs, "filters"):
                 layers = [e["name"] for e in next(iter(specs.values()))]
                 layer = st.selectbox("Layer", layers, key="ff_spec_layer")
                 ui.show(plots.spectra_figure(specs, layer, colors=colors, title=f"Spectrum · {layer}"), "spectra",
-                        "How the layer's filter energy spreads over spatial frequency; right of ½ Nyquist is "
-                        "fine detail that pooling hides from the gradient.")
+                        "How the layer's filter energy spreads over spatial frequency: each point a ring's share, "
+                        "so the points right of ½ Nyquist add up to the layer's bar below. That is fine detail "
+                        "pooling hides from the gradient; past Nyquist lie the diagonal frequencies (a "
+                        "checkerboard sits at 0.71).")
                 ui.show(plots.hf_share_bars(specs, colors=colors, title="Share of fine detail per layer"),
                         "hf-share", "Filter energy above half the Nyquist frequency, layer by layer.")
 

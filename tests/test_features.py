@@ -111,6 +111,20 @@ def test_spectrum_bins_and_normalize():
     assert np.all(np.diff(freqs) > 0)
 
 
+def test_normalized_spectrum_is_the_energy_share_of_each_ring():
+    """The app draws normalized spectra above the bars of high_frequency_share: the rings right of
+    half Nyquist must hold that share (to a ring's width, 1/16 cycles/pixel), not the quarter the
+    ring means summed to (the two figures contradicted each other)."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 3, 3, 3)
+    freqs, share = filters.radial_power_spectrum(w, normalize=True)
+    hf = filters.high_frequency_share(w)
+    assert share.sum() == pytest.approx(1.0)
+    assert share[freqs >= 0.25 + 1 / 32].sum() <= hf <= share[freqs >= 0.25 - 1 / 32].sum()
+    freqs_m, mean = filters.radial_power_spectrum(w)
+    assert mean[freqs_m >= 0.25 + 1 / 32].sum() / mean.sum() < hf - 0.2  # what the plot showed before
+
+
 def test_layer_spectra(model):
     spectra = filters.layer_spectra(model)
     assert [s["name"] for s in spectra] == layers.layer_names(model, "conv")

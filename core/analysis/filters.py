@@ -125,8 +125,13 @@ def radial_power_spectrum(weight, n_bins: int | None = None, pad_to: int | None 
     cycles/pixel from 0 to 0.5*sqrt(2) (the corner of the 2-D spectrum: a checkerboard lives
     there). Default bins: one per FFT step 1/pad_to, by rounding the radius, so DC is its own
     bin and a grating of frequency m/pad_to lands exactly on freqs[m]. With `n_bins`, equal
-    bins over [0, 0.5*sqrt(2)] and their centres are returned. `normalize` divides power by
-    its sum (compare shapes across runs whose weight norms differ). Empty bins are dropped.
+    bins over [0, 0.5*sqrt(2)] and their centres are returned. Empty bins are dropped.
+
+    `normalize` returns each ring's share of the kernels' energy instead of its mean power: the
+    shares sum to 1 (runs whose weight norms differ compare), and those of the rings right of a
+    cutoff add up to high_frequency_share's figure for it, to a ring's width. (The ring means,
+    scaled to sum 1, put a quarter where the energy share was 60 %: an outer ring holds more
+    frequencies than an inner one.)
     """
     power, radius, p = _power_2d(weight, pad_to)
     r_max = 0.5 * math.sqrt(2)
@@ -142,10 +147,10 @@ def radial_power_spectrum(weight, n_bins: int | None = None, pad_to: int | None 
     sums = torch.zeros(n, dtype=torch.float64).index_add_(0, idx.flatten(), power.flatten())
     counts = torch.zeros(n, dtype=torch.float64).index_add_(0, idx.flatten(), torch.ones_like(power.flatten()))
     keep = counts > 0
-    mean_power = sums[keep] / counts[keep]
-    if normalize and mean_power.sum() > 0:
-        mean_power = mean_power / mean_power.sum()
-    return centres[keep].numpy(), mean_power.numpy()
+    if normalize:
+        total = sums.sum()
+        return centres[keep].numpy(), (sums[keep] / total if total > 0 else sums[keep]).numpy()
+    return centres[keep].numpy(), (sums[keep] / counts[keep]).numpy()
 
 
 def high_frequency_share(weight, cutoff: float = 0.25, pad_to: int | None = None) -> float:
@@ -168,7 +173,8 @@ def layer_spectra(model: nn.Module, layers: Iterable[str] | None = None, pad_to:
 
     1x1 kernels have a flat spectrum (nothing to see): skipped when listing every conv, unless
     skip_1x1=False; layers named in `layers` are always kept.
-    `power` is normalised to sum 1 by default so runs with different weight norms compare.
+    `power` is each ring's share of the energy by default (normalize), so runs with different
+    weight norms compare and the shares right of half Nyquist add up to `hf_share`.
     """
     out = []
     for name in layers if layers is not None else layer_names(model, "conv"):

@@ -59,9 +59,10 @@ def _pick_spectrum(value, layer: str | None):
 
 
 def spectra_figure(spectra_by_run: Mapping[str, Mapping | Sequence[Mapping]], layer: str | None = None,
-                   log_y: bool = True, y_title: str = "share of filter power", colors: Mapping[str, str] | None = None,
+                   log_y: bool = True, y_title: str = "share of filter energy", colors: Mapping[str, str] | None = None,
                    title: str | None = None) -> go.Figure:
-    """Radially averaged filter power spectra, one line per run.
+    """Filter spectra over radial frequency, one line per run (by default each ring's share of the
+    energy: filters.radial_power_spectrum, normalize).
 
     spectra_by_run: name -> {"freqs", "power"} or name -> features.layer_spectra(...) list
     (then `layer` picks the entry; None = the first). Dotted lines mark half Nyquist
