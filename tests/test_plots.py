@@ -322,6 +322,20 @@ def test_planner_caption_names_the_batches_the_peak_was_fitted_over():
     assert "lower bound" in P.planner_measure([{"peak_fit": None}])
 
 
+def test_attribution_maps_start_black_not_at_a_streamlit_placeholder():
+    """Streamlit repaints #000001-#000040 with its theme's colours: Inferno's #000004 drew zero
+    attribution pink, brighter than small values, on a projector. No figure colour may be one."""
+    import re
+
+    fig = P.attribution_grid(np.random.rand(1, 8, 8, 3), {"a": np.random.rand(1, 8, 8)},
+                             {"a": {"class": [0], "confidence": [0.5]}}, classes=["x"], targets=[0])
+    assert fig.layout.coloraxis.colorscale[0][1] == "#000000"
+    assert not re.search(r'"#0000(0[1-9]|[1-3][0-9]|40)"', fig.to_json(), re.I)
+    from plotly.colors import get_colorscale
+
+    assert P.colorscale("Inferno")[1:] == [list(s) for s in get_colorscale("Inferno")[1:]]  # the rest as it was
+
+
 def test_attribution_grid_names_each_prediction_with_its_own_models_classes():
     """CIFAR-10 models looking at built-in images: their predictions are CIFAR-10 classes, whatever
     classes the images came with (issue 23: 'coarse_checker 47 %' named a CIFAR output)."""

@@ -16,6 +16,7 @@ from .common import (
     TITLE_SIZE,
     base_layout,
     color_map,
+    colorscale,
     rgba,
     run_color,
     selection_colors,
@@ -40,7 +41,7 @@ from .training import X_TITLES, Y_TITLES, device_note, loss_curves, per_class_ba
 __all__ = [
     "FIDELITY_METRIC_LABELS", "FONT_SIZE", "KIND_COLORS", "PALETTE", "TEMPLATE", "TICK_SIZE", "TITLE_SIZE",
     "X_TITLES", "Y_TITLES", "activation_images_figure", "agreement_heatmap", "attribution_grid", "base_layout",
-    "bytes_bars", "cka_heatmap", "color_map", "device_note", "fidelity_bars", "fidelity_heatmap",
+    "bytes_bars", "cka_heatmap", "color_map", "colorscale", "device_note", "fidelity_bars", "fidelity_heatmap",
     "fidelity_over_training_figure", "filter_grid_figure", "hf_share_bars", "loss_curves", "memory_ladder_figure",
     "memory_over_training", "method_figure", "pareto_scatter", "peak_makers_figure", "per_class_bars",
     "planner_figure", "planner_measure",

@@ -8,7 +8,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .common import TICK_SIZE, _colors, _hide_axes, _matrix_heatmap, _numpy, _to_uint8, _wrap, base_layout
+from .common import TICK_SIZE, _colors, _hide_axes, _matrix_heatmap, _numpy, _to_uint8, _wrap, base_layout, colorscale
 
 
 def _class_label(classes: Sequence[str] | None, c) -> str:
@@ -71,7 +71,8 @@ def attribution_grid(images, attributions_by_model: Mapping[str, object], predic
             fig.add_trace(go.Heatmap(z=m / scale if scale > 0 else m, coloraxis="coloraxis", name=n,
                                      hovertemplate=f"{n}: %{{z:.2f}}<extra></extra>"), row=i + 1, col=j + 2)
             fig.update_yaxes(autorange="reversed", row=i + 1, col=j + 2)
-    fig.update_layout(coloraxis=dict(colorscale="RdBu_r" if signed else "Inferno", cmin=-1 if signed else 0, cmax=1,
+    fig.update_layout(coloraxis=dict(colorscale="RdBu_r" if signed else colorscale("Inferno"),
+                                     cmin=-1 if signed else 0, cmax=1,
                                      colorbar=dict(title=dict(text="relative<br>attribution"))))
     _hide_axes(fig)
     base_layout(fig, title, height=height)

@@ -33,6 +33,18 @@ TEMPLATE = "plotly_white"
 TITLE_WIDTH = 38
 
 
+# Streamlit's chart theme marks its own colours with placeholders #000001-#000040 and paints them
+# over in the browser, whichever theme is chosen: Inferno's first stop, #000004, came out pink
+_STREAMLIT_PLACEHOLDER = re.compile(r"^#0000(0[1-9]|[1-3][0-9]|40)$", re.I)
+
+
+def colorscale(name: str) -> list[list]:
+    """Plotly's named scale as stops, any Streamlit placeholder colour in it moved to black."""
+    from plotly.colors import get_colorscale
+
+    return [[pos, "#000000" if _STREAMLIT_PLACEHOLDER.match(c) else c] for pos, c in get_colorscale(name)]
+
+
 def _hash(name: str) -> int:
     # not hash(): Python salts str hashes per process, and colours must survive restarts
     return int.from_bytes(hashlib.sha1(str(name).encode("utf-8")).digest()[:8], "big")
