@@ -9,7 +9,7 @@ from core.analysis import plots
 from core.engine.checks import check_config
 from core.engine.config import TrainConfig
 from core.engine.launcher import device_key
-from core.engine.runs import live_progress, progress_fraction
+from core.engine.runs import live_progress, load_summary, progress_fraction
 from core.method import CompressionPolicy
 from core.method.meter import format_bytes
 from core.models import MODEL_MENU
@@ -218,11 +218,20 @@ def live_view() -> None:
     st.caption("Loss (smoothed) and accuracy of the run, redrawn every 2 seconds from its metrics file.")
     saved = next((r["saved_bytes"] for r in records if r.get("saved_bytes")), None)
     peak = next((r["cuda_peak"] for r in reversed(records) if r.get("cuda_peak")), None)
-    m1, m2, m3 = st.columns(3)
+    m1, m2, m3, m4 = st.columns(4)
     m1.metric("Saved activations (one step)", format_bytes(saved) if saved else "—")
     m2.metric("CUDA peak", format_bytes(peak) if peak else "CPU run")
-    last = next((r for r in reversed(records) if r.get("type") == "step"), None)
-    m3.metric("Images per second", f"{last['samples_per_s']:.0f}" if last and last.get("samples_per_s") else "—")
+    evals = [r for r in records if r.get("type") == "eval" and r.get("val_acc") is not None]
+    m3.metric("Validation accuracy", f"{100 * evals[-1]['val_acc']:.1f} %" if evals else "—",
+              help=f"After epoch {evals[-1].get('epoch')}" if evals else "Measured at the end of each epoch")
+    # while it runs, the last steps' rate; once it has ended, the whole run's (what its summary keeps)
+    ended = p["status"] in ("finished", "stopped")
+    rate = (load_summary(job.run_dir) or {}).get("samples_per_s") if ended else None
+    if rate is None:
+        last = next((r for r in reversed(records) if r.get("type") == "step"), None)
+        rate, ended = (last or {}).get("samples_per_s"), False
+    m4.metric("Images per second", f"{rate:.0f}" if rate else "—",
+              help="Over the whole run" if ended else "Over the last logged steps")
     if peak:
         ui.show(plots.cuda_memory_curves({name: records}, colors=colors, title="GPU memory while training"),
                 "live-memory", "The most memory the GPU had allocated so far, step by step.", key="live_mem")

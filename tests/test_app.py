@@ -238,6 +238,23 @@ def test_train_queues_when_a_run_is_active(app_env, fake_launcher):
     assert "Queued" in texts(at.info) and "someone else's run" in texts(at.info)
 
 
+def test_the_live_view_of_an_ended_run_gives_its_accuracy_and_whole_run_rate(app_env, fake_launcher):
+    """A finished run's panel names its last validation accuracy and the images per second of its
+    whole run (its summary's), not only the last logged step's rate (222 beside a summary's 138)."""
+    from core.engine.runs import load_summary, read_metrics
+
+    run = app_env / "tiny-none"
+    fake_launcher["jobs"].append(Job(id="old", device="cpu", run_dir=str(run), config={}, label="tiny none",
+                                     state="done"))
+    at = page("train")
+    no_errors(at)
+    metrics = {m.label: m for m in at.metric}
+    last_eval = [r for r in read_metrics(run) if r.get("type") == "eval"][-1]
+    assert metrics["Validation accuracy"].value == f"{100 * last_eval['val_acc']:.1f} %"
+    assert metrics["Images per second"].value == f"{load_summary(run)['samples_per_s']:.0f}"
+    assert "whole run" in metrics["Images per second"].help
+
+
 def test_train_rejects_bad_settings(app_env, fake_launcher):
     at = page("train")
     at.text_input[1].set_value("avg3+mask")  # custom policy: K=3 is not a choice
