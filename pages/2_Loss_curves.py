@@ -61,9 +61,9 @@ if ui.need_runs(runs, "loss curves"):
     # the answer first (epochs, seconds), then the context; "never" for a run that did not get there
     table = [{"run": r["run"], f"epochs to {target:.0%}": _range(r, key_e, "g"),
               f"seconds to {target:.0%}": _range(r, key_w, ".0f"),
-              "trained on": "; ".join(r["devices"]),  # seconds compare on one device only
               "best accuracy %": "" if r["best_val_acc"] is None else f"{100 * r['best_val_acc']:.1f}",
-              "at epoch": "" if r["best_epoch"] is None else f"{r['best_epoch']:g}"} for r in rows]
+              "at epoch": "" if r["best_epoch"] is None else f"{r['best_epoch']:g}",
+              "trained on": "; ".join(r["devices"])} for r in rows]  # last: long, and read only for the seconds
     st.dataframe(table, hide_index=True)  # full width: run names are long, and every column counts
     if len({d for r in rows for d in r["devices"]}) > 1:
         st.caption("These runs trained on different devices: compare their seconds only within one device.")

@@ -93,6 +93,8 @@ def test_home_elements(app_env):
     assert "baseline" not in texts(at.error)
     table = at.dataframe[0].value
     assert len(table) == 2 and {"model", "policy", "accuracy %", "saved activations MiB", "status"} <= set(table)
+    # what a projector's width shows before the table scrolls: the name and the answers
+    assert list(table)[:4] == ["run", "accuracy %", "saved activations MiB", "at batch"]
     at.select_slider(key="home_k").set_value(4).run()
     at.selectbox(key="home_layer").set_value("layer3.0.conv1").run()
     at.radio(key="home_source").set_value("built-in set").run()

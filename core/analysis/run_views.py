@@ -61,20 +61,22 @@ def saved_bytes_of(run: Run) -> tuple[int | None, int | None]:
 
 def runs_table(runs: list[Run], names: dict[str, str]) -> list[dict]:
     """One row per run (broken ones too) for the home page table and its CSV; `names` maps a
-    run folder to its display name."""
+    run folder to its display name. The answers first (accuracy, memory, status): at a projector's
+    1024 px the table shows five columns before it scrolls, and the name already says policy,
+    schedule and seed."""
     rows = []
     for r in runs:
         cfg, s = r.config or {}, r.summary or {}
         saved, batch = saved_bytes_of(r)
         acc = s.get("last_val_acc")  # the last epoch's: what the saved weights score (no picking the best)
         rows.append({
-            "run": names.get(str(r.path), r.name), "model": cfg.get("model"),
-            "dataset": dataset_label(cfg["dataset"]) if cfg.get("dataset") else None,
-            "policy": cfg.get("policy"),
-            "epochs": f"{s.get('epochs_done', 0)}/{s.get('epochs', cfg.get('epochs', '?'))}" if cfg else None,
+            "run": names.get(str(r.path), r.name),
             "accuracy %": round(100 * acc, 1) if isinstance(acc, (int, float)) else None,
             "saved activations MiB": _mib(saved), "at batch": batch,
             "status": r.status + (" (shipped)" if r.is_shipped else ""),
+            "epochs": f"{s.get('epochs_done', 0)}/{s.get('epochs', cfg.get('epochs', '?'))}" if cfg else None,
+            "model": cfg.get("model"), "dataset": dataset_label(cfg["dataset"]) if cfg.get("dataset") else None,
+            "policy": cfg.get("policy"),
             "note": r.reason or "; ".join(r.notes) or "", "folder": str(r.path),
         })
     return rows
