@@ -4,7 +4,6 @@ each needed to reach an accuracy."""
 import streamlit as st
 
 from core.analysis import curves, plots, run_groups
-from core.engine.runs import dataset_label
 from ui import common as ui
 
 runs = ui.page("Loss curves", "Training loss, validation loss and validation accuracy of the selected runs; "
@@ -78,14 +77,14 @@ if ui.need_runs(runs, "loss curves"):
     for i, group in enumerate(groups_pc):
         in_group = list(group["runs"])
         first = next(s for s in settings if s.label == in_group[0]).runs[0]
-        data = dataset_label((first.config or {}).get("dataset"))
+        data = run_groups.data_name(first.config or {})  # "CIFAR-10", not a folder's path
         reference = None
         if len(in_group) > 1:  # a difference to one run shows which classes a setting costs
             baseline = next((s.label for s in settings if s.label in in_group
                              and (s.runs[0].config or {}).get("policy") == "none"), None)
             choices = {"accuracy": None, **{f"change vs {n}": n for n in in_group}}
             default = list(choices.values()).index(baseline)  # no baseline: "accuracy"
-            reference = choices[st.selectbox(f"Show ({data})", list(choices), index=default,
+            reference = choices[st.selectbox(f"Per-class bars, {data}", list(choices), index=default,
                                              key=f"lc_class_ref_{i}_{'|'.join(in_group)}")]
         title = ("Per-class accuracy" + (f" on {data}" if len(groups_pc) > 1 else "")
                  + (f", change vs {reference}" if reference else ""))

@@ -149,8 +149,9 @@ if ui.need_runs(runs, "recorded memory"):
 # ---------------------------------------------------------------------------------------
 st.header("Planner: does it fit my GPU?")
 p1, p2 = st.columns([3, 1])
-budget = p1.select_slider("GPU memory (GB)", [2, 4, 6, 8, 12, 16, 24, 32, 40, 48, 80], 8, key="mem_budget",
-                          help="A card's memory in GB of 2³⁰ bytes, as GPU makers count it")
+budget = p1.select_slider("GPU memory (GiB)", [2, 4, 6, 8, 12, 16, 24, 32, 40, 48, 80], 8, key="mem_budget",
+                          help="A card's memory in GiB, 2³⁰ bytes: what GPU makers sell as GB (an '8 GB' card "
+                               "holds 8 GiB)")
 check_batch = p2.number_input("Batch to check", 1, 65536, 128, key="mem_check_batch")
 p3, p4 = st.columns([3, 1], vertical_alignment="center")  # the button under "Batch to check"
 in_backward = p3.checkbox("Optimiser step inside the backward", key="mem_step_in_backward",
@@ -174,9 +175,10 @@ else:
                 f"{plots.planner_measure(plans)}; each diamond is the largest batch that fits {budget} GiB "
                 "(the table below lists them).")
         if plans:  # the paper's question, answered: this batch on this card, per policy
-            st.markdown(f"**{pmodel} at {psize} px, batch {int(check_batch)}, on a {budget} GB card:** " + ", ".join(
-                f"`{p.policy}` → {'yes' if p.fits(int(check_batch), gib) else 'no'} "
-                f"({p.predict(int(check_batch)) / planner.GIB:.1f} GB)" for p in plans))
+            article = "an" if str(budget).startswith("8") else "a"  # "an 8", "an 80"
+            st.markdown(f"**{pmodel} at {psize} px, batch {int(check_batch)}, on {article} {budget} GiB card:** "
+                        + ", ".join(f"`{p.policy}` → {'yes' if p.fits(int(check_batch), gib) else 'no'} "
+                                    f"({p.predict(int(check_batch)) / planner.GIB:.1f} GiB)" for p in plans))
         rows = [{"policy": p.policy, "fits batch " + str(int(check_batch)): p.fits(int(check_batch), gib),
                  "largest batch": planner.largest_batch(p, gib),
                  "MiB per image": round(p.bytes_per_image / 2 ** 20, 2)} for p in plans]

@@ -80,7 +80,7 @@ if ui.need_runs(runs, "attributions"):
         if classes != (first.config or {}).get("classes"):
             targets = None  # other classes than the models know: explain each model's own prediction
             st.caption("These images are not from the runs' classes: every map explains the first run's "
-                       "prediction (its 'target'), and each prediction is named with the run's own classes.")
+                       "guess (under 'explained'), and each prediction is named with the run's own classes.")
 
     # the maps stay on screen across reruns only for the request they answer: other images, another
     # method or another selection of runs wait for the button (Occlusion on 4 models takes a while)
@@ -98,7 +98,8 @@ if ui.need_runs(runs, "attributions"):
             # without targets of the runs' classes, every map explains the first run's prediction
             ui.show(plots.attribution_grid(to_display(images), res["maps"], res["predictions"],
                                            classes if targets is not None else own[same[0][0]], res["targets"],
-                                           colors=colors, title=METHODS[method], model_classes=own),
+                                           colors=colors, title=METHODS[method], model_classes=own,
+                                           target_label="target" if targets is not None else "explained:"),
                     f"attributions-{method}",
                     "Each row is an image, each column a model: bright (or red) pixels pushed the model towards "
                     "the target class; titles give the model's prediction and confidence.")

@@ -345,7 +345,7 @@ def test_loss_curves_table(app_env):
 
 def test_loss_curves_per_class_change_against_the_baseline(app_env):
     at = page("loss")
-    (show,) = [s for s in at.selectbox if s.label.startswith("Show (")]
+    (show,) = [s for s in at.selectbox if s.label.startswith("Per-class bars, ")]
     assert show.value.startswith("change vs none")  # the baseline run is picked by default
     summaries = {p.name: json.loads((p / "summary.json").read_text()) for p in app_env.iterdir()}
     expected = [100 * (a - b) for a, b in zip(summaries["tiny-avg2_mask"]["per_class_val_acc"],
@@ -922,7 +922,7 @@ def test_memory_planner_answers_for_a_torchvision_model_and_a_card(app_env):
     at.button(key="mem_plan").click().run()
     no_errors(at)
     sentence = " ".join(m.value for m in at.markdown)
-    assert "torchvision:mobilenet_v2 at 64 px, batch 64, on a 4 GB card" in sentence
+    assert "torchvision:mobilenet_v2 at 64 px, batch 64, on a 4 GiB card" in sentence
     assert "`none` →" in sentence and "`q4+mask+bn4` →" in sentence
     table = at.dataframe[-1].value
     assert list(table["policy"]) == ["none", "q4+mask+bn4"]

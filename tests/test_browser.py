@@ -353,7 +353,7 @@ def test_memory_planner_for_a_torchvision_model_and_a_consumer_card(app):
     bs.click_button(page, "Fit the planner")
     assert_clean(page, "Memory planner, torchvision model")
     text = main_text(page)
-    assert "torchvision:mobilenet_v2 at 64 px, batch 64, on a 6 GB card" in text
+    assert "torchvision:mobilenet_v2 at 64 px, batch 64, on a 6 GiB card" in text
     assert "none → " in text and "avg2+mask+bn8 → " in text
 
 

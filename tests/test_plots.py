@@ -493,3 +493,13 @@ def test_peak_makers_figure_shows_the_largest_makers_by_pass_and_sums_the_rest()
     assert "avg2+mask+bn8: 100.0 MiB alive (40.0 MiB saved)" in title
     order = list(fig.layout.yaxis.categoryarray)[::-1]  # top to bottom: by size, "other" last
     assert order == [f"op{i} · {'Conv' if i % 2 else 'BNBackward0'}" for i in range(8)] + ["other (2 ops)"]
+
+
+def test_recorded_memory_bars_colour_each_run_and_name_no_run_colour_in_the_legend():
+    rows = [{"name": "a", "saved_bytes": 2 ** 21, "state_bytes": 2 ** 20, "batch": 8},
+            {"name": "b", "saved_bytes": 2 ** 22, "state_bytes": 2 ** 20, "batch": 16}]
+    fig = P.run_memory_bars(rows, colors={"a": "#D62728", "b": "#1F77B4"})
+    saved, state = fig.data
+    assert list(saved.marker.color) == ["#D62728", "#1F77B4"] and list(saved.y) == [2, 4]
+    assert saved.showlegend is False and state.name.startswith("model state")  # one swatch, grey
+    assert "run's colour" in fig.layout.yaxis.title.text

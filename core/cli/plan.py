@@ -43,7 +43,8 @@ def run(args) -> int:
                            "largest_batch": {gb: largest_batch(p, gb * GIB) for gb in GPU_SIZES_GB}}
                           for p in plans], indent=1, default=str))
         return 0
-    print(f"{args.model} at {args.size}x{args.size}, batch {args.batch}, on a {args.gpu:g} GB card:")
+    article = "an" if f"{args.gpu:g}".startswith(("8", "11", "18")) else "a"  # "an 8 GB", "an 80 GB"
+    print(f"{args.model} at {args.size}x{args.size}, batch {args.batch}, on {article} {args.gpu:g} GB card:")
     for p in plans:
         verdict = "yes" if p.fits(args.batch, budget) else "no"
         print(f"  {p.policy:18s} {verdict:3s}  predicted peak {_gb(p.predict(args.batch))}")

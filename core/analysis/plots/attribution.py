@@ -19,7 +19,8 @@ def _class_label(classes: Sequence[str] | None, c) -> str:
 def attribution_grid(images, attributions_by_model: Mapping[str, object], predictions: Mapping | None = None,
                      classes: Sequence[str] | None = None, targets=None, title: str | None = None,
                      colors: Mapping[str, str] | None = None,
-                     model_classes: Mapping[str, Sequence[str]] | None = None) -> go.Figure:
+                     model_classes: Mapping[str, Sequence[str]] | None = None,
+                     target_label: str = "target") -> go.Figure:
     """Images (rows) x models (columns): the input, then each model's attribution map.
 
     images: (B, H, W, 3) in [0, 1] (features.denormalize); attributions_by_model: name ->
@@ -28,7 +29,9 @@ def attribution_grid(images, attributions_by_model: Mapping[str, object], predic
     map is signed, else a sequential one. Column headers carry each model's colour.
     Names: `classes` name the targets (the images' labels); a model's prediction is named
     with its own classes, `model_classes[name]` (default `classes`), so that a CIFAR-10 model
-    looking at the built-in images still says "cat", never a built-in class.
+    looking at the built-in images still says "cat", never a built-in class. `target_label` heads
+    the class each row explains: "target" for the images' own labels; the app says "explained:"
+    where it explains the first run's guess (a label over a noise texture read as the truth).
     """
     imgs = np.asarray(images)
     names = list(attributions_by_model)
@@ -39,7 +42,7 @@ def attribution_grid(images, attributions_by_model: Mapping[str, object], predic
     cols = 1 + len(names)
     subtitles, title_colors = [], []  # colour per subplot title (None: the default)
     for i in range(n_img):
-        tgt = f"target<br>{_class_label(classes, _numpy(targets)[i])}" if targets is not None else ""
+        tgt = f"{target_label}<br>{_class_label(classes, _numpy(targets)[i])}" if targets is not None else ""
         subtitles.append(("input<br>" if i == 0 else "") + tgt)
         title_colors.append(None)
         for n in names:

@@ -70,7 +70,9 @@ def fidelity_bars(result, setting: str, metrics: Sequence[str] = ("cosine", "rel
                              name=FIDELITY_METRIC_LABELS.get(m, m), marker_color=PALETTE[j % len(PALETTE)],
                              hovertemplate="%{x}<br>%{y:.4f}<extra>" + m + "</extra>"))
     fig.add_hline(y=1, line=dict(color="gray", dash="dot", width=2))
-    base_layout(fig, title or f"{setting}: exact vs compressed weight gradient", None, "value")
+    labels = [FIDELITY_METRIC_LABELS.get(m, m) for m in metrics]  # unitless: the axis names what is drawn
+    base_layout(fig, title or f"{setting}: exact vs compressed weight gradient", None,
+                " / ".join(labels) if len(labels) <= 2 else "per-layer fidelity")
     fig.update_layout(barmode="group")
     fig.update_xaxes(tickangle=-45)
     rel_x = (d.get("input_rel_error") or {}).get(setting)

@@ -197,19 +197,21 @@ def peak_makers_figure(result: Mapping, most: int = 8, title: str | None = None)
 def run_memory_bars(rows: Sequence[Mapping], colors: Mapping[str, str] | None = None, title: str | None = None
                     ) -> go.Figure:
     """Recorded memory of runs: saved activations (in the run's colour) with model state stacked
-    on top (grey). rows: {"name", "saved_bytes", "state_bytes", "batch"}."""
+    on top (grey). rows: {"name", "saved_bytes", "state_bytes", "batch"}. The saved bars have no
+    legend entry: a legend swatch takes the first bar's colour, which named one run's colour
+    "saved activations"; the axis names them."""
     names = [r["name"] for r in rows]
     cmap = _colors(names, colors)
     fig = go.Figure()
     fig.add_trace(go.Bar(x=names, y=[(r.get("saved_bytes") or 0) / 2 ** 20 for r in rows], name="saved activations",
                          marker_color=[cmap[n] for n in names],
                          text=[f"batch {r.get('batch')}" if r.get("batch") else "" for r in rows],
-                         textposition="inside", textfont=dict(size=TICK_SIZE),
+                         textposition="inside", textfont=dict(size=TICK_SIZE), showlegend=False,
                          hovertemplate="%{x}<br>saved activations %{y:.1f} MiB<extra></extra>"))
     fig.add_trace(go.Bar(x=names, y=[(r.get("state_bytes") or 0) / 2 ** 20 for r in rows],
                          name="model state (params, grads, optimiser)", marker_color="#B0B0B0",
                          hovertemplate="%{x}<br>model state %{y:.1f} MiB<extra></extra>"))
-    base_layout(fig, title, None, "MiB", height=480)
+    base_layout(fig, title, None, "MiB: saved (run's colour) + state (grey)", height=480)
     fig.update_layout(barmode="stack", legend=dict(orientation="h", y=1.0, yanchor="bottom", x=0),
                       margin=dict(t=130 if title else 70))
     return fig
