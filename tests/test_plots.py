@@ -503,3 +503,9 @@ def test_recorded_memory_bars_colour_each_run_and_name_no_run_colour_in_the_lege
     assert list(saved.marker.color) == ["#D62728", "#1F77B4"] and list(saved.y) == [2, 4]
     assert saved.showlegend is False and state.name.startswith("model state")  # one swatch, grey
     assert "run's colour" in fig.layout.yaxis.title.text
+
+
+def test_shown_colours_with_every_palette_colour_on_a_chip_still_colour_the_others():
+    everything = [f"run{i}" for i in range(14)]
+    crowd = P.shown_colors(everything, everything[:10], everything)
+    assert set(crowd) == set(everything) and set(crowd.values()) <= set(P.PALETTE)

@@ -97,15 +97,15 @@ def selection_colors(all_names: Sequence[str], chosen: Sequence[str]) -> dict[st
 
 
 def shown_colors(all_names: Sequence[str], selected: Sequence[str], shown: Sequence[str]) -> dict[str, str]:
-    """Colours of the runs a figure `shown`, which may hold runs beyond the `selected` ones (a front of
-    every run of a schedule) or only some of them: a selected run has its chip's colour
+    """Colours of the runs `shown` in a figure, which may hold runs beyond the `selected` ones (a front
+    of every run of a schedule) or only some of them: a selected run has its chip's colour
     (selection_colors over the whole selection, whatever the figure shows); any other takes its
     own colour among all runs if no selected or earlier-placed run has it, else the first palette
     colour none has (in name order). Once the palette runs out the others share colours, never a
     chip's (a reader would take the run for the selected one)."""
     chips = selection_colors(all_names, selected)
     out = {n: chips[n] for n in shown if n in chips}
-    others = [c for c in PALETTE if c not in chips.values()]
+    others = [c for c in PALETTE if c not in chips.values()] or list(PALETTE)  # ten chips: nothing left to keep apart
     taken = set(chips.values())
     own = color_map([*all_names, *shown])
     for n in sorted({n for n in shown if n not in out}, key=str):
