@@ -93,6 +93,19 @@ def test_a_run_has_one_colour_in_every_step_and_the_first_starts_chips(shipped):
             assert seen[r.config["policy"]] == chips[r.name], r.name
 
 
+def test_the_attribution_step_shows_images_the_baseline_gets_right(shipped):
+    """Its first picture was an airplane every model called a ship: a class asked what the maps of a
+    wrong answer meant. Each row's target is now the baseline's own prediction."""
+    fig, text = lesson.build("attributions", shipped)
+    titles = [a.text.split("<br>") for a in fig.layout.annotations]
+    rows = [titles[i:i + 4] for i in range(0, len(titles), 4)]
+    assert len(rows) == 3
+    for row in rows:
+        target, baseline = row[0][-1], row[1][-2]  # "[input, ]target, CLASS" / "[none, ]CLASS, 93%"
+        assert baseline == target, row
+    assert "the baseline classifies correctly" in text
+
+
 def test_the_lesson_uses_cpu_runs_of_one_recipe(shipped):
     """The 20-epoch baseline of seed 0 trained on an H200 in bf16, the others on the CPU: the
     lesson's figures compare runs of one device (seed 1 of the baseline)."""
