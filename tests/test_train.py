@@ -393,3 +393,19 @@ def test_schedules_and_names():
     assert TrainConfig.from_dict(cfg.to_dict()).resolved() == cfg
     env = training_subprocess_env({})
     assert env["MALLOC_MMAP_THRESHOLD_"] and env["MALLOC_TRIM_THRESHOLD_"]
+
+
+def test_trainer_speed_script_times_real_training_runs_against_the_baseline(tmp_path):
+    """scripts/trainer_speed.py (the README's "in a training run" table): each policy really trains
+    in its own process, and the table gives each a median step time and its ratio to none's."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "scripts/trainer_speed.py", "--policies", "avg2+mask", "--batch", "8",
+                          "--steps", "16", "--rounds", "1"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = out.stdout.split("\n\n")[-1]
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[1:]}
+    assert set(rows) == {"none", "avg2+mask"}
+    assert rows["none"][3] == "1.00x" and float(rows["avg2+mask"][1]) > 0  # ms/step measured, ratio to itself 1
+    bad = subprocess.run([sys.executable, "scripts/trainer_speed.py", "--steps", "5"], cwd=root,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--steps must exceed" in bad.stderr
