@@ -93,8 +93,8 @@ else:
         ui.show(plots.memory_ladder_figure(lad), "memory-ladder",
                 f"Bytes kept for backward by one training step of {lad['model']} at batch {lad['batch']}, "
                 "split by what keeps them; labels give the change against 'none' and the step-time cost, timed "
-                "here with PyTorch's reference passes at a small batch, where fixed costs weigh most (the "
-                "trainer's fused passes at batch 128 cost less: on ResNet-20 "
+                "here with PyTorch's reference passes at a small batch, where fixed costs weigh most (a "
+                "training run with the fused passes costs less: ResNet-20 at batch 128, "
                 + ", ".join(f"{p} {r:.2f}×" for p, r in STEP_TIME.items()) + ', README "Speed").')
         rows = [{"policy": s["policy"], "saved MiB": round(s["total_bytes"] / 2 ** 20, 1),
                  "change %": None if s["cut"] is None else round(-100 * s["cut"], 1),
