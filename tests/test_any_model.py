@@ -123,10 +123,11 @@ def test_state_dict_keys_and_values_survive_both_ways():
 
 def test_a_compressed_model_pickles_and_loads_in_a_fresh_process(tmp_path):
     """torch.save(model) names each class; the converted classes are made at run time, so they
-    are named by what they are made from. A fresh interpreter (no classes made yet) loads the
-    model, and its gradients are the original's, bit for bit; it decompresses to torchvision's
-    classes. As nn.Module's own pickling does, a module.compile()d call is left behind: a copy
-    runs its own weights."""
+    are named by what they are made from (made again on load). A fresh interpreter loads the model
+    with weights_only=True, allowlisting only what the file names, all of it torch's, torchvision's
+    or PoolProp's, and its gradients are the original's, bit for bit; it decompresses to
+    torchvision's classes. As nn.Module's own pickling does, a module.compile()d call is left
+    behind: a copy runs its own weights."""
     torch.manual_seed(3)
     model = nn.Sequential(torchvision.models.resnet18(num_classes=5), nn.SiLU())  # adopted + coded
     compress_model(model, "avg2+mask+bn8")
@@ -141,11 +142,18 @@ def test_a_compressed_model_pickles_and_loads_in_a_fresh_process(tmp_path):
         p.detach().zero_()
     assert not clone[0](x).any()  # its own zero weights, not model[0]'s compiled call
     script = f"""
-import torch, torch.nn.functional as F
-from core import decompress_model
+import importlib, torch, torch.nn as nn, torch.nn.functional as F, torchvision
+from core import compress_model, decompress_model
 torch.set_num_threads({torch.get_num_threads()})  # the same reductions, in the same order
-# a whole nn.Module unpickles its classes, which weights_only refuses: this is the test's own file
-model = torch.load({str(path)!r}, weights_only=False)
+named = torch.serialization.get_unsafe_globals_in_checkpoint({str(path)!r})
+assert all(n.split(".")[0] in ("torch", "torchvision", "core") for n in named), named
+allowed = [getattr(importlib.import_module(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in named]
+# weights_only builds only classes it is given, and the variants are made on load (by a function the
+# file names): the same architecture converted here makes them, and the load finds them made
+variants = compress_model(nn.Sequential(torchvision.models.resnet18(num_classes=5), nn.SiLU()), "avg2+mask+bn8")
+with torch.serialization.safe_globals(allowed + list({{type(m) for m in variants.modules()}})):
+    model = torch.load({str(path)!r}, weights_only=True)
+assert model is not variants and model[0].fc.weight.shape == (5, 512)
 x, y, expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
 torch.manual_seed(4)
 model.zero_grad(set_to_none=True)
