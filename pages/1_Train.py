@@ -219,10 +219,12 @@ def live_view() -> None:
     saved = next((r["saved_bytes"] for r in records if r.get("saved_bytes")), None)
     peak = next((r["cuda_peak"] for r in reversed(records) if r.get("cuda_peak")), None)
     m1, m2, m3, m4 = st.columns(4)
-    m1.metric("Saved activations (one step)", format_bytes(saved) if saved else "—")
+    # labels short enough for a quarter of a projector's 1024 px (longer ones were cut to "Validation accu…")
+    m1.metric("Saved per step", format_bytes(saved) if saved else "—",
+              help="Activation bytes one training step keeps for its backward pass")
     m2.metric("CUDA peak", format_bytes(peak) if peak else "CPU run")
     evals = [r for r in records if r.get("type") == "eval" and r.get("val_acc") is not None]
-    m3.metric("Validation accuracy", f"{100 * evals[-1]['val_acc']:.1f} %" if evals else "—",
+    m3.metric("Val. accuracy", f"{100 * evals[-1]['val_acc']:.1f} %" if evals else "—",
               help=f"After epoch {evals[-1].get('epoch')}" if evals else "Measured at the end of each epoch")
     # while it runs, the last steps' rate; once it has ended, the whole run's (what its summary keeps)
     ended = p["status"] in ("finished", "stopped")
@@ -230,7 +232,7 @@ def live_view() -> None:
     if rate is None:
         last = next((r for r in reversed(records) if r.get("type") == "step"), None)
         rate, ended = (last or {}).get("samples_per_s"), False
-    m4.metric("Images per second", f"{rate:.0f}" if rate else "—",
+    m4.metric("Images / s", f"{rate:.0f}" if rate else "—",
               help="Over the whole run" if ended else "Over the last logged steps")
     if peak:
         ui.show(plots.cuda_memory_curves({name: records}, colors=colors, title="GPU memory while training"),

@@ -252,9 +252,9 @@ def test_the_live_view_of_an_ended_run_gives_its_accuracy_and_whole_run_rate(app
     no_errors(at)
     metrics = {m.label: m for m in at.metric}
     last_eval = [r for r in read_metrics(run) if r.get("type") == "eval"][-1]
-    assert metrics["Validation accuracy"].value == f"{100 * last_eval['val_acc']:.1f} %"
-    assert metrics["Images per second"].value == f"{load_summary(run)['samples_per_s']:.0f}"
-    assert "whole run" in metrics["Images per second"].help
+    assert metrics["Val. accuracy"].value == f"{100 * last_eval['val_acc']:.1f} %"
+    assert metrics["Images / s"].value == f"{load_summary(run)['samples_per_s']:.0f}"
+    assert "whole run" in metrics["Images / s"].help
 
 
 def test_train_rejects_bad_settings(app_env, fake_launcher):
