@@ -5,7 +5,6 @@ import streamlit as st
 import torch
 
 from core.analysis import bench, memory_ladder, planner, plots
-from core.analysis.lesson import STEP_TIME
 from core.method import CompressionPolicy
 from core.models import MODEL_MENU, PREFIX
 from ui import common as ui
@@ -95,7 +94,7 @@ else:
                 "split by what keeps them; labels give the change against 'none' and the step-time cost, timed "
                 "here with PyTorch's reference passes at a small batch, where fixed costs weigh most (a "
                 "training run with the fused passes costs less: ResNet-20 at batch 128, "
-                + ", ".join(f"{p} {r:.2f}×" for p, r in STEP_TIME.items()) + ', README "Speed").')
+                + ", ".join(f"{p} {r:.2f}×" for p, r in bench.TRAINING_STEP_TIME.items()) + ', README "Speed").')
         rows = [{"policy": s["policy"], "saved MiB": round(s["total_bytes"] / 2 ** 20, 1),
                  "change %": None if s["cut"] is None else round(-100 * s["cut"], 1),
                  "step time ×": None if s.get("time_ratio") is None else round(s["time_ratio"], 2)}

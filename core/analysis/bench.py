@@ -33,6 +33,13 @@ DEFAULT_POLICIES = ("none", "avg2", "mask", "avg2+mask", "avg4+mask", "avg2-lowr
                     "q2+mask+bn2", "avg2+res4+mask", "avg2+res2+mask", "avg2+res2+mask+bn4", "ckpt")
 
 
+# A ResNet-20 training step's time against none's in a training run on the CPU (batch 128, one
+# thread, fused passes): the README's "in a training run" table (scripts/trainer_speed.py), which
+# tests/test_lesson.py holds these to. Quoted, not measured: the app times steps with the reference
+# passes at a small batch, and the lesson and the Memory page tell a class what training costs.
+TRAINING_STEP_TIME = {"avg2+mask": 1.10, "avg2+mask+bn8": 1.16, "ckpt": 1.30}
+
+
 def _setup(model_name, policy, batch, size, device, stem, channels_last, seed=0):
     torch.manual_seed(seed)
     model = compress_model(build_model(model_name, 10, stem), policy).to(device)

@@ -26,6 +26,7 @@ from ..engine.data.samples import shipped_cifar10
 from ..engine.runs import Run, list_runs, load_model, read_metrics
 from ..engine.runs.paths import SHIPPED_DIR
 from . import plots
+from .bench import TRAINING_STEP_TIME
 from .fidelity_history import fidelity_over_training
 from .filters import filter_grid, high_frequency_share
 from .images import PixelInput, run_stats, to_display, to_input, to_pixels
@@ -74,11 +75,6 @@ MEASURED = (*LADDER, "ckpt")  # one measurement for the three steps about memory
 VERSUS_CKPT = ("none", "avg2+mask", "avg2+mask+bn8", "ckpt")
 COMPRESSED = ("avg2+mask", "max2+mask", "avg2-lowres+mask", "avg4+mask", "avg8+mask")
 PICTURED = ("none", "avg2+mask", "avg4+mask", "avg8+mask")
-# Time of a ResNet-20 training step against none's in a training run on the CPU (batch 128, one
-# thread, fused passes): the README's "in a training run" table (scripts/trainer_speed.py), which
-# tests/test_lesson.py holds these to. Quoted, not measured here: a step timed in the app runs the
-# reference passes at a small batch, and a class should hear what training costs.
-STEP_TIME = {"avg2+mask": 1.10, "avg2+mask+bn8": 1.16, "ckpt": 1.30}
 
 
 def shipped_runs() -> list[Run]:
@@ -242,8 +238,9 @@ def _cost(runs):
             f"against {100 * acc['none']:.1f} %, means of the seeds; the bars span them); with BatchNorm in 8 bits "
             f"it keeps {100 * (1 - mem['avg2+mask+bn8'] / mem['none']):.0f} % fewer at "
             f"{100 * acc['avg2+mask+bn8']:.1f} %, and K = 4 costs {100 * (acc['none'] - acc['avg4+mask']):.1f} "
-            f"points.{more} Each compressed step also takes a little longer: {STEP_TIME['avg2+mask']:.2f} times a "
-            f"baseline step ({STEP_TIME['avg2+mask+bn8']:.2f} with BatchNorm in 8 bits) in a training run on a CPU.")
+            f"points.{more} Each compressed step also takes a little longer: "
+            f"{TRAINING_STEP_TIME['avg2+mask']:.2f} times a baseline step "
+            f"({TRAINING_STEP_TIME['avg2+mask+bn8']:.2f} with BatchNorm in 8 bits) in a training run on a CPU.")
     return fig, text
 
 
@@ -297,9 +294,9 @@ def _checkpointing(runs):
     fig = plots.memory_ladder_figure(ladder_part(lad, VERSUS_CKPT), title="Saved activations beside checkpointing")
     text = (f"Gradient checkpointing keeps only each block's input and computes the rest again during the "
             f"backward pass: exact gradients and {100 * _cut(lad, 'ckpt'):.0f} % fewer saved bytes, for a second "
-            f"forward pass ({STEP_TIME['ckpt']:.2f} times a baseline step in a training run on a CPU). "
+            f"forward pass ({TRAINING_STEP_TIME['ckpt']:.2f} times a baseline step in a training run on a CPU). "
             f"avg2+mask+bn8 keeps even less ({100 * _cut(lad, 'avg2+mask+bn8'):.0f} % fewer) for "
-            f"{STEP_TIME['avg2+mask+bn8']:.2f} times, but its gradients are approximate. Newer "
+            f"{TRAINING_STEP_TIME['avg2+mask+bn8']:.2f} times, but its gradients are approximate. Newer "
             "families (conv inputs in a few bits, qB; a pooled copy plus a low-bit residual, avgK+resB; BatchNorm "
             "in 4 or 2 bits) are on the Memory page.")
     return fig, text

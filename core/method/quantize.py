@@ -248,9 +248,9 @@ def dequantize_by_chunk(packed: torch.Tensor, lo: torch.Tensor, scale: torch.Ten
     step = -(-m // max(1, -(-chunks // per)))  # samples a chunk holds, within one plane
     per_sample = packed.numel() // m
     for i in range(per):
+        shift = torch.full((), info.bits * i, dtype=torch.uint8, device=packed.device)
         for a in range(0, m, step):
             b = min(m, a + step)
             samples = slice(i * m + a, i * m + b)
-            shift = torch.full((), info.bits * i, dtype=torch.uint8, device=packed.device)
             yield samples, _decode_plane(packed[a * per_sample: b * per_sample], shift, lo[samples], scale[samples],
                                          (b - a, *info.shape[1:]), info.channels_last, info.bits, info.dtype)
