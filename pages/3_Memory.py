@@ -170,7 +170,7 @@ else:
             with ui.guard(f"{pol} left out", warn=True):
                 plans.append(plan(pmodel, pol, psize, pstem, pin_backward))
         gib = budget * planner.GIB
-        ui.show(plots.planner_figure(plans, gib), "planner",
+        ui.show(plots.planner_figure(plans, gib, colors=ui.policy_colors([p.policy for p in plans])), "planner",
                 f"Predicted training memory of {pmodel} against the batch size, in GiB of "
                 f"{plots.planner_measure(plans)}; each diamond is the largest batch that fits {budget} GiB "
                 "(the table below lists them).")

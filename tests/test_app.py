@@ -383,6 +383,20 @@ def test_memory_ladder_and_planner(app_env):
     no_errors(at)
     assert list(at.dataframe[-1].value["policy"]) == ["none", "avg2+mask", "ckpt", "avg4+mask"]
     assert "largest batch" in at.dataframe[-1].value
+    # a policy a selected run trained with is drawn in that run's chip colour, the others in
+    # colours no chip has (the planner drew avg2+mask red, beside the baseline's red chip)
+    from core.analysis import plots
+    from core.engine.runs import inspect_run
+    from ui import common as ui
+
+    chips = plots.selection_colors([r.name for r in ui.all_runs()], [
+        r.name for r in map(inspect_run, at.session_state["selected_runs"])])
+    chip_of = {inspect_run(p).config["policy"]: chips[inspect_run(p).name] for p in at.session_state["selected_runs"]}
+    assert set(chip_of) == {"none", "avg2+mask"}
+    drawn = {t["name"]: t["line"]["color"] for t in _chart(at, "Predicted training memory")["data"]
+             if t.get("mode") == "lines"}
+    assert {k: drawn[k] for k in chip_of} == chip_of
+    assert not {drawn["ckpt"], drawn["avg4+mask"]} & set(chips.values()) and drawn["ckpt"] != drawn["avg4+mask"]
     assert not any("inside the backward" in c.value for c in at.caption)
     at.checkbox(key="mem_step_in_backward").check()
     at.button(key="mem_plan").click().run()

@@ -509,3 +509,21 @@ def test_shown_colours_with_every_palette_colour_on_a_chip_still_colour_the_othe
     everything = [f"run{i}" for i in range(14)]
     crowd = P.shown_colors(everything, everything[:10], everything)
     assert set(crowd) == set(everything) and set(crowd.values()) <= set(P.PALETTE)
+
+
+def test_keyed_colours_give_a_chips_key_its_colour_and_the_rest_colours_no_chip_has():
+    """The planner's policies: one a selected run trained with is drawn in that run's chip colour,
+    the others in colours no chip has (avg2+mask had been drawn red beside the red `none` chip)."""
+    chips = {"none": "#D62728", "avg2+mask": "#1F77B4"}
+    keys = ["none", "ckpt", "avg2+mask", "avg2+mask+bn8", "q2+mask+bn2"]
+    colours = P.keyed_colors(keys, chips)
+    assert colours["none"] == "#D62728" and colours["avg2+mask"] == "#1F77B4"
+    rest = [colours[k] for k in ("ckpt", "avg2+mask+bn8", "q2+mask+bn2")]
+    assert len(set(rest)) == 3 and not set(rest) & set(chips.values())
+    assert rest == [c for c in P.PALETTE if c not in chips.values()][:3]  # in order: stable as keys are added
+    # two keys on one chip colour: the second is not drawn as the first
+    shared = P.keyed_colors(["a", "b"], {"a": "#1F77B4", "b": "#1F77B4"})
+    assert shared["a"] == "#1F77B4" and shared["b"] != "#1F77B4"
+    # more keys than free colours: they share the non-chip ones, never a chip's
+    many = P.keyed_colors([f"p{i}" for i in range(12)], {"p0": P.PALETTE[0]})
+    assert all(c != P.PALETTE[0] for k, c in many.items() if k != "p0")

@@ -35,6 +35,7 @@ from ui.picker import (  # noqa: F401 - the pages' names for them
     keep,
     label_of,
     names_of,
+    policy_colors,
     run_picker,
     runs_root,
     setting_colors,

@@ -20,6 +20,7 @@ import streamlit as st
 
 from core.analysis import plots, run_groups, run_views
 from core.engine.runs import LOCAL_DIR, Run, default_dirs, list_runs, run_folders
+from core.method import CompressionPolicy
 
 ENV_RUN_DIRS = "POOLPROP_RUN_DIRS"
 ENV_RUNS_ROOT = "POOLPROP_RUNS_ROOT"
@@ -135,6 +136,20 @@ def setting_colors(settings: list[run_groups.Setting]) -> dict[str, str]:
                            (s.members[0], s.runs[0])) for s in settings}
     colors = colors_for([r for _, r in drawn.values()])  # one colour a setting: no palette spent on other seeds
     return {label: colors[member] for label, (member, _) in drawn.items()}
+
+
+def policy_colors(policies: list[str]) -> dict[str, str]:
+    """Policy -> colour for figures of policies rather than runs (the planner): a policy that a
+    selected run trained with takes that run's chip colour (the first such run by name), the
+    others colours no chip has, so that a colour never names two different things on one page."""
+    chosen = set(st.session_state.get(SELECTED) or ())
+    runs = sorted((r for r in usable_runs() if str(r.path) in chosen), key=lambda r: r.name)
+    colors = colors_for(runs)
+    chips: dict[str, str] = {}
+    for r, name in zip(runs, names_of(runs)):
+        with contextlib.suppress(ValueError, TypeError):
+            chips.setdefault(str(CompressionPolicy.parse((r.config or {}).get("policy", ""))), colors[name])
+    return plots.keyed_colors(policies, chips)
 
 
 # =======================================================================================

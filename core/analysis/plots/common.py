@@ -118,6 +118,22 @@ def shown_colors(all_names: Sequence[str], selected: Sequence[str], shown: Seque
     return out
 
 
+def keyed_colors(keys: Sequence[str], chips: Mapping[str, str]) -> dict[str, str]:
+    """Colours of things that are not runs (policies, in the planner) drawn beside runs' chips:
+    a key a chip stands for (`chips`: key -> the colour of a selected run of it) takes that
+    colour, unless an earlier key has it; the others take, in order, palette colours no chip
+    and no earlier key has. Once those run out they share the non-chip colours."""
+    out: dict[str, str] = {}
+    for k in keys:
+        if k in chips and chips[k] not in out.values():
+            out[k] = chips[k]
+    others = [c for c in PALETTE if c not in chips.values()] or list(PALETTE)
+    for i, k in enumerate(k for k in keys if k not in out):
+        free = [c for c in others if c not in out.values()]
+        out[k] = free[0] if free else others[i % len(others)]
+    return out
+
+
 def _colors(names: Sequence[str], colors: Mapping[str, str] | None) -> dict[str, str]:
     auto = color_map(names)
     return {n: (colors or {}).get(n, auto[n]) for n in names}
