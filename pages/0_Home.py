@@ -24,10 +24,10 @@ run_names = dict(zip(ui.names_of(runs), runs))
 c_model, c_src, c_img = st.columns([3, 2, 1])
 model_name = c_model.selectbox("Model", [*run_names, UNTRAINED], key="home_model")
 run = run_names.get(model_name)
-source = c_src.radio("Image", [RUN_IMAGES, BUILT_IN], key="home_source", horizontal=True,
+source = c_src.radio("Images", [RUN_IMAGES, BUILT_IN], key="home_source", horizontal=True,
                      disabled=run is None, help="run's images: its validation images (for CIFAR-10 without its "
                                                 "data, the shipped sample); built-in: features10, made on the fly")
-index = c_img.number_input("Image", 0, 9, 0, key="home_image")
+index = c_img.number_input("Image no.", 0, 9, 0, key="home_image", help="Which of ten images")
 
 with ui.guard("Cannot show the picture"):
     model = ui.model_of(run, private=True) if run is not None else ui.untrained_model("resnet20")

@@ -79,7 +79,8 @@ with st.form("train_form", enter_to_submit=False):
                          help="torchvision's models train at the data's own size (32 px for CIFAR): use qB policies, "
                               "or stages=1,2, where their last stages are too small to pool")
     dataset_label = c2.selectbox("Dataset", list(DATASETS))
-    folder = c3.text_input("Image folder (for 'image folder…')", placeholder="path/to/folder")
+    folder = c3.text_input("Image folder", placeholder="path/to/folder",
+                           help="For the dataset 'image folder…': a folder with one subfolder of images per class")
     c4, c5 = st.columns(2)
     preset = c4.selectbox("Policy", PRESETS, index=1, help="What each layer keeps for the backward pass")
     custom = c5.text_input("…or a custom policy", placeholder="e.g. avg4-lowres+mask+bn8",
@@ -95,8 +96,8 @@ with st.form("train_form", enter_to_submit=False):
                              help="0 = none. Train for this many seconds; the learning-rate schedule is fitted to the "
                                   "time, so a one-minute classroom run still ends well-annealed (--time-budget)")
     c10, c11, c12 = st.columns(3)
-    lr = c10.number_input("Learning rate (0 = default)", 0.0, 10.0, 0.0, step=0.01, format="%.4f",
-                          help="Default: 0.1 × batch/128 (SGD, one-cycle schedule)")
+    lr = c10.number_input("Learning rate (0 = auto)", 0.0, 10.0, 0.0, step=0.01, format="%.4f",
+                          help="0: 0.1 × batch/128, scaled with the batch (SGD, one-cycle schedule)")
     steps = c11.number_input("Stop after steps (0 = no cap)", 0, 10 ** 7, 0)
     subset = c12.number_input("Training images (0 = all)", 0, 10 ** 8, 0,
                               help="A fixed subset makes a quick classroom run on a CPU")

@@ -29,10 +29,12 @@ if ui.need_runs(runs, "loss curves"):
     colors = ui.setting_colors(settings)
     devices = {s.label: s.devices for s in settings}
     metrics = {n: ui.metrics_of(r) for n, r in zip(names, runs)}
-    c1, c2, c3 = st.columns([2, 2, 1])
+    c1, c2, c3 = st.columns([5, 4, 2])
     # the settings outlive a visit to another page (ui.keep), so coming back shows the same view
     ui.keep("lc_x", "step")
-    x = c1.radio("Against", list(plots.X_TITLES), format_func=plots.X_TITLES.get, horizontal=True, key="lc_x")
+    # "seconds", not the axis title "wall time (s)": three options on one line at a projector's 1024 px
+    x = c1.radio("Against", list(plots.X_TITLES), format_func=lambda k: "seconds" if k == "wall" else plots.X_TITLES[k],
+                 horizontal=True, key="lc_x", help="Training step, epoch, or seconds of training (wall time)")
     ui.keep("lc_smooth", 0.6)
     smoothing = c2.slider("Smoothing", 0.0, 0.95, step=0.05, key="lc_smooth",
                           help="Exponential moving average of the training loss (0 = raw)")

@@ -14,6 +14,7 @@ runs = ui.page("Attributions", "Which pixels each model's decision rests on, for
 METHODS = {"saliency": "Saliency", "integrated_gradients": "Integrated Gradients", "gradient_shap": "GradientShap",
            "gradcam": "Grad-CAM", "occlusion": "Occlusion"}
 SOURCES = ["run's validation images", "built-in set", "upload an image"]
+LARGE_TILE_PX = 220  # "Large pictures": fits five columns across a 1440 px screen
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -59,7 +60,7 @@ if ui.need_runs(runs, "attributions"):
     source = c1.radio("Images", SOURCES, horizontal=True, key="att_source")
     method = c2.selectbox("Method", list(METHODS), format_func=METHODS.get, key="att_method")
     n_img = c3.number_input("How many", 1, 4, 3, key="att_n", disabled=source == SOURCES[2])
-    c4.number_input("Image set", 0, 999, 0, key="att_seed", help="Another number, other images",
+    c4.number_input("Set", 0, 999, 0, key="att_seed", help="Which held-out images: another number, other images",
                     disabled=source == SOURCES[2])
     images = targets = classes = None
     if source == SOURCES[2]:
@@ -95,11 +96,15 @@ if ui.need_runs(runs, "attributions"):
             colors = ui.colors_for([r for _, r in same])
             # a prediction is named with the classes of the run that made it, never the images' set's
             own = {n: (r.config or {}).get("classes") for n, r in same}
+            # the pictures are sized for a projector's 1024 px; a wide screen can take them larger
+            large = st.toggle("Large pictures", key="att_large",
+                              help="For a wide screen: at 1024 px they would not fit across")
             # without targets of the runs' classes, every map explains the first run's prediction
             ui.show(plots.attribution_grid(to_display(images), res["maps"], res["predictions"],
                                            classes if targets is not None else own[same[0][0]], res["targets"],
                                            colors=colors, title=METHODS[method], model_classes=own,
-                                           target_label="target" if targets is not None else "explained:"),
+                                           target_label="target" if targets is not None else "explained:",
+                                           tile_px=LARGE_TILE_PX if large else None),
                     f"attributions-{method}",
                     "Each row is an image, each column a model: bright (or red) pixels pushed the model towards "
                     "the target class; titles give the model's prediction and confidence.")

@@ -303,6 +303,27 @@ def text_overlaps(page, tolerance: float = 2.0) -> list[str]:
     }""", tolerance)
 
 
+def wrapped_labels(page) -> list[str]:
+    """Widget labels in the main area that take more than one line: their field then sits lower
+    than its neighbours' in the row (a projector's 1024 px squeezed 'Image folder (for …)')."""
+    return page.evaluate("""() => Array.from(
+            document.querySelectorAll('[data-testid=stMain] [data-testid=stWidgetLabel]'))
+        .map(label => label.querySelector('p') || label)
+        .filter(p => {
+            const style = getComputedStyle(p);
+            const line = parseFloat(style.lineHeight) || 1.5 * parseFloat(style.fontSize);
+            return p.getBoundingClientRect().height > 1.5 * line;
+        })
+        .map(p => p.textContent.trim())""")
+
+
+def radio_rows(radio) -> int:
+    """How many lines a radio's options take on screen (`radio`: a locator of the widget)."""
+    tops = radio.locator("[role=radiogroup] label").evaluate_all(
+        "els => els.map(e => Math.round(e.getBoundingClientRect().top))")
+    return len({t // 8 for t in tops})
+
+
 def image_widths(page) -> list[float]:
     """On-screen widths (px) of the pictures plotly draws (go.Image layers), in page order."""
     return page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot image'))

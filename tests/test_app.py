@@ -560,6 +560,18 @@ def test_attributions_wait_for_the_button_when_the_selection_changes(app_env):
     assert at.get("plotly_chart")
 
 
+def test_attributions_large_pictures_redraw_the_same_maps_taller(app_env):
+    """'Large pictures' (a wide screen): the same maps, taller rows, without pressing Explain again."""
+    at = page("attributions")
+    at.number_input(key="att_n").set_value(2)
+    at.button(key="att_go").click().run()
+    small = json.loads(at.get("plotly_chart")[0].proto.spec)
+    at.toggle(key="att_large").set_value(True).run()
+    no_errors(at)
+    large = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert [t["z"] for t in large["data"]] == [t["z"] for t in small["data"]]
+    # two runs and the input: rows of 440 / 3 = 146 px fit 1024 px; large ones are 220 px
+    assert large["layout"]["height"] - small["layout"]["height"] == 2 * (220 - 146)
 # ---------------------------------------------------------------------------------------
 # Helpers behind the pages
 # ---------------------------------------------------------------------------------------
@@ -621,7 +633,7 @@ def test_heldout_images_of_features10_are_its_validation_stream():
 
 
 def test_another_image_set_gives_other_features10_images():
-    """The Attributions page's "Image set" number: each set is n other held-out images."""
+    """The Attributions page's "Set" number: each set is n other held-out images."""
     from core.engine.data.samples import heldout_images
 
     first, labels, _ = heldout_images("features10", 4, 0, 0)

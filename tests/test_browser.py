@@ -406,6 +406,8 @@ def assert_readable(page, where: str) -> None:
     assert_clean(page, where)
     overlaps = bs.text_overlaps(page)
     assert not overlaps, f"{where}: overlapping text: {overlaps}"
+    wrapped = bs.wrapped_labels(page)
+    assert not wrapped, f"{where}: labels on two lines, their fields out of line with the row's: {wrapped}"
     assert not any("not available here" in w for w in bs.warnings(page)), f"{where}: {bs.warnings(page)}"
 
 
@@ -545,6 +547,7 @@ def test_fresh_clone_six_runs_read_at_1024(fresh):
     bs.set_selection(page, SIX)
     wait_charts(page, 5, "Loss curves, six runs")
     assert_readable(page, "Loss curves, six runs")
+    assert bs.radio_rows(key(page, "lc_x")) == 1  # step, epoch, seconds: one line ('wall time (s)' wrapped)
     for name in ("filters", "memory"):
         bs.go_to(page, name)
         wait_charts(page, 1, f"{name}, six runs")

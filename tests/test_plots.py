@@ -299,6 +299,9 @@ def test_attribution_grid():
     assert np.abs(np.asarray(fig.data[1].z)).max() == pytest.approx(1.0)
     pos = P.attribution_grid(imgs, {"a": np.random.rand(2, 32, 32)})
     assert pos.layout.coloraxis.cmin == 0 and len(pos.data) == 4
+    # larger pictures (a wide screen): each of the two rows 100 px taller than the default's 200
+    large = P.attribution_grid(imgs, {"a": np.random.rand(2, 32, 32)}, tile_px=300)
+    assert large.layout.height - pos.layout.height == 2 * 100
 
 
 def test_agreement_heatmap():

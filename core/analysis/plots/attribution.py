@@ -20,7 +20,7 @@ def attribution_grid(images, attributions_by_model: Mapping[str, object], predic
                      classes: Sequence[str] | None = None, targets=None, title: str | None = None,
                      colors: Mapping[str, str] | None = None,
                      model_classes: Mapping[str, Sequence[str]] | None = None,
-                     target_label: str = "target") -> go.Figure:
+                     target_label: str = "target", tile_px: int | None = None) -> go.Figure:
     """Images (rows) x models (columns): the input, then each model's attribution map.
 
     images: (B, H, W, 3) in [0, 1] (features.denormalize); attributions_by_model: name ->
@@ -32,6 +32,8 @@ def attribution_grid(images, attributions_by_model: Mapping[str, object], predic
     looking at the built-in images still says "cat", never a built-in class. `target_label` heads
     the class each row explains: "target" for the images' own labels; the app says "explained:"
     where it explains the first run's guess (a label over a noise texture read as the truth).
+    `tile_px`: the rows' height in px (default: what fits the narrowest figure, at 1024 px); a
+    wide screen's figure has room for larger pictures.
     """
     imgs = np.asarray(images)
     names = list(attributions_by_model)
@@ -62,7 +64,7 @@ def attribution_grid(images, attributions_by_model: Mapping[str, object], predic
     top = (70 if title else 20) + int(1.3 * title_font * head_lines)  # the figure title clears the column titles
     # a row as tall as its pictures are wide in the narrowest figure (about 440 px of plot at 1024 px):
     # taller rows would leave the pictures floating under their titles there
-    row_h = int(min(200, max(90, 440 / cols)))
+    row_h = int(tile_px) if tile_px else int(min(200, max(90, 440 / cols)))
     height = top + 60 + row_h * n_img + row_px * (n_img - 1)
     fig = make_subplots(rows=n_img, cols=cols, subplot_titles=subtitles, horizontal_spacing=0.02,
                         vertical_spacing=row_px / (height - top - 60) if n_img > 1 else 0.0)
