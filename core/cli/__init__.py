@@ -27,7 +27,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m core", description="PoolProp: backprop with pooled activations")
+    parser = argparse.ArgumentParser(
+        prog="python -m core",
+        description="PoolProp: backpropagation with compressed (pooled or quantised) activations")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS.values():
         importlib.import_module(module).register(sub)
