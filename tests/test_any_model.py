@@ -170,6 +170,40 @@ print("loaded")
     assert out.returncode == 0 and out.stdout.strip() == "loaded", out.stderr[-2000:]
 
 
+@pytest.mark.parametrize("make, policy", [
+    (lambda: build_model("resnet20"), "avg2+mask+bn8"),
+    (lambda: torchvision.models.resnet18(num_classes=5), "q4+mask+bn4"),  # one ReLU after two norms: a loop
+    (lambda: torchvision.models.mobilenet_v2(num_classes=5), "avg2+mask+bn8"),  # Sequentials handing over
+])
+def test_a_dropped_converted_model_is_freed_at_once_and_a_copy_names_its_own_modules(make, policy):
+    """The converter's references between modules (the maker of a layer's input, the Sequential
+    handing it over) close loops; held as tuples they kept a dropped model's parameters until
+    Python's cycle collector ran. Held weakly, the last reference frees the model; a deep copy's
+    references name the copy's own modules."""
+    import gc
+    import weakref
+
+    model = compress_model(make(), policy)
+    refs = {n: tuple(getattr(m, a)) for n, m in model.named_modules()
+            for a in ("pp_input_from", "pp_handed_by", "pp_elements") if getattr(m, a, ())}
+    assert refs  # the converter did declare who reads what
+    clone = copy.deepcopy(model)
+    mine, theirs = {id(m) for m in clone.modules()}, {id(m) for m in model.modules()}
+    for n, m in clone.named_modules():
+        for a in ("pp_input_from", "pp_handed_by", "pp_elements"):
+            named = tuple(getattr(m, a, ()))
+            assert all(id(x) in mine and id(x) not in theirs for x in named), (n, a)
+            assert len(named) == len(tuple(getattr(model.get_submodule(n), a, ()))), (n, a)
+    gc.collect()
+    gc.disable()
+    try:
+        params = [weakref.ref(p) for p in model.parameters()]
+        del model, refs
+        assert not any(p() is not None for p in params)  # freed by reference counting alone
+    finally:
+        gc.enable()
+
+
 def test_a_shared_in_place_relu_keeps_a_mask_per_use():
     """torchvision's BasicBlock calls one in-place self.relu twice: two masks, one per call."""
     model = torchvision.models.resnet18(num_classes=10)

@@ -29,6 +29,7 @@ from .masks import MaskReLU, _Masked
 from .maxpool import IndicesMaxPool2d
 from .norms import LowPrecisionBatchNorm2d, _LowPrecisionNorm
 from .policy import CompressionPolicy, PolicyError, in_scope
+from .refs import ModuleRefs
 from .scale import (
     ShapeOnlyGlobalPool,
     _CodedLayerScale,
@@ -60,6 +61,7 @@ _MASKABLE_TYPES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU)
 _ORIGINAL = "_pp_original_class"
 _ATTRS = ("pp_form", "pp_name", "pp_store", "pp_bits", "pp_channels_first", "pp_inplace", "pp_input_from",
           "pp_handed_by", "pp_elements", "pp_tokens", "checkpointed")
+_MODULE_REFS = ("pp_input_from", "pp_handed_by", "pp_elements")  # other modules: held weakly (refs.py)
 _variants: dict[tuple[type, type], type] = {}
 
 
@@ -113,8 +115,12 @@ def _inputs_made_by(model: nn.Module, layer: type, maker: type, declaration: str
     while that module has no hook (one could have kept the output). A 1-tuple: nn.Module would
     register a module attribute as a child."""
     made_by = {}
-
-    def walk(parent: nn.Module, prefix: str, vouched: bool) -> None:
+    # a stack, not a recursive closure: a closure that calls itself is a reference cycle, which
+    # kept the model's modules (and their parameters) alive after the model was dropped, until
+    # Python's cycle collector ran
+    stack = [(model, "", False)]
+    while stack:
+        parent, prefix, vouched = stack.pop()
         declarer = adoption(parent) or parent  # a torchvision ResNet declares what its adopted forward makes true
         vouched = bool(getattr(declarer, declaration, vouched))
         reads = getattr(declarer, "pp_reads", {})  # where registration order does not tell
@@ -125,9 +131,7 @@ def _inputs_made_by(model: nn.Module, layer: type, maker: type, declaration: str
                 last = child
             elif isinstance(child, layer) and vouched and (name in reads or last is not None):
                 made_by[full] = tuple(getattr(parent, n) for n in reads[name]) if name in reads else (last,)
-            walk(child, full, vouched)
-
-    walk(model, "", False)
+            stack.append((child, full, vouched))
     return made_by
 
 
@@ -272,7 +276,7 @@ def compress_model(model: nn.Module, policy: CompressionPolicy | str, unsupporte
             if s.cls is not type(s.module):
                 _swap(s.module, s.cls)
             for k, v in s.attrs.items():
-                setattr(s.module, k, v)
+                setattr(s.module, k, ModuleRefs(v) if k in _MODULE_REFS else v)
     except Exception:
         decompress_model(model)
         raise
