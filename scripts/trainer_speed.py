@@ -5,8 +5,8 @@
 
 `bench speed` times every policy's step in one process, interleaved; a training run is one
 policy in a process of its own, with its data loader, optimiser and schedule. The two disagree
-on this CPU (glibc's allocator serves the baseline's few large tensors from a reused heap; the
-compressed steps' many middle-sized ones cost more), so this script measures the second: each
+on this CPU (docs/benchmarks.md, "In a training run, and the allocator"), so this script
+measures the second: each
 policy trains `--steps` steps on the built-in features10 images in a fresh process, the
 policies take turns for `--rounds` rounds, and each run's median logged step time (wall, data
 loading included, the first 10 steps left out) is compared with `none`'s of the same round.

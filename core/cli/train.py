@@ -43,7 +43,7 @@ def given_settings(args: argparse.Namespace) -> dict:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train a model (a CIFAR ResNet or a torchvision CNN), plain or with compressed activations",
-        description="Train a ResNet with a compression policy and write a run directory "
+        description="Train a model with a compression policy and write a run directory "
                     "(config.json, metrics.jsonl, model.safetensors, resume.*, summary.json). See docs/training.md.")
     add_config_flags(p)
     p.add_argument("--resume", metavar="RUN", default=None,

@@ -96,6 +96,12 @@ def selection_colors(all_names: Sequence[str], chosen: Sequence[str]) -> dict[st
     return out
 
 
+def _non_chip_colors(chip_colors) -> list[str]:
+    """Palette colours no chip has (all of them when every one is a chip's: nothing to keep apart)."""
+    taken = set(chip_colors)
+    return [c for c in PALETTE if c not in taken] or list(PALETTE)
+
+
 def shown_colors(all_names: Sequence[str], selected: Sequence[str], shown: Sequence[str]) -> dict[str, str]:
     """Colours of the runs `shown` in a figure, which may hold runs beyond the `selected` ones (a front
     of every run of a schedule) or only some of them: a selected run has its chip's colour
@@ -105,7 +111,7 @@ def shown_colors(all_names: Sequence[str], selected: Sequence[str], shown: Seque
     chip's (a reader would take the run for the selected one)."""
     chips = selection_colors(all_names, selected)
     out = {n: chips[n] for n in shown if n in chips}
-    others = [c for c in PALETTE if c not in chips.values()] or list(PALETTE)  # ten chips: nothing left to keep apart
+    others = _non_chip_colors(chips.values())
     taken = set(chips.values())
     own = color_map([*all_names, *shown])
     for n in sorted({n for n in shown if n not in out}, key=str):
@@ -127,7 +133,7 @@ def keyed_colors(keys: Sequence[str], chips: Mapping[str, str]) -> dict[str, str
     for k in keys:
         if k in chips and chips[k] not in out.values():
             out[k] = chips[k]
-    others = [c for c in PALETTE if c not in chips.values()] or list(PALETTE)
+    others = _non_chip_colors(chips.values())
     for i, k in enumerate(k for k in keys if k not in out):
         free = [c for c in others if c not in out.values()]
         out[k] = free[0] if free else others[i % len(others)]
